@@ -1,0 +1,150 @@
+"""The checkpoint manifest: every file with its size and sha256, written last.
+
+A checkpoint directory (local or remote) without a valid `manifest.json` does not exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import CheckpointError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "spot-trainer/checkpoint/v1"
+_CHUNK = 4 * 1024 * 1024
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def step_dirname(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def parse_step_dirname(name: str) -> int | None:
+    """`step-00000120` -> 120; anything else -> None."""
+    if not name.startswith("step-") or len(name) != 13 or not name[5:].isdigit():
+        return None
+    return int(name[5:])
+
+
+@dataclass
+class FileEntry:
+    path: str  # relative, '/'-separated
+    size: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    step: int
+    files: list[FileEntry]
+    world_size: int = 1
+    kind: str = "periodic"  # periodic | emergency | final
+    created_at: float = field(default_factory=time.time)
+    versions: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    format: str = FORMAT
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "manifest.json") -> "Manifest":
+        try:
+            d = json.loads(text)
+            if d.get("format") != FORMAT:
+                raise ValueError(f"unknown format {d.get('format')!r}")
+            files = [FileEntry(**f) for f in d.pop("files")]
+            return cls(files=files, **d)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{where}: not a valid manifest ({e})") from None
+
+    @classmethod
+    def load(cls, ckpt_dir: str | os.PathLike) -> "Manifest":
+        p = Path(ckpt_dir) / MANIFEST_NAME
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise CheckpointError(f"{p}: cannot read manifest ({e.strerror})") from None
+        return cls.from_json(text, where=str(p))
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("spot-trainer", "torch", "transformers", "peft", "accelerate", "deepspeed", "bitsandbytes"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def list_files(ckpt_dir: Path) -> list[Path]:
+    """Every regular file under the dir except the manifest, sorted."""
+    return sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
+                  and not (p.parent == ckpt_dir and p.name.startswith(".")))
+
+
+def build_manifest(ckpt_dir: str | os.PathLike, step: int, **meta) -> Manifest:
+    """Hash every file in the dir into a Manifest (does not write it)."""
+    ckpt_dir = Path(ckpt_dir)
+    entries = [FileEntry(path=p.relative_to(ckpt_dir).as_posix(), size=p.stat().st_size, sha256=sha256_file(p))
+               for p in list_files(ckpt_dir)]
+    return Manifest(step=step, files=entries, versions=library_versions(), **meta)
+
+
+def write_manifest(ckpt_dir: str | os.PathLike, manifest: Manifest) -> None:
+    """Write manifest.json durably: temp file, fsync, rename, fsync the dir."""
+    ckpt_dir = Path(ckpt_dir)
+    tmp = ckpt_dir / (".manifest.json.tmp")
+    with open(tmp, "w") as f:
+        f.write(manifest.to_json())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, ckpt_dir / MANIFEST_NAME)
+    fsync_dir(ckpt_dir)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify(ckpt_dir: str | os.PathLike, deep: bool = True) -> list[str]:
+    """Problems with a checkpoint dir (empty list = valid). `deep` re-hashes every file."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        m = Manifest.load(ckpt_dir)
+    except CheckpointError as e:
+        return [str(e)]
+    problems = []
+    for f in m.files:
+        p = ckpt_dir / f.path
+        if not p.is_file():
+            problems.append(f"{p}: missing")
+        elif p.stat().st_size != f.size:
+            problems.append(f"{p}: size {p.stat().st_size} != {f.size} in manifest")
+        elif deep and sha256_file(p) != f.sha256:
+            problems.append(f"{p}: sha256 does not match the manifest")
+    return problems

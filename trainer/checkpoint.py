@@ -1,0 +1,211 @@
+"""Local checkpoints: written into a temp dir, manifest last, renamed into place; retention; resume lookup.
+
+Every rank writes its own files into the shared temp dir and drops a `.rank-XXXXX.done` marker; rank 0 waits
+for all markers, writes `manifest.json` and renames the dir. No collective runs here, so the write can happen
+in a background thread while training goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+from .manifest import MANIFEST_NAME, build_manifest, fsync_dir, parse_step_dirname, step_dirname, verify, \
+    write_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Snapshot:
+    """What one rank writes for one checkpoint: tensors, JSON objects and text, by file name."""
+
+    step: int
+    rank: int
+    world_size: int
+    kind: str = "periodic"
+    tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    json: dict[str, object] = field(default_factory=dict)
+    text: dict[str, str] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    created: float = field(default_factory=time.monotonic)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_tensors(ckpt: Path, name: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(ckpt / name))
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"{ckpt / name}: cannot read ({e})") from None
+
+
+def read_json(ckpt: Path, name: str):
+    try:
+        return json.loads((ckpt / name).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{ckpt / name}: cannot read ({e})") from None
+
+
+class CheckpointStore:
+    """The `checkpoints/` dir of an output dir."""
+
+    def __init__(self, output_dir: str | os.PathLike):
+        self.root = Path(output_dir) / "checkpoints"
+
+    def path(self, step: int) -> Path:
+        return self.root / step_dirname(step)
+
+    def tmp_path(self, step: int) -> Path:
+        return self.root / f".tmp-{step_dirname(step)}"
+
+    def committed_steps(self) -> list[int]:
+        """Steps whose dir has a manifest (not verified)."""
+        if not self.root.is_dir():
+            return []
+        steps = [parse_step_dirname(p.name) for p in self.root.iterdir() if (p / MANIFEST_NAME).is_file()]
+        return sorted(s for s in steps if s is not None)
+
+    def latest_valid(self, deep: bool = True, warn: Callable[[str], None] = log.warning) -> tuple[int, Path] | None:
+        """The newest checkpoint whose manifest verifies; newer broken ones are skipped with a warning."""
+        if not self.root.is_dir():
+            return None
+        candidates = sorted((s for s in (parse_step_dirname(p.name) for p in self.root.iterdir()) if s is not None),
+                            reverse=True)
+        for step in candidates:
+            problems = verify(self.path(step), deep=deep)
+            if not problems:
+                return step, self.path(step)
+            warn(f"skipping checkpoint {self.path(step)}: {problems[0]}"
+                 + (f" (+{len(problems) - 1} more problems)" if len(problems) > 1 else ""))
+        return None
+
+    def clean_stale(self) -> None:
+        """Remove temp dirs left by a process that died mid-write (they never counted)."""
+        if self.root.is_dir():
+            for p in self.root.glob(".tmp-step-*"):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def prune(self, keep_last: int | None, protect: set[int] = frozenset()) -> list[int]:
+        """Delete committed checkpoints beyond the newest `keep_last`; never the newest one."""
+        if not keep_last:
+            return []
+        steps = self.committed_steps()
+        doomed = [s for s in steps[:-max(keep_last, 1)] if s not in protect]
+        for s in doomed:
+            # uncommit first (manifest), so a crash mid-delete never leaves a half checkpoint that looks whole
+            (self.path(s) / MANIFEST_NAME).unlink(missing_ok=True)
+            shutil.rmtree(self.path(s), ignore_errors=True)
+        return doomed
+
+    # ------------------------------------------------------------ writing
+
+    def write_rank_files(self, snap: Snapshot) -> Path:
+        """This rank's files into the temp dir, fsynced, then its done marker."""
+        tmp = self.tmp_path(snap.step)
+        tmp.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name, tensors in snap.tensors.items():
+            save_file(tensors, str(tmp / name))
+            written.append(tmp / name)
+        for name, obj in snap.json.items():
+            (tmp / name).write_text(json.dumps(obj, indent=1, sort_keys=True))
+            written.append(tmp / name)
+        for name, text in snap.text.items():
+            (tmp / name).write_text(text)
+            written.append(tmp / name)
+        for p in written:
+            _fsync_file(p)
+        marker = tmp / f".rank-{snap.rank:05d}.done"
+        marker.write_text(str(os.getpid()))
+        return tmp
+
+    def commit(self, snap: Snapshot, timeout: float = 600.0) -> Path:
+        """Rank 0: wait for every rank's marker, write the manifest last, rename into place."""
+        tmp = self.tmp_path(snap.step)
+        deadline = time.monotonic() + timeout
+        markers = [tmp / f".rank-{r:05d}.done" for r in range(snap.world_size)]
+        while not all(m.exists() for m in markers):
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"{tmp}: not every rank wrote its files within {timeout:.0f} s")
+            time.sleep(0.005)
+        for m in markers:
+            m.unlink()
+        manifest = build_manifest(tmp, snap.step, world_size=snap.world_size, kind=snap.kind, extra=snap.extra)
+        write_manifest(tmp, manifest)
+        final = self.path(snap.step)
+        if final.exists():  # a broken leftover of the same step (a valid one is never rewritten)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(self.root)
+        return final
+
+
+class CheckpointWriter:
+    """Writes snapshots in a background thread, one at a time, in order; rank 0 also commits."""
+
+    def __init__(self, store: CheckpointStore, rank: int, on_commit: Callable[[Snapshot, Path, float], None]):
+        self.store, self.rank, self.on_commit = store, rank, on_commit
+        self._q: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            try:
+                if item is None:
+                    return
+                self._write(item)
+            except BaseException as e:  # surfaced to the training thread at the next submit/wait
+                self._error = e
+            finally:
+                self._q.task_done()
+
+    def _write(self, snap: Snapshot) -> None:
+        t0 = time.monotonic()
+        self.store.write_rank_files(snap)
+        if self.rank == 0:
+            path = self.store.commit(snap)
+            self.on_commit(snap, path, time.monotonic() - t0)
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise CheckpointError(f"writing a checkpoint failed: {err}") from err
+
+    def submit(self, snap: Snapshot) -> None:
+        self._raise()
+        self._q.put(snap)
+
+    def write_now(self, snap: Snapshot) -> None:
+        """Synchronous write (emergency and final checkpoints): waits for earlier ones first."""
+        self.wait()
+        self._write(snap)
+
+    def wait(self) -> None:
+        self._q.join()
+        self._raise()
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=600)

@@ -1,0 +1,121 @@
+"""The `spot-trainer` command line. Errors for people are one line; tracebacks only with --debug."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .config import list_presets, load_config
+from .errors import EXIT_FAILED, EXIT_USAGE, SpotTrainerError
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "datasets", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not debug:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DS_ACCELERATOR", "cpu") if not _has_cuda() else None
+        import warnings
+
+        warnings.filterwarnings("ignore")
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def run_cli(fn):
+    """Run a command body: our errors -> one line + their exit code; others -> traceback (a bug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, debug: bool = False, **kwargs):
+        _setup_logging(debug)
+        try:
+            code = fn(*args, **kwargs)
+        except SpotTrainerError as e:
+            if debug:
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code or 0)
+
+    return wrapper
+
+
+def config_options(fn):
+    """CONFIG (optional), --set key=value (repeatable), --output-dir, --debug: on every command."""
+    fn = click.option("--debug", is_flag=True, help="Show tracebacks.")(fn)
+    fn = click.option("--output-dir", "output_dir", type=click.Path(file_okay=False), default=None,
+                      help="Output directory (overrides output_dir in the config).")(fn)
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                      help="Override a config key, e.g. --set train.max_steps=50 (repeatable).")(fn)
+    fn = click.argument("config", required=False)(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="spot-trainer")
+def main():
+    """Fine-tune LLMs on spot GPUs: a preemption costs seconds, never the run.
+
+    CONFIG is a YAML file or a preset name (see `spot-trainer presets`); none = the default preset.
+    """
+
+
+@main.command()
+@config_options
+@click.option("--resume", default="auto", show_default=True, metavar="auto|never|PATH",
+              help="auto: newest verified checkpoint (local or remote); never: start over; PATH: that checkpoint.")
+@run_cli
+def train(config, overrides, output_dir, resume):
+    """Train (one process, or one rank under `accelerate launch`)."""
+    cfg = load_config(config, list(overrides), output_dir)
+    from .loop import run_training
+
+    return run_training(cfg, resume)
+
+
+@main.command()
+@config_options
+@run_cli
+def run(config, overrides, output_dir):
+    """Supervise training: restart after crashes and hangs, resume, exit 75 when preempted."""
+    cfg = load_config(config, list(overrides), output_dir)
+    from .supervisor import run_supervisor
+
+    return run_supervisor(cfg, config, list(overrides), cfg.output_dir)
+
+
+@main.command()
+@config_options
+@run_cli
+def presets(config, overrides, output_dir):
+    """List the built-in presets (CONFIG given: print it resolved, with overrides applied)."""
+    if config or overrides:
+        click.echo(load_config(config, list(overrides), output_dir).to_yaml(), nl=False)
+        return 0
+    for name, desc in list_presets().items():
+        click.echo(f"{name:10s} {desc}")
+    return 0
+
+from .cli_ckpt import ckpt  # noqa: E402  (kept in its own module: it is a group of its own)
+
+main.add_command(ckpt)
+
+
+if __name__ == "__main__":
+    main()

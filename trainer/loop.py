@@ -1,0 +1,475 @@
+"""The training run: setup() -> train() -> cleanup(), on Accelerate.
+
+Exactness: the sample order is a function of (seed, epoch), the LR a function of the step, and every other
+piece of state (weights, optimizer, RNG, data position) is in the checkpoint, so a resumed run computes
+bitwise the same updates as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from . import batches, evaluate, model as model_lib, train_state
+from .checkpoint import CheckpointStore, CheckpointWriter, Snapshot, read_json, read_tensors
+from .config import Config
+from .data import prepare_data
+from .errors import EXIT_OK, EXIT_PREEMPTED, CheckpointError, ConfigError
+from .metrics import Console, EventLog, MetricsLog
+from .preemption import StopSignal, agreed_stop
+from .schedule import lr_at, warmup_steps
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str = "auto"):
+        self.cfg, self.resume = cfg, resume
+        self.output_dir = Path(cfg.output_dir)
+        self.step = 0  # optimizer steps completed
+        self.pos = batches.Position()
+        self.samples_seen = self.tokens_seen = 0
+        self.stop = StopSignal()
+        self.uploader = None
+        self.watcher = None
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        self._setup_distributed()
+        self._setup_output()
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+        self._setup_checkpointing()
+        self._resume()
+        self._setup_stop()
+
+    def _setup_distributed(self) -> None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.grad_accum = _grad_accum(self.cfg, world)
+        self.acc = _make_accelerator(self.cfg, world)
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.is_main = self.acc.is_main_process
+        self.device = self.acc.device
+        torch.manual_seed(self.cfg.train.seed)
+
+    def _setup_output(self) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.store = CheckpointStore(self.output_dir)
+        if self.is_main:
+            self.store.clean_stale()
+        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", enabled=self.is_main)
+        self.events = EventLog(self.output_dir / "events.jsonl", "trainer", enabled=self.is_main)
+        self.acc.wait_for_everyone()
+
+    def _setup_data(self) -> None:
+        self.tokenizer = model_lib.load_tokenizer(self.cfg)
+        cache = self.output_dir / "cache"
+        if self.is_main:  # rank 0 tokenizes and caches; the others then read the cache
+            self.data = prepare_data(self.cfg, self.tokenizer, cache)
+        self.acc.wait_for_everyone()
+        if not self.is_main:
+            self.data = prepare_data(self.cfg, self.tokenizer, cache)
+        rows = self.data.train
+        if self.cfg.data.packing:
+            rows = batches.pack_rows(rows, self.cfg.data.max_length, self.cfg.train.seed)
+        self.rows = rows
+        t = self.cfg.train
+        self.plan = batches.BatchPlan(len(rows), t.seed, t.micro_batch_size, self.grad_accum, self.world)
+        if self.plan.steps_per_epoch == 0:
+            raise ConfigError(f"data.path {self.cfg.data.path}: {len(rows)} rows is fewer than one global batch "
+                              f"({self.plan.global_batch}); lower train.micro_batch_size or grad_accum")
+        self.total_steps = t.max_steps or max(1, int(t.epochs * self.plan.steps_per_epoch))
+        self.warmup = warmup_steps(self.total_steps, t.warmup_steps, t.warmup_ratio)
+
+    def _setup_model(self) -> None:
+        torch.manual_seed(self.cfg.train.seed)
+        if self.is_main and model_lib.is_builtin(self.cfg):
+            model_lib.materialize_builtin(self.cfg, self.tokenizer, self.output_dir)
+        self.acc.wait_for_everyone()
+        self.model = model_lib.build_model(self.cfg, self.tokenizer, self.device, self.output_dir)
+        self.param_names = [n for n, _ in model_lib.trainable_parameters(self.model)]
+        self.n_trainable = sum(p.numel() for _, p in model_lib.trainable_parameters(self.model))
+
+    def _make_optimizer(self, params):
+        t = self.cfg.train
+        kw = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+        if t.optimizer == "adamw":
+            return torch.optim.AdamW(params, fused=self.device.type == "cuda" or None, **kw)
+        import bitsandbytes as bnb
+
+        cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+               "paged_adamw": bnb.optim.PagedAdamW}[t.optimizer]
+        return cls(params, **kw)
+
+    def _setup_optimizer(self) -> None:
+        params = [p for _, p in model_lib.trainable_parameters(self.model)]
+        self.optimizer = self._make_optimizer(params)
+        self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        self.raw_model = self.acc.unwrap_model(self.model)
+
+    def _setup_checkpointing(self) -> None:
+        self.writer = CheckpointWriter(self.store, self.rank, self._on_commit)
+        self.last_ckpt_time = time.monotonic()
+        remote = self.cfg.checkpoint.remote
+        if remote and self.is_main:
+            from .uploader import CheckpointUploader
+            from .storage import open_store
+
+            self.remote = open_store(remote, self.cfg.checkpoint.s3)
+            keep = self.cfg.checkpoint.remote_keep_last or self.cfg.checkpoint.keep_last
+            self.uploader = CheckpointUploader(self.remote, keep_last=keep, on_uploaded=self._on_uploaded)
+        else:
+            self.remote = None
+
+    def _setup_stop(self) -> None:
+        self.stop.install()
+        if self.acc.local_process_index == 0 and self.cfg.preemption.watch != "none":
+            from .cloud_notice import NoticeWatcher
+
+            self.watcher = NoticeWatcher(self.stop, mode=self.cfg.preemption.watch,
+                                         poll_seconds=self.cfg.preemption.poll_seconds)
+            self.watcher.start()
+
+    # ------------------------------------------------------------------ resume
+
+    def _find_resume(self) -> Path | None:
+        if self.resume == "never":
+            return None
+        if self.resume != "auto":
+            path = Path(self.resume)
+            from .manifest import verify
+
+            problems = verify(path)
+            if problems:
+                raise ConfigError(f"--resume {path}: not a valid checkpoint ({problems[0]})")
+            return path
+        local = self.store.latest_valid()
+        local_step = local[0] if local else -1
+        if self.remote is not None or (self.cfg.checkpoint.remote and not self.is_main):
+            pulled = self._pull_remote(local_step)
+            if pulled is not None:
+                return pulled
+        return local[1] if local else None
+
+    def _pull_remote(self, local_step: int) -> Path | None:
+        """Rank 0 pulls a newer remote checkpoint (fresh pod); the others wait and use it."""
+        path = None
+        if self.is_main:
+            got = self.remote.pull_latest(self.store.root, newer_than=local_step)
+            if got is not None:
+                path = got[1]
+                self.console_line(f"pulled checkpoint step {got[0]} from {self.cfg.checkpoint.remote}")
+        self.acc.wait_for_everyone()
+        if not self.is_main:
+            local = self.store.latest_valid(deep=False)
+            path = local[1] if local and local[0] > local_step else None
+        return path
+
+    def _resume(self) -> None:
+        path = self._find_resume()
+        if path is None:
+            if self.is_main and self.resume == "never" and self.store.committed_steps():
+                log.warning("--resume never: starting over; older checkpoints in %s stay until retention "
+                            "removes them", self.store.root)
+            self.metrics.rewind("", 0)
+            return
+        state = read_json(path, "trainer_state.json")
+        self._check_compatible(path, state)
+        train_state.load_trainable_state(self.raw_model, read_tensors(path, "model.safetensors"), str(path))
+        train_state.load_optimizer_state(self.optimizer, self.param_names, read_tensors(path, "optimizer.safetensors"),
+                                         read_json(path, "optimizer.json"), str(path))
+        rng_file = path / f"rng-rank{self.rank:05d}.json"
+        if state["world_size"] == self.world and rng_file.exists():
+            train_state.set_rng_state(read_json(path, rng_file.name))
+        else:  # another world size: fresh per-rank streams, derived from the step so it is still reproducible
+            torch.manual_seed(self.cfg.train.seed + 1000 * state["step"] + self.rank)
+        self.step = state["step"]
+        self.pos = batches.Position(state["epoch"], state["epoch_offset"])
+        self.samples_seen, self.tokens_seen = state["samples_seen"], state["tokens_seen"]
+        saved = (path / "metrics.jsonl").read_text() if (path / "metrics.jsonl").exists() else None
+        self.metrics.rewind(saved, self.step)
+        self.resumed_from = self.step
+        self.console_line(f"resumed from {path} (step {self.step}/{self.total_steps})")
+
+    def _check_compatible(self, path: Path, state: dict) -> None:
+        gb = state.get("global_batch")
+        if gb is not None and gb != self.plan.global_batch:
+            raise ConfigError(f"{path}: saved with global batch {gb}, this run has {self.plan.global_batch} "
+                              f"(micro {self.cfg.train.micro_batch_size} x accum {self.grad_accum} x "
+                              f"{self.world} processes); set train.global_batch_size={gb} to resume it")
+        if state.get("n_rows") not in (None, len(self.rows)):
+            raise ConfigError(f"{path}: saved with {state['n_rows']} training rows, the data now has "
+                              f"{len(self.rows)}; resume with the same data or use --resume never")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _snapshot(self, kind: str, rng: dict | None = None) -> Snapshot:
+        snap = Snapshot(step=self.step, rank=self.rank, world_size=self.world, kind=kind)
+        if self.is_main:
+            tensors, meta = train_state.optimizer_state(self.optimizer, self.param_names)
+            snap.tensors["optimizer.safetensors"] = tensors
+            snap.json["optimizer.json"] = meta
+        snap.json[f"rng-rank{self.rank:05d}.json"] = rng or train_state.rng_state()
+        if self.is_main:
+            snap.tensors["model.safetensors"] = train_state.trainable_state(self.raw_model)
+            snap.json["trainer_state.json"] = {
+                "step": self.step, "epoch": self.pos.epoch, "epoch_offset": self.pos.offset,
+                "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen, "world_size": self.world,
+                "micro_batch_size": self.cfg.train.micro_batch_size, "grad_accum": self.grad_accum,
+                "global_batch": self.plan.global_batch, "n_rows": len(self.rows), "total_steps": self.total_steps,
+                "method": self.cfg.model.method}
+            snap.json["scheduler.json"] = {"kind": self.cfg.train.lr_scheduler, "step": self.step,
+                                           "total_steps": self.total_steps, "warmup_steps": self.warmup,
+                                           "base_lr": self.cfg.train.lr}
+            snap.text["config.yaml"] = self.cfg.to_yaml()
+            snap.text["metrics.jsonl"] = self.metrics.text()
+        return snap
+
+    def _on_commit(self, snap: Snapshot, path: Path, seconds: float) -> None:
+        """Rank 0, writer thread: log, hand to the uploader, apply retention."""
+        stall = snap.extra.get("stall_s")
+        self.events.emit("checkpoint", step=snap.step, kind=snap.kind, stall_s=stall, commit_s=round(seconds, 3))
+        if self.uploader is not None:
+            self.uploader.submit(path)
+        protect = {self.uploader.in_flight} if self.uploader is not None and self.uploader.in_flight else set()
+        self.store.prune(self.cfg.checkpoint.keep_last, protect=protect)
+
+    def _on_uploaded(self, step: int, seconds: float, nbytes: int) -> None:
+        self.events.emit("upload", step=step, seconds=round(seconds, 3), bytes=nbytes)
+
+    def _checkpoint_due(self) -> bool:
+        c = self.cfg.checkpoint
+        if c.every_steps and self.step % c.every_steps == 0:
+            return True
+        return bool(c.every_minutes) and time.monotonic() - self.last_ckpt_time >= 60 * c.every_minutes
+
+    def save_checkpoint(self, kind: str = "periodic", sync: bool = False, rng: dict | None = None) -> None:
+        if self.step in self.store.committed_steps():
+            return
+        t0 = time.monotonic()
+        snap = self._snapshot(kind, rng)
+        snap.extra["stall_s"] = round(time.monotonic() - t0, 4)
+        (self.writer.write_now if sync else self.writer.submit)(snap)
+        self.last_ckpt_time = time.monotonic()
+
+    # ------------------------------------------------------------------ the loop
+
+    def console_line(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
+
+    def _reduce(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64 if self.device.type == "cpu" else torch.float32,
+                         device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def _evaluate(self) -> dict:
+        out = {}
+        if self.is_main and (self.data.eval or self.data.eval_prompts):
+            e = self.cfg.eval
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                out["eval_loss"] = evaluate.eval_loss(self.raw_model, self.data.eval, self.tokenizer.pad_token_id,
+                                                      self.cfg.train.micro_batch_size, self.device)
+                if e.generate and self.data.eval_prompts:
+                    out["eval_exact_match"] = evaluate.exact_match(
+                        self.raw_model, self.tokenizer, self.data.eval_prompts, e.max_new_tokens,
+                        max(self.cfg.train.micro_batch_size, 32), self.device)
+            self.metrics.write(step=self.step, **out)
+            em = out.get("eval_exact_match")
+            self.console_line(f"eval step {self.step}: loss {out['eval_loss']:.4f}"
+                              + (f", exact match {em:.1%}" if em is not None else ""))
+        self.acc.wait_for_everyone()
+        return out
+
+    def _heartbeat(self) -> None:
+        if self.is_main:
+            hb = self.output_dir / "heartbeat"
+            hb.write_text(f"{self.step}\n")
+
+    def train(self) -> int:
+        """Run to the end (exit 0) or to an agreed stop (emergency checkpoint, exit 75)."""
+        cfg, t = self.cfg, self.cfg.train
+        self.events.emit("train_start", step=self.step, world_size=self.world, total_steps=self.total_steps)
+        if self.step == 0 and cfg.eval.before_training:
+            self.eval_before = self._evaluate()
+        console = Console(self.is_main, self.total_steps, self.step)
+        self._heartbeat()
+        params = [p for _, p in model_lib.trainable_parameters(self.raw_model)]
+        pad = self.tokenizer.pad_token_id
+        while self.step < self.total_steps:
+            rng_at_step_start = train_state.rng_state()
+            t0 = time.monotonic()
+            micro_rows, next_pos = self.plan.step_rows(self.pos, self.rank)
+            micro = [batches.collate([self.rows[i] for i in mb], pad) for mb in micro_rows]
+            n_targets, n_tokens = self._reduce([sum(batches.count_targets(b["labels"]) for b in micro),
+                                                sum(int((b["input_ids"] != pad).sum()) if "attention_mask" in b
+                                                    else int((b["labels"] != -100).sum()) for b in micro)])
+            lr = lr_at(self.step, self.total_steps, t.lr, t.lr_scheduler, self.warmup)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            loss_sum = 0.0
+            stopped = False
+            for m, batch in enumerate(micro):
+                if agreed_stop(self.stop.requested, self.acc):
+                    stopped = True
+                    break
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                last = m == len(micro) - 1
+                ctx = self.acc.no_sync(self.model) if (self.world > 1 and not last) else _null()
+                with ctx, self.acc.autocast():
+                    out = self.model(**batch, num_items_in_batch=max(1, int(n_targets)))
+                    loss = out.loss * self.world  # DDP averages gradients over ranks; we want the sum / targets
+                self.acc.backward(loss)
+                loss_sum += float(out.loss.detach())
+            if stopped:
+                self.optimizer.zero_grad(set_to_none=True)
+                return self._preempted(rng_at_step_start, console)
+            grad_norm = self.acc.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.pos = next_pos
+            self.samples_seen += self.plan.global_batch
+            self.tokens_seen += int(n_tokens)
+            (loss,) = self._reduce([loss_sum])
+            dt = time.monotonic() - t0
+            rec = dict(step=self.step, loss=round(loss, 6), lr=lr, grad_norm=round(float(grad_norm), 6),
+                       tokens=int(n_tokens), tokens_per_second=round(n_tokens / dt, 1), step_time_s=round(dt, 4),
+                       memory_gb=_memory_gb(self.device),
+                       epoch=round(self.pos.epoch + self.pos.offset / len(self.rows), 4),
+                       samples_seen=self.samples_seen)
+            self.metrics.write(**rec)
+            self._heartbeat()
+            console.advance(1, loss=f"{loss:.3f}")
+            if self.step % t.log_every_steps == 0 or self.step == self.total_steps:
+                console.line(f"step {self.step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} "
+                             f"grad_norm {float(grad_norm):.3f} {rec['tokens_per_second']:.0f} tok/s")
+            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < self.total_steps:
+                self._evaluate()
+            if self._checkpoint_due() or self.step == self.total_steps:
+                self.save_checkpoint("periodic" if self.step < self.total_steps else "final")
+        console.close()
+        self.eval_after = self._evaluate()
+        self.writer.wait()
+        self._write_final()
+        self._wait_uploads(None)
+        self.events.emit("train_end", step=self.step, status="done")
+        return EXIT_OK
+
+    def _preempted(self, rng: dict, console: Console) -> int:
+        """Agreed stop: commit the state at the last completed step locally, then upload with the grace left."""
+        console.close()
+        t0 = time.monotonic()
+        self.console_line(f"stop requested ({self.stop.reason}): emergency checkpoint at step {self.step}")
+        self.save_checkpoint("emergency", sync=True, rng=rng)
+        self.writer.wait()
+        commit_s = time.monotonic() - t0
+        self.events.emit("preempt", step=self.step, reason=self.stop.reason, stop_to_commit_s=round(commit_s, 3))
+        self._wait_uploads(self.stop.grace_left(self.cfg.preemption.grace_seconds))
+        self.events.emit("train_end", step=self.step, status="preempted")
+        self.console_line(f"checkpoint step {self.step} committed in {commit_s:.2f} s; exiting {EXIT_PREEMPTED} "
+                          f"(preempted, resumable)")
+        return EXIT_PREEMPTED
+
+    def _wait_uploads(self, timeout: float | None) -> None:
+        if self.uploader is None:
+            return
+        if not self.uploader.wait(timeout):
+            log.warning("upload not finished within %s s; the checkpoint is committed locally and will be "
+                        "uploaded on the next start", None if timeout is None else round(timeout, 1))
+
+    def _write_final(self) -> None:
+        """`final/`: adapter or full weights + tokenizer, loadable with transformers/peft, manifest last."""
+        if not self.is_main:
+            self.acc.wait_for_everyone()
+            return
+        import json
+        import shutil
+
+        from .manifest import build_manifest, write_manifest
+
+        final = self.output_dir / "final"
+        tmp = self.output_dir / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.raw_model.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        (tmp / "spot_trainer.json").write_text(json.dumps({
+            "method": self.cfg.model.method, "step": self.step,
+            "base_model": model_lib.base_model_path(self.cfg, self.output_dir),
+            "config": self.cfg.to_dict()}, indent=1))
+        write_manifest(tmp, build_manifest(tmp, self.step, world_size=self.world, kind="final"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if self.uploader is not None:
+            self.uploader.submit_final(final)
+        self.acc.wait_for_everyone()
+
+    # ------------------------------------------------------------------ cleanup
+
+    def cleanup(self) -> None:
+        self.stop.uninstall()
+        if self.watcher is not None:
+            self.watcher.stop_watching()
+        if getattr(self, "writer", None) is not None:
+            self.writer.close()
+        if self.uploader is not None:
+            self.uploader.close()
+
+
+def _grad_accum(cfg: Config, world: int) -> int:
+    t = cfg.train
+    if t.global_batch_size is None:
+        return t.grad_accum or 1
+    per_step = t.micro_batch_size * world
+    if t.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not a multiple of micro_batch_size "
+                          f"{t.micro_batch_size} x {world} processes")
+    return t.global_batch_size // per_step
+
+
+def _make_accelerator(cfg: Config, world: int):
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device cuda: no CUDA GPU is visible; use train.device: auto or cpu")
+    dtype = model_lib.resolve_dtype(cfg.model.dtype, torch.device("cuda" if cuda else "cpu"))
+    mp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    # without CUDA, Accelerator(cpu=True) is what makes a multi-process launch one gloo group
+    acc = Accelerator(cpu=not cuda, mixed_precision=mp if cuda else "no")
+    if acc.num_processes != world:
+        raise ConfigError(f"launched {world} processes but accelerate formed a group of {acc.num_processes}")
+    return acc
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # Linux: KiB
+
+
+def run_training(cfg: Config, resume: str = "auto") -> int:
+    trainer = Trainer(cfg, resume)
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        trainer.cleanup()

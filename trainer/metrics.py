@@ -1,0 +1,103 @@
+"""Run logs: metrics.jsonl (one object a line, integer step), events.jsonl, and console progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _append_line(path: Path, obj: dict) -> None:
+    # one write() of a short line with O_APPEND: whole lines even with two writers (trainer and supervisor)
+    line = (json.dumps(obj, sort_keys=False) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Lines of a jsonl file; a torn last line (process killed mid-write) is skipped."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out
+
+
+class MetricsLog:
+    """`metrics.jsonl`: written by rank 0; rewound to the checkpoint's copy on resume."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, **fields) -> None:
+        if self.enabled:
+            _append_line(self.path, {"time": round(time.time(), 3), **fields})
+
+    def rewind(self, saved_copy: str | None, step: int) -> None:
+        """Make the file hold exactly the lines up to `step` (from the checkpoint's copy when there is one)."""
+        if not self.enabled:
+            return
+        if saved_copy is not None:
+            lines = [ln for ln in saved_copy.splitlines() if ln.strip()]
+        else:
+            lines = [json.dumps(o) for o in read_jsonl(self.path) if int(o.get("step", 0)) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in lines))
+        os.replace(tmp, self.path)
+
+    def text(self) -> str:
+        return self.path.read_text() if self.enabled and self.path.exists() else ""
+
+
+class EventLog:
+    """`events.jsonl`, shared by the supervisor and the trainer's rank 0."""
+
+    def __init__(self, path: Path, source: str, enabled: bool = True):
+        self.path, self.source, self.enabled = path, source, enabled
+
+    def emit(self, event: str, **fields) -> dict:
+        obj = {"time": round(time.time(), 3), "event": event, "source": self.source, **fields}
+        if self.enabled:
+            _append_line(self.path, obj)
+        return obj
+
+
+class Console:
+    """A progress bar on a terminal, plain lines otherwise; only rank 0 prints."""
+
+    def __init__(self, enabled: bool, total: int, initial: int):
+        self.enabled = enabled
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
+
+    def line(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def advance(self, n: int = 1, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

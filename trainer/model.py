@@ -1,0 +1,173 @@
+"""Model: tokenizer, base model (local dir, hub id or the built-in tiny Llama), LoRA / QLoRA / full."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+BUILTIN = "builtin:tiny-llama"
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def is_builtin(cfg: Config) -> bool:
+    return cfg.model.name_or_path == BUILTIN
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bf16 on a GPU that supports it, else fp32 (CPU)."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(cfg: Config, path: str | None = None):
+    """The run's tokenizer; a pad token is added (= eos) when the model has none."""
+    if path is None and is_builtin(cfg):
+        from .tokenizer import build_char_tokenizer
+
+        return build_char_tokenizer()
+    from transformers import AutoTokenizer
+
+    name = path or cfg.model.name_or_path
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name_or_path {name}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def builtin_config(cfg: Config, vocab_size: int):
+    from transformers import LlamaConfig
+
+    b = cfg.model.builtin
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=b.hidden_size, intermediate_size=b.intermediate_size,
+                       num_hidden_layers=b.num_hidden_layers, num_attention_heads=b.num_attention_heads,
+                       num_key_value_heads=b.num_key_value_heads,
+                       max_position_embeddings=b.max_position_embeddings, tie_word_embeddings=False,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=False)
+
+
+def model_config(cfg: Config):
+    """The model's transformers config, without loading weights (builtin, local dir or hub id)."""
+    if is_builtin(cfg):
+        from .tokenizer import CHARS, SPECIAL
+
+        return builtin_config(cfg, len(SPECIAL) + len(CHARS))
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name_or_path {cfg.model.name_or_path}: cannot read its config "
+                          f"({str(e).splitlines()[0]})") from None
+
+
+def materialize_builtin(cfg: Config, tokenizer, output_dir: Path) -> Path:
+    """Save the built-in model's random init (a function of train.seed) once, so every path loads from disk."""
+    dest = output_dir / "base-model"
+    if (dest / "config.json").exists():
+        return dest
+    from transformers import LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        model = LlamaForCausalLM(builtin_config(cfg, len(tokenizer)))
+    tmp = output_dir / f".base-model.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # another rank won the race with identical content
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def base_model_path(cfg: Config, output_dir: Path) -> str:
+    return str(output_dir / "base-model") if is_builtin(cfg) else cfg.model.name_or_path
+
+
+def _quant_config(cfg: Config, device: torch.device):
+    from transformers import BitsAndBytesConfig
+
+    q = cfg.quant
+    compute = resolve_dtype(q.compute_dtype, device)
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                              bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=compute)
+
+
+def load_base_model(cfg: Config, path: str, device: torch.device, quantized: bool, dtype: torch.dtype):
+    """The frozen or trainable base model from a local dir or hub id."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(trust_remote_code=cfg.model.trust_remote_code, dtype=dtype)
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    if quantized:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError("model.method qlora needs bitsandbytes: pip install bitsandbytes") from None
+        kwargs["quantization_config"] = _quant_config(cfg, device)
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name_or_path {path}: cannot load ({str(e).splitlines()[0]})") from None
+
+
+def build_model(cfg: Config, tokenizer, device: torch.device, output_dir: Path):
+    """The model to train: full, LoRA or QLoRA, with gradient checkpointing if asked."""
+    m = cfg.model
+    if is_builtin(cfg):
+        materialize_builtin(cfg, tokenizer, output_dir)
+    path = base_model_path(cfg, output_dir)
+    dtype = resolve_dtype(m.dtype, device)
+    # full fine-tuning keeps fp32 master weights (autocast does the bf16 math); adapters train on a bf16 base
+    load_dtype = torch.float32 if m.method == "full" else dtype
+    model = load_base_model(cfg, path, device, quantized=m.method == "qlora", dtype=load_dtype)
+    model.config.use_cache = False
+    gc_kwargs = {"use_reentrant": False}
+    if m.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=m.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=gc_kwargs)
+    elif m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    if m.method in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+
+        lc = cfg.lora
+        try:
+            model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                                     target_modules=lc.target_modules, task_type="CAUSAL_LM"))
+        except ValueError as e:
+            raise ConfigError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
+        for p in model.parameters():  # adapters train in fp32 for stable updates, as peft recommends
+            if p.requires_grad:
+                p.data = p.data.float()
+        if m.gradient_checkpointing:
+            model.enable_input_require_grads()
+    if m.method != "qlora":
+        model.to(device)
+    return model
+
+
+def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

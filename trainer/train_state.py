@@ -1,0 +1,108 @@
+"""Training state as plain files: trainable weights and optimizer in safetensors, RNG and the rest in JSON.
+
+Nothing here unpickles: a checkpoint from an untrusted bucket cannot run code.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """Trainable parameters by name, copied to CPU (a snapshot safe to write in the background)."""
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, tensors: dict[str, torch.Tensor], where: str) -> None:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: weights do not match the model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}); was it saved with another model or method?")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[n].to(p.device, p.dtype))
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, (int, float, str, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _json_value(x) for k, x in v.items()}
+    raise TypeError(f"cannot store {type(v).__name__} in JSON")
+
+
+def optimizer_state(optimizer, param_names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta): per-parameter state keyed '<param name>/<key>', groups and scalars in meta."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        name = param_names[idx]
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{name}/{k}"] = v.detach().to("cpu", copy=True).contiguous()
+            else:
+                scalars[f"{name}/{k}"] = _json_value(v)
+    groups = [{k: _json_value(v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars, "param_names": param_names}
+
+
+def load_optimizer_state(optimizer, param_names: list[str], tensors: dict, meta: dict, where: str) -> None:
+    if meta.get("param_names") != param_names:
+        raise CheckpointError(f"{where}: optimizer state is for other parameters; was it saved with "
+                              f"another model or method?")
+    index = {n: i for i, n in enumerate(param_names)}
+    state: dict[int, dict] = {}
+    for key, t in tensors.items():
+        name, _, k = key.rpartition("/")
+        state.setdefault(index[name], {})[k] = t
+    for key, v in meta["scalars"].items():
+        name, _, k = key.rpartition("/")
+        state.setdefault(index[name], {})[k] = v
+    groups = meta["param_groups"]
+    for g in groups:  # betas come back from JSON as a list
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch (CPU and CUDA) RNG states of this process, JSON-safe."""
+    py = random.getstate()
+    npst = np.random.get_state()
+    out = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
+        "torch": _b64(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])

@@ -20,7 +20,7 @@ def eval_loss(model, rows: list[dict], pad_id: int, batch_size: int, device: tor
         k = count_targets(batch["labels"])
         if k == 0:
             continue
-        out = model(**batch, num_items_in_batch=k)
+        out = model(**batch, num_items_in_batch=k, use_cache=False)
         total += float(out.loss) * k
         n += k
     model.train(was_training)

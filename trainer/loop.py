@@ -327,7 +327,7 @@ class Trainer:
                 last = m == len(micro) - 1
                 ctx = self.acc.no_sync(self.model) if (self.world > 1 and not last) else _null()
                 with ctx, self.acc.autocast():
-                    out = self.model(**batch, num_items_in_batch=max(1, int(n_targets)))
+                    out = self.model(**batch, num_items_in_batch=max(1, int(n_targets)), use_cache=False)
                     loss = out.loss * self.world  # DDP averages gradients over ranks; we want the sum / targets
                 self.acc.backward(loss)
                 loss_sum += float(out.loss.detach())

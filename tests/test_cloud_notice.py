@@ -15,6 +15,8 @@ import pytest
 from trainer.cloud_notice import GCP_NOTICE_S, NoticeWatcher
 from trainer.preemption import StopSignal
 
+pytestmark = pytest.mark.timeout(30)  # a watcher that hangs must fail the test, not the suite
+
 FAST = dict(poll_seconds=0.05, timeout=0.3, probe_timeout=0.3)
 
 

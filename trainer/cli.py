@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from .config import list_presets, load_config
-from .errors import EXIT_FAILED, EXIT_USAGE, SpotTrainerError
+from .errors import ConfigError, SpotTrainerError
 
 
 def _setup_logging(debug: bool) -> None:
@@ -20,19 +20,10 @@ def _setup_logging(debug: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("DS_ACCELERATOR", "cpu") if not _has_cuda() else None
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         import warnings
 
         warnings.filterwarnings("ignore")
-
-
-def _has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:
-        return False
 
 
 def run_cli(fn):
@@ -84,6 +75,12 @@ def main():
 def train(config, overrides, output_dir, resume):
     """Train (one process, or one rank under `accelerate launch`)."""
     cfg = load_config(config, list(overrides), output_dir)
+    if resume not in ("auto", "never"):
+        from .manifest import verify
+
+        problems = verify(resume)
+        if problems:
+            raise ConfigError(f"--resume {resume}: not a valid checkpoint ({problems[0]})")
     from .loop import run_training
 
     return run_training(cfg, resume)

@@ -41,6 +41,9 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own progress line is enough; keeps logs one line per event
         self._setup_distributed()
         self._setup_output()
         self._setup_data()
@@ -143,13 +146,7 @@ class Trainer:
         if self.resume == "never":
             return None
         if self.resume != "auto":
-            path = Path(self.resume)
-            from .manifest import verify
-
-            problems = verify(path)
-            if problems:
-                raise ConfigError(f"--resume {path}: not a valid checkpoint ({problems[0]})")
-            return path
+            return Path(self.resume)  # verified by the CLI
         local = self.store.latest_valid()
         local_step = local[0] if local else -1
         if self.remote is not None or (self.cfg.checkpoint.remote and not self.is_main):
@@ -358,6 +355,9 @@ class Trainer:
                 self._evaluate()
             if self._checkpoint_due() or self.step == self.total_steps:
                 self.save_checkpoint("periodic" if self.step < self.total_steps else "final")
+            elif self.stop.checkpoint_soon:  # e.g. an AWS rebalance recommendation: save now, keep training
+                self.save_checkpoint("periodic")
+                self.stop.checkpoint_taken()
         console.close()
         self.eval_after = self._evaluate()
         self.writer.wait()
@@ -384,7 +384,16 @@ class Trainer:
     def _wait_uploads(self, timeout: float | None) -> None:
         if self.uploader is None:
             return
-        if not self.uploader.wait(timeout):
+        # wait in slices, touching the heartbeat, so the supervisor never takes a long upload for a hang
+        end = None if timeout is None else time.monotonic() + timeout
+        done = False
+        while not done:
+            left = 30.0 if end is None else min(30.0, max(0.0, end - time.monotonic()))
+            done = self.uploader.wait(left)
+            self._heartbeat()
+            if end is not None and time.monotonic() >= end:
+                break
+        if not done:
             log.warning("upload not finished within %s s; the checkpoint is committed locally and will be "
                         "uploaded on the next start", None if timeout is None else round(timeout, 1))
 

@@ -1,0 +1,80 @@
+import json
+
+import torch
+
+from trainer.checkpoint import CheckpointStore, CheckpointWriter, Snapshot
+from trainer.manifest import Manifest, verify
+
+
+def _snap(step, rank=0, world=1, **kw):
+    s = Snapshot(step=step, rank=rank, world_size=world, **kw)
+    s.tensors[f"w-rank{rank}.safetensors"] = {"w": torch.full((4,), float(step))}
+    s.json[f"state-rank{rank}.json"] = {"step": step}
+    return s
+
+
+def test_commit_writes_manifest_last_and_renames(tmp_path):
+    store = CheckpointStore(tmp_path)
+    store.write_rank_files(_snap(5))
+    assert store.committed_steps() == []  # files written, not committed
+    path = store.commit(_snap(5))
+    assert path.name == "step-00000005" and not store.tmp_path(5).exists()
+    m = Manifest.load(path)
+    assert m.step == 5 and {f.path for f in m.files} == {"w-rank0.safetensors", "state-rank0.json"}
+    assert verify(path) == []
+
+
+def test_multi_rank_commit_waits_for_every_rank(tmp_path):
+    store = CheckpointStore(tmp_path)
+    store.write_rank_files(_snap(3, rank=1, world=2))
+    store.write_rank_files(_snap(3, rank=0, world=2))
+    path = store.commit(_snap(3, rank=0, world=2), timeout=5)
+    assert {f.path for f in Manifest.load(path).files} >= {"w-rank0.safetensors", "w-rank1.safetensors"}
+
+
+def test_corrupt_newest_is_skipped_with_warning(tmp_path):
+    store = CheckpointStore(tmp_path)
+    for s in (1, 2, 3):
+        store.write_rank_files(_snap(s))
+        store.commit(_snap(s))
+    f = store.path(3) / "w-rank0.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    (store.root / "step-00000004").mkdir()  # a dir with no manifest: never a checkpoint
+    warnings = []
+    assert store.latest_valid(warn=warnings.append) == (2, store.path(2))
+    assert any("step-00000003" in w and "sha256" in w for w in warnings)
+    assert any("step-00000004" in w for w in warnings)
+
+
+def test_prune_keeps_newest_and_protected(tmp_path):
+    store = CheckpointStore(tmp_path)
+    for s in range(1, 6):
+        store.write_rank_files(_snap(s))
+        store.commit(_snap(s))
+    assert store.prune(2, protect={2}) == [1, 3]
+    assert store.committed_steps() == [2, 4, 5]
+    assert store.prune(0) == []  # 0/None: keep everything
+    store.prune(1)
+    assert store.committed_steps() == [5]
+
+
+def test_stale_tmp_dirs_are_cleaned(tmp_path):
+    store = CheckpointStore(tmp_path)
+    store.write_rank_files(_snap(9))
+    assert store.tmp_path(9).exists()
+    store.clean_stale()
+    assert not store.tmp_path(9).exists() and store.committed_steps() == []
+
+
+def test_background_writer_commits_in_order_and_reports(tmp_path):
+    store = CheckpointStore(tmp_path)
+    seen = []
+    w = CheckpointWriter(store, 0, lambda snap, path, secs: seen.append((snap.step, path.name)))
+    for s in (2, 4, 6):
+        w.submit(_snap(s))
+    w.wait()
+    w.close()
+    assert seen == [(2, "step-00000002"), (4, "step-00000004"), (6, "step-00000006")]
+    assert json.loads((store.path(6) / "state-rank0.json").read_text()) == {"step": 6}

@@ -1,0 +1,253 @@
+"""Remote checkpoint storage against a real S3 server (SeaweedFS) and the file:// backend."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import free_ports, make_checkpoint
+
+from trainer.errors import CheckpointError, ConfigError, StorageError
+from trainer.manifest import Manifest, verify
+from trainer.storage import StorageUnavailable, open_store
+
+
+@pytest.fixture
+def store(remote):
+    s = open_store(remote.uri, remote.s3_config)
+    yield s
+    s.close()
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    names = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
+    return names == sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file()) and all(
+        (a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+
+# ---------------------------------------------------------------- same contract, both backends
+
+
+def test_round_trip_verifies_every_file(store, remote, tmp_path):
+    local = tmp_path / "local"
+    c10, c20 = make_checkpoint(local, 10), make_checkpoint(local, 20)
+    r10 = store.upload_checkpoint(c10)
+    store.upload_checkpoint(c20)
+
+    assert store.committed_steps() == [10, 20]
+    assert (r10.step, r10.files_uploaded, r10.bytes_uploaded) == (10, 3, Manifest.load(c10).total_bytes)
+    assert store.get_manifest(10).files == Manifest.load(c10).files
+    assert store.get_manifest(99) is None
+    got = store.download_checkpoint(20, tmp_path / "pulled")
+    assert got == tmp_path / "pulled" / "step-00000020"
+    assert verify(got) == [] and _same_files(c20, got)
+    assert [p.name for p in (tmp_path / "pulled").iterdir()] == ["step-00000020"]  # no temp dir left
+
+
+def test_interrupted_upload_resumes_and_skips_files_already_there(store, remote, tmp_path):
+    ckpt = make_checkpoint(tmp_path / "local", 10)
+    store.upload_checkpoint(ckpt)
+    # As if the process died mid-upload: no manifest, one file missing, one replaced by other bytes of the same size.
+    remote.delete("checkpoints/step-00000010/manifest.json")
+    remote.delete("checkpoints/step-00000010/optimizer.safetensors")
+    remote.put("checkpoints/step-00000010/model.safetensors", b"x" * 40_000)
+    assert store.committed_steps() == []
+
+    result = store.upload_checkpoint(ckpt)
+
+    assert (result.files_uploaded, result.files_skipped) == (2, 1)
+    assert result.bytes_uploaded == 120_000
+    assert store.committed_steps() == [10]
+    assert verify(store.download_checkpoint(10, tmp_path / "pulled")) == []
+    assert store.upload_checkpoint(ckpt).bytes_uploaded == 0  # already committed remotely: nothing sent
+
+
+def test_files_without_manifest_are_not_a_checkpoint(store, remote, tmp_path):
+    local = tmp_path / "local"
+    store.upload_checkpoint(make_checkpoint(local, 10))
+    store.upload_checkpoint(make_checkpoint(local, 20))
+    remote.delete("checkpoints/step-00000020/manifest.json")
+
+    assert store.committed_steps() == [10]
+    assert store.pull_latest(tmp_path / "pulled") == (10, tmp_path / "pulled" / "step-00000010")
+    with pytest.raises(CheckpointError, match="step-00000020/manifest.json: missing"):
+        store.download_checkpoint(20, tmp_path / "pulled")
+
+
+def test_corrupt_object_falls_back_to_previous_checkpoint(store, remote, tmp_path, caplog):
+    local = tmp_path / "local"
+    store.upload_checkpoint(make_checkpoint(local, 10))
+    store.upload_checkpoint(make_checkpoint(local, 20))
+    remote.put("checkpoints/step-00000020/optimizer.safetensors", b"\0" * 80_000)  # same size, wrong bytes
+
+    with caplog.at_level(logging.WARNING, logger="trainer.storage"):
+        step, path = store.pull_latest(tmp_path / "pulled")
+
+    assert (step, path.name) == (10, "step-00000010") and verify(path) == []
+    bad = [r.getMessage() for r in caplog.records if "step-00000020/optimizer.safetensors" in r.getMessage()]
+    assert len(bad) == 1 and "sha256 does not match" in bad[0]
+    assert sorted(p.name for p in (tmp_path / "pulled").iterdir()) == ["step-00000010"]
+
+
+def test_missing_object_names_it(store, remote, tmp_path):
+    store.upload_checkpoint(make_checkpoint(tmp_path / "local", 10))
+    remote.delete("checkpoints/step-00000010/model.safetensors")
+
+    with pytest.raises(CheckpointError, match=r"step-00000010/model.safetensors: missing") as e:
+        store.download_checkpoint(10, tmp_path / "pulled")
+    assert remote.uri in str(e.value)
+    assert not (tmp_path / "pulled" / "step-00000010").exists()
+
+
+def test_pull_latest_only_when_newer(store, tmp_path):
+    local = tmp_path / "local"
+    assert store.pull_latest(tmp_path / "pulled") is None  # empty remote
+    store.upload_checkpoint(make_checkpoint(local, 10))
+    store.upload_checkpoint(make_checkpoint(local, 20))
+
+    assert store.pull_latest(tmp_path / "pulled", newer_than=20) is None
+    assert store.pull_latest(tmp_path / "pulled", newer_than=10)[0] == 20
+
+
+def test_delete_and_prune(store, remote, tmp_path):
+    local = tmp_path / "local"
+    for step in (10, 20, 30, 40):
+        store.upload_checkpoint(make_checkpoint(local, step))
+    remote.delete("checkpoints/step-00000020/manifest.json")  # abandoned partial upload, older than the newest
+    remote.put("checkpoints/step-00000050/model.safetensors", b"partial")  # an upload in progress: kept
+
+    store.delete_checkpoint(40)
+    assert store.committed_steps() == [10, 30]
+    assert store.prune(keep_last=1) == [10, 20]
+
+    assert store.committed_steps() == [30]
+    assert {k.split("/")[1] for k in remote.keys()} == {"step-00000030", "step-00000050"}
+
+
+def test_upload_dir_puts_manifest_last_and_lists_files(store, remote, tmp_path):
+    final = make_checkpoint(tmp_path, 7, sizes={"adapter_model.safetensors": 1000, "tokenizer/vocab.json": 10})
+    result = store.upload_dir(final, "final")
+
+    assert result.files_uploaded == 2 and result.step is None
+    assert remote.keys() == ["final/adapter_model.safetensors", "final/manifest.json", "final/tokenizer/vocab.json"]
+
+
+def test_uncommitted_local_checkpoint_is_refused(store, tmp_path):
+    ckpt = make_checkpoint(tmp_path / "local", 10)
+    (ckpt / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="cannot read manifest"):
+        store.upload_checkpoint(ckpt)
+    assert store.committed_steps() == []
+
+
+# ---------------------------------------------------------------- S3 specifics
+
+
+def test_multipart_upload_for_files_over_the_part_size(s3_server, aws_env, tmp_path):
+    bucket = s3_server.bucket()
+    store = open_store(f"s3://{bucket}/run", s3_server.s3_config(part_size_mb=5))
+    ckpt = make_checkpoint(tmp_path / "local", 10, sizes={"model.safetensors": 5 * 1024 * 1024 + 1000})
+    store.upload_checkpoint(ckpt)
+
+    head = s3_server.client().head_object(Bucket=bucket, Key="run/checkpoints/step-00000010/model.safetensors")
+    assert head["ETag"].strip('"').endswith("-2")  # two parts
+    assert head["Metadata"]["sha256"] == Manifest.load(ckpt).files[0].sha256
+    assert _same_files(ckpt, store.download_checkpoint(10, tmp_path / "pulled"))
+
+
+@pytest.mark.parametrize("key_id, secret, code", [("testkey", "not-the-secret", "SignatureDoesNotMatch"),
+                                                  ("AKIANOTAKEY", "testsecret-other", "InvalidAccessKeyId")])
+def test_wrong_credentials_fail_fast_in_one_line(s3_server, aws_env, tmp_path, caplog, key_id, secret, code):
+    bucket = s3_server.bucket()
+    aws_env.setenv("AWS_ACCESS_KEY_ID", key_id)
+    aws_env.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    store = open_store(f"s3://{bucket}/run", s3_server.s3_config())
+
+    t0 = time.monotonic()
+    with caplog.at_level(logging.DEBUG, logger="trainer"), pytest.raises(StorageError) as e:
+        store.upload_checkpoint(make_checkpoint(tmp_path, 10))
+    assert time.monotonic() - t0 < 5  # not retried
+    msg = str(e.value)
+    assert msg == (f"s3://{bucket}/run: access denied with the credentials from env ({code}); "
+                   f"check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+    assert secret not in msg and secret not in caplog.text and secret not in repr(store)
+    with pytest.raises(StorageError, match=code):
+        store.check()
+
+
+def test_missing_bucket(s3_server, aws_env, tmp_path):
+    store = open_store("s3://no-such-bucket-here/run", s3_server.s3_config())
+    with pytest.raises(StorageError, match=r"bucket 'no-such-bucket-here' does not exist at http://127\.0\.0\.1"):
+        store.check()
+    with pytest.raises(StorageError, match="does not exist"):
+        store.upload_checkpoint(make_checkpoint(tmp_path, 10))
+
+
+def test_no_credentials(s3_server, aws_env):
+    aws_env.delenv("AWS_ACCESS_KEY_ID")
+    aws_env.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(StorageError, match="no AWS credentials found; set AWS_ACCESS_KEY_ID"):
+        open_store("s3://bucket/run", s3_server.s3_config())
+
+
+def test_bad_uris():
+    for uri, hint in [("s3:///run", "give a bucket"), ("file://relative/path", "absolute path"),
+                      ("gs://bucket/x", "must start with s3:// or file://")]:
+        with pytest.raises(ConfigError, match=hint):
+            open_store(uri)
+
+
+def test_dead_endpoint_gives_up_within_the_deadline(aws_env, tmp_path, caplog):
+    port = free_ports(1)[0]  # nothing listens there: connection refused
+    cfg_deadline = 2.0
+    from trainer.config import S3Config
+    store = open_store("s3://bucket/run", S3Config(endpoint_url=f"http://127.0.0.1:{port}", deadline_s=cfg_deadline,
+                                                   max_attempts=2, connect_timeout_s=1))
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="trainer.storage"), pytest.raises(StorageUnavailable) as e:
+        store.upload_checkpoint(make_checkpoint(tmp_path, 10))
+    assert time.monotonic() - t0 < cfg_deadline + 0.5  # it stops early when the next backoff would pass the deadline
+    assert "retrying in" in caplog.text  # it did retry first
+    assert str(e.value).startswith("s3://bucket/run: upload of checkpoints/step-00000010 gave up after")
+
+
+def test_stalled_endpoint_cannot_hold_an_upload_past_the_deadline(aws_env, tmp_path):
+    # Accepts connections (the kernel backlog) and never answers: each request would wait read_timeout.
+    with socket.socket() as blackhole:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(64)
+        from trainer.config import S3Config
+        store = open_store("s3://bucket/run", S3Config(
+            endpoint_url=f"http://127.0.0.1:{blackhole.getsockname()[1]}", read_timeout_s=4, max_attempts=1,
+            deadline_s=1.5))
+        t0 = time.monotonic()
+        with pytest.raises(StorageUnavailable):
+            store.upload_checkpoint(make_checkpoint(tmp_path, 10))
+        assert time.monotonic() - t0 < 2.5
+
+
+def test_upload_survives_server_killed_and_restarted(own_s3_server, aws_env, tmp_path):
+    server = own_s3_server
+    bucket = server.bucket()
+    store = open_store(f"s3://{bucket}/run", server.s3_config(max_concurrency=2, max_attempts=2, deadline_s=60))
+    ckpt = make_checkpoint(tmp_path, 10, sizes={f"shard-{i}.bin": 6 * 1024 * 1024 for i in range(8)})
+    outcome: dict = {}
+    uploader = threading.Thread(target=lambda: outcome.update(result=store.upload_checkpoint(ckpt)))
+    uploader.start()
+    client = server.client()
+    while not client.list_objects_v2(Bucket=bucket, Prefix="run/").get("KeyCount"):  # first file landed
+        time.sleep(0.01)
+    server.kill()
+    killed_mid_upload = uploader.is_alive()
+    time.sleep(2)
+    server.start()
+    uploader.join(timeout=60)
+
+    assert killed_mid_upload
+    assert "result" in outcome, "upload did not complete after the restart"
+    assert store.committed_steps() == [10]
+    assert verify(store.download_checkpoint(10, tmp_path / "pulled")) == []

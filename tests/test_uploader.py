@@ -1,0 +1,166 @@
+"""The background checkpoint uploader: ordering, retention, resume of pending uploads, failures."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+import pytest
+from conftest import make_checkpoint
+
+from trainer.config import S3Config
+from trainer.errors import CheckpointError, StorageError
+from trainer.manifest import Manifest
+from trainer.storage import StorageUnavailable, open_store
+from trainer.uploader import CheckpointUploader
+
+
+@pytest.fixture
+def store(remote):
+    s = open_store(remote.uri, remote.s3_config)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def blackhole():
+    """A TCP endpoint that accepts connections (kernel backlog) and never answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _stalled_store(endpoint: str, deadline_s: float):
+    return open_store("s3://bucket/run", S3Config(endpoint_url=endpoint, read_timeout_s=3, max_attempts=1,
+                                                  deadline_s=deadline_s))
+
+
+def test_uploads_in_order_and_reports_each(store, tmp_path):
+    reported = []
+    uploader = CheckpointUploader(store, on_uploaded=lambda *a: reported.append(a))
+    c10, c20 = make_checkpoint(tmp_path, 10), make_checkpoint(tmp_path, 20)
+    uploader.submit(c10)
+    uploader.submit(c20)
+
+    assert uploader.wait(timeout=30)
+    assert store.committed_steps() == [10, 20]
+    assert [r[0] for r in reported] == [10, 20]
+    assert [r[2] for r in reported] == [Manifest.load(c10).total_bytes, Manifest.load(c20).total_bytes]
+    assert all(seconds > 0 for _, seconds, _ in reported)
+    assert uploader.in_flight is None and uploader.pending_steps == [] and uploader.last_error is None
+    assert uploader.close(timeout=5)
+
+
+def test_remote_retention_keeps_the_newest(store, remote, tmp_path):
+    uploader = CheckpointUploader(store, keep_last=2)
+    for step in (10, 20, 30, 40):
+        uploader.submit(make_checkpoint(tmp_path, step))
+        assert uploader.wait(timeout=30)
+
+    assert store.committed_steps() == [30, 40]
+    assert {k.split("/")[1] for k in remote.keys()} == {"step-00000030", "step-00000040"}
+    uploader.close(timeout=5)
+
+
+def test_retention_waits_for_a_newer_remote_commit(store, tmp_path):
+    uploader = CheckpointUploader(store, keep_last=1)
+    uploader.submit(make_checkpoint(tmp_path, 10))
+    assert uploader.wait(timeout=30)
+    broken = make_checkpoint(tmp_path, 20)
+    (broken / "model.safetensors").write_bytes(b"truncated")  # not what its manifest says: never uploaded
+
+    uploader.submit(broken)
+    assert uploader.wait(timeout=30)
+
+    assert store.committed_steps() == [10]  # the only remote checkpoint survives
+    assert isinstance(uploader.last_error, CheckpointError) and "model.safetensors" in str(uploader.last_error)
+    uploader.close(timeout=5)
+
+
+def test_sync_pending_uploads_local_checkpoints_missing_remotely(store, tmp_path):
+    root = tmp_path / "checkpoints"
+    store.upload_checkpoint(make_checkpoint(root, 10))
+    for step in (10, 20, 30):
+        if step != 10:
+            make_checkpoint(root, step)
+    (root / ".tmp-step-00000040-123").mkdir()  # being written when the process died
+    (make_checkpoint(root, 50) / "manifest.json").unlink()  # not committed locally
+
+    uploader = CheckpointUploader(store)
+    uploader.sync_pending(root)
+    assert uploader.wait(timeout=30)
+
+    assert store.committed_steps() == [10, 20, 30]
+    uploader.close(timeout=5)
+
+
+def test_non_retryable_error_is_raised_at_the_next_check(s3_server, aws_env, tmp_path):
+    aws_env.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    store = open_store(f"s3://{s3_server.bucket()}/run", s3_server.s3_config())
+    uploader = CheckpointUploader(store)
+    uploader.submit(make_checkpoint(tmp_path, 10))
+
+    with pytest.raises(StorageError, match=r"access denied .* \(SignatureDoesNotMatch\)"):
+        uploader.wait(timeout=30)
+    assert isinstance(uploader.last_error, StorageError)
+    uploader.submit(make_checkpoint(tmp_path, 20))  # reported once: the caller decided what to do
+    uploader.close(timeout=10)
+
+
+def test_outage_keeps_checkpoint_local_and_retries_with_the_next(own_s3_server, aws_env, tmp_path, caplog):
+    server = own_s3_server
+    bucket = server.bucket()
+    store = open_store(f"s3://{bucket}/run", server.s3_config(deadline_s=3.0, max_attempts=1))
+    uploader = CheckpointUploader(store, keep_last=3)
+    server.kill()
+
+    with caplog.at_level(logging.WARNING, logger="trainer.uploader"):
+        uploader.submit(make_checkpoint(tmp_path, 10))
+        assert uploader.wait(timeout=30)
+    assert isinstance(uploader.last_error, StorageUnavailable)
+    assert "checkpoint step 10: upload gave up" in caplog.text
+    assert uploader.pending_steps == [10]  # parked: local pruning must keep it
+
+    server.start()
+    uploader.submit(make_checkpoint(tmp_path, 20))
+    assert uploader.wait(timeout=30)
+    assert store.committed_steps() == [10, 20] and uploader.pending_steps == []
+    uploader.close(timeout=5)
+
+
+def test_in_flight_step_while_the_endpoint_stalls(blackhole, aws_env, tmp_path):
+    uploader = CheckpointUploader(_stalled_store(blackhole, deadline_s=2.0))
+    t0 = time.monotonic()
+    uploader.submit(make_checkpoint(tmp_path, 10))
+    assert time.monotonic() - t0 < 0.5  # submit never waits for the network
+    deadline = time.monotonic() + 1.0
+    while uploader.in_flight is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    assert uploader.in_flight == 10 and uploader.pending_steps == [10]
+    assert uploader.wait(timeout=10)
+    assert uploader.in_flight is None and isinstance(uploader.last_error, StorageUnavailable)
+    uploader.close(timeout=1)
+
+
+def test_close_aborts_a_stalled_upload(blackhole, aws_env, tmp_path):
+    uploader = CheckpointUploader(_stalled_store(blackhole, deadline_s=60.0))
+    uploader.submit(make_checkpoint(tmp_path, 10))
+
+    t0 = time.monotonic()
+    assert uploader.close(timeout=0.5) is False
+    assert time.monotonic() - t0 < 1.5
+    assert uploader.pending_steps == [10]
+
+
+def test_queue_skips_checkpoints_retention_would_delete(blackhole, aws_env, tmp_path):
+    uploader = CheckpointUploader(_stalled_store(blackhole, deadline_s=60.0), keep_last=2)
+    uploader.submit(make_checkpoint(tmp_path, 10))
+    while uploader.in_flight != 10:
+        time.sleep(0.01)
+    for step in (20, 30, 40, 50):  # wait behind the stalled upload of 10
+        uploader.submit(make_checkpoint(tmp_path, step))
+    assert uploader.pending_steps == [10, 40, 50]
+    uploader.close(timeout=0.2)

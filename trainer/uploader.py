@@ -1,0 +1,193 @@
+"""Background upload of committed checkpoints, so training never waits for the network.
+
+One thread uploads in step order, then applies remote retention. A non-retryable StorageError is kept and
+raised by the next submit()/wait(); a checkpoint whose upload ran out of time stays local and is tried
+again with the next submit() (or by sync_pending() on the next start).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Callable
+
+from .errors import CheckpointError, StorageError
+from .manifest import MANIFEST_NAME, parse_step_dirname
+from .storage import RemoteStore, StorageUnavailable
+
+log = logging.getLogger(__name__)
+
+OnUploaded = Callable[[int, float, int], None]  # (step, seconds, bytes uploaded)
+
+
+def _step(ckpt_dir: Path) -> int:
+    step = parse_step_dirname(ckpt_dir.name)
+    if step is None:
+        raise ValueError(f"{ckpt_dir}: not a checkpoint directory (expected step-XXXXXXXX)")
+    return step
+
+
+class CheckpointUploader:
+    """Uploads submitted checkpoint dirs in a daemon thread and keeps the newest `keep_last` remotely."""
+
+    def __init__(self, store: RemoteStore, keep_last: int | None = None, on_uploaded: OnUploaded | None = None):
+        self.store, self.keep_last, self.on_uploaded = store, keep_last, on_uploaded
+        self._cond = threading.Condition()
+        self._queue: dict[int, Path] = {}  # step -> dir, uploaded oldest first
+        self._parked: dict[int, Path] = {}  # ran out of time; queued again by the next submit()
+        self._sync_root: Path | None = None
+        self._in_flight: int | None = None
+        self._fatal: StorageError | None = None
+        self._closing = False
+        self.last_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="checkpoint-uploader", daemon=True)
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"CheckpointUploader({self.store.uri!r}, in_flight={self.in_flight}, queued={sorted(self._queue)})"
+
+    @property
+    def in_flight(self) -> int | None:
+        """The step being uploaded now, if any."""
+        return self._in_flight
+
+    @property
+    def pending_steps(self) -> list[int]:
+        """Steps not yet safe remotely (in flight, queued or parked): local pruning must keep these."""
+        with self._cond:
+            steps = set(self._queue) | set(self._parked)
+            if self._in_flight is not None:
+                steps.add(self._in_flight)
+            return sorted(steps)
+
+    def submit(self, ckpt_dir: Path) -> None:
+        """Queue a committed checkpoint dir for upload and return at once."""
+        self.raise_if_failed()
+        ckpt_dir = Path(ckpt_dir)
+        step = _step(ckpt_dir)
+        with self._cond:
+            self._queue.update(self._parked)
+            self._parked.clear()
+            self._queue[step] = ckpt_dir
+            self._coalesce()
+            self._cond.notify_all()
+
+    def sync_pending(self, local_ckpt_root: Path) -> None:
+        """Queue (in the background) local committed checkpoints newer than the newest remote one."""
+        with self._cond:
+            self._sync_root = Path(local_ckpt_root)
+            self._cond.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until nothing is queued or in flight; True if drained. Raises a stored StorageError."""
+        with self._cond:
+            drained = self._cond.wait_for(self._idle, timeout)
+        self.raise_if_failed()
+        return drained
+
+    def raise_if_failed(self) -> None:
+        """Raise (once) the StorageError that stopped an upload: retrying cannot fix it."""
+        with self._cond:
+            fatal, self._fatal = self._fatal, None
+        if fatal is not None:
+            raise fatal
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Finish queued uploads within `timeout`, then abort what is left; True if everything was uploaded."""
+        with self._cond:
+            drained = self._cond.wait_for(self._idle, timeout)
+            self._closing = True
+            self._cond.notify_all()
+        if not drained:
+            log.warning("checkpoint upload of step(s) %s not finished at shutdown; they stay local",
+                        self.pending_steps)
+            self.store.abort()
+        self._thread.join(timeout=5.0)
+        return drained
+
+    # ---------------------------------------------------------------- the thread
+
+    def _idle(self) -> bool:
+        return not self._queue and self._in_flight is None and self._sync_root is None
+
+    def _coalesce(self) -> None:
+        # Retention would delete older ones right after upload: when the network falls behind, skip them.
+        if self.keep_last:
+            for step in sorted(self._queue)[:-self.keep_last]:
+                log.info("checkpoint step %d: upload skipped, newer checkpoints are queued", step)
+                del self._queue[step]
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._sync_root is not None or self._closing)
+                if self._closing:
+                    return
+                sync_root = self._sync_root
+                if sync_root is None:
+                    step = min(self._queue)
+                    ckpt_dir = self._queue.pop(step)
+                    self._in_flight = step
+            try:
+                if sync_root is not None:
+                    self._guard("sync", self._sync, sync_root)
+                else:
+                    self._guard(step, self._upload, ckpt_dir)
+            finally:
+                with self._cond:
+                    if sync_root is not None:
+                        self._sync_root = None
+                    self._in_flight = None
+                    self._cond.notify_all()
+
+    def _guard(self, what, fn, arg) -> None:
+        try:
+            fn(arg)
+        except StorageError as e:
+            self.last_error = e
+            with self._cond:
+                self._fatal = e
+            log.error("checkpoint %s: upload failed: %s", what, e)
+        except StorageUnavailable as e:
+            self.last_error = e
+            if isinstance(what, int):
+                with self._cond:
+                    self._parked[what] = arg
+            log.warning("checkpoint step %s: upload gave up (%s); it stays local and is retried with the next "
+                        "checkpoint or on the next start", what, e)
+        except CheckpointError as e:
+            self.last_error = e
+            log.warning("checkpoint step %s: not uploaded: %s", what, e)
+        except Exception as e:  # a bug must not kill the thread and silently stop uploads
+            self.last_error = e
+            log.exception("checkpoint %s: unexpected upload error", what)
+
+    def _sync(self, root: Path) -> None:
+        committed = self.store.committed_steps()
+        newest = committed[-1] if committed else -1
+        found = {s: p for p in root.glob("step-*")
+                 if (s := parse_step_dirname(p.name)) is not None and s > newest and (p / MANIFEST_NAME).is_file()}
+        if found:
+            log.info("checkpoints %s are committed locally but not remotely: uploading them", sorted(found))
+            with self._cond:
+                self._queue.update({s: p for s, p in found.items() if s not in self._queue})
+                self._coalesce()
+
+    def _upload(self, ckpt_dir: Path) -> None:
+        step = _step(ckpt_dir)
+        if not ckpt_dir.is_dir():
+            log.info("checkpoint step %d: local dir is gone (pruned); not uploaded", step)
+            return
+        result = self.store.upload_checkpoint(ckpt_dir)
+        log.info("checkpoint step %d uploaded to %s: %.1f MB in %.1fs (%d files skipped, already there)", step,
+                 result.remote, result.bytes_uploaded / 1e6, result.seconds, result.files_skipped)
+        if self.on_uploaded is not None:
+            try:
+                self.on_uploaded(step, result.seconds, result.bytes_uploaded)
+            except Exception:
+                log.exception("on_uploaded callback failed for step %d", step)
+        if self.keep_last:
+            deleted = self.store.prune(self.keep_last)
+            if deleted:
+                log.info("remote retention: deleted checkpoints %s", deleted)

@@ -21,6 +21,8 @@ def _setup_logging(debug: bool) -> None:
     if not debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if not os.path.exists("/dev/nvidiactl"):  # no NVIDIA driver: spare users DeepSpeed's detection warning
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import warnings
 
         warnings.filterwarnings("ignore")

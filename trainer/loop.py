@@ -428,7 +428,7 @@ class Trainer:
     def cleanup(self) -> None:
         self.stop.uninstall()
         if self.watcher is not None:
-            self.watcher.stop_watching()
+            self.watcher.close()
         if getattr(self, "writer", None) is not None:
             self.writer.close()
         if self.uploader is not None:

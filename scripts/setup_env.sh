@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates ./.venv (once) with torch and spot-trainer installed; prints the python to use.
+# torch: kept if the interpreter already has one (GPU images do); else torch==2.13.0 (our CPU dev/CI pin).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${SPOT_VENV:-.venv}"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv" >&2
+fi
+py="$venv/bin/python"
+if ! "$py" -c "import torch" 2>/dev/null; then
+  echo "installing torch==2.13.0 into $venv ..." >&2
+  "$py" -m pip install -q --disable-pip-version-check "torch==2.13.0" >&2
+fi
+stamp="$venv/.spot-trainer-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "installing spot-trainer and its dependencies into $venv ..." >&2
+  "$py" -m pip install -q --disable-pip-version-check -e ".[test]" >&2
+  touch "$stamp"
+fi
+echo "$py"

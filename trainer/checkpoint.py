@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, SpotTrainerError
 from .manifest import MANIFEST_NAME, build_manifest, fsync_dir, parse_step_dirname, step_dirname, verify, \
     write_manifest
 
@@ -191,6 +191,8 @@ class CheckpointWriter:
     def _raise(self) -> None:
         if self._error is not None:
             err, self._error = self._error, None
+            if isinstance(err, SpotTrainerError):  # e.g. a StorageError from handing it to the uploader
+                raise err
             raise CheckpointError(f"writing a checkpoint failed: {err}") from err
 
     def submit(self, snap: Snapshot) -> None:

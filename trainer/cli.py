@@ -15,7 +15,8 @@ from .errors import ConfigError, SpotTrainerError
 
 
 def _setup_logging(debug: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # warnings and errors only: the run prints its own progress lines; --debug shows everything
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "datasets", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not debug:

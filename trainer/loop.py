@@ -46,11 +46,13 @@ class Trainer:
         hf_logging.disable_progress_bar()  # our own progress line is enough; keeps logs one line per event
         self._setup_distributed()
         self._setup_output()
+        self._setup_checkpointing()  # first: a remote with bad credentials fails before any work
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
-        self._setup_checkpointing()
         self._resume()
+        if self.uploader is not None:  # committed locally but not remotely (died mid-upload): upload now
+            self.uploader.sync_pending(self.store.root)
         self._setup_stop()
 
     def _setup_distributed(self) -> None:
@@ -126,6 +128,7 @@ class Trainer:
             from .storage import open_store
 
             self.remote = open_store(remote, self.cfg.checkpoint.s3)
+            self.remote.check()  # bad credentials or a missing bucket: one line, exit 2, before any work
             keep = self.cfg.checkpoint.remote_keep_last or self.cfg.checkpoint.keep_last
             self.uploader = CheckpointUploader(self.remote, keep_last=keep, on_uploaded=self._on_uploaded)
         else:
@@ -235,7 +238,7 @@ class Trainer:
         self.events.emit("checkpoint", step=snap.step, kind=snap.kind, stall_s=stall, commit_s=round(seconds, 3))
         if self.uploader is not None:
             self.uploader.submit(path)
-        protect = {self.uploader.in_flight} if self.uploader is not None and self.uploader.in_flight else set()
+        protect = set(self.uploader.pending_steps) if self.uploader is not None else set()
         self.store.prune(self.cfg.checkpoint.keep_last, protect=protect)
 
     def _on_uploaded(self, step: int, seconds: float, nbytes: int) -> None:
@@ -419,8 +422,10 @@ class Trainer:
         write_manifest(tmp, build_manifest(tmp, self.step, world_size=self.world, kind="final"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        if self.uploader is not None:
-            self.uploader.submit_final(final)
+        if self.remote is not None:
+            self._wait_uploads(None)
+            self.remote.upload_dir(final, "final")
+            self.console_line(f"final/ uploaded to {self.cfg.checkpoint.remote}")
         self.acc.wait_for_everyone()
 
     # ------------------------------------------------------------------ cleanup

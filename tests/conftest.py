@@ -180,6 +180,48 @@ def aws_env(monkeypatch, tmp_path):
     return monkeypatch
 
 
+class StallingProxy:
+    """A loopback TCP proxy to a server; stall() stops forwarding bytes (a network that goes silent)."""
+
+    def __init__(self, target_port: int):
+        import threading
+
+        self._target = target_port
+        self._stalled = threading.Event()
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.endpoint_url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stall(self) -> None:
+        self._stalled.set()
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self._target))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                while self._stalled.is_set():  # hold the bytes; the connection stays open and silent
+                    time.sleep(0.1)
+                dst.sendall(data)
+        except OSError:
+            pass
+
+
 # ---------------------------------------------------------------- remote stores for storage tests
 
 

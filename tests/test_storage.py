@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import free_ports, make_checkpoint
+from conftest import StallingProxy, free_ports, make_checkpoint
 
 from trainer.errors import CheckpointError, ConfigError, StorageError
 from trainer.manifest import Manifest, verify
@@ -168,7 +171,7 @@ def test_wrong_credentials_fail_fast_in_one_line(s3_server, aws_env, tmp_path, c
     store = open_store(f"s3://{bucket}/run", s3_server.s3_config())
 
     t0 = time.monotonic()
-    with caplog.at_level(logging.DEBUG, logger="trainer"), pytest.raises(StorageError) as e:
+    with caplog.at_level(logging.DEBUG), pytest.raises(StorageError) as e:  # botocore's debug log included
         store.upload_checkpoint(make_checkpoint(tmp_path, 10))
     assert time.monotonic() - t0 < 5  # not retried
     msg = str(e.value)
@@ -251,3 +254,44 @@ def test_upload_survives_server_killed_and_restarted(own_s3_server, aws_env, tmp
     assert "result" in outcome, "upload did not complete after the restart"
     assert store.committed_steps() == [10]
     assert verify(store.download_checkpoint(10, tmp_path / "pulled")) == []
+
+
+_UPLOAD_SCRIPT = """
+import sys, time
+from pathlib import Path
+from trainer.config import S3Config
+from trainer.storage import StorageUnavailable, open_store
+uri, endpoint, ckpt, deadline = sys.argv[1:]
+store = open_store(uri, S3Config(endpoint_url=endpoint, part_size_mb=5, max_concurrency=2, read_timeout_s=60,
+                                 max_attempts=2, deadline_s=float(deadline)))
+t0 = time.monotonic()
+try:
+    store.upload_checkpoint(Path(ckpt))
+    print("uploaded")
+except StorageUnavailable:
+    print(f"gave up after {time.monotonic() - t0:.1f}s")
+"""
+
+
+def test_network_stalling_mid_multipart_neither_hangs_the_upload_nor_the_exit(s3_server, aws_env, tmp_path):
+    # The marin#9209 failure: a save stuck in multipart upload with no error. Here the connection goes
+    # silent mid-upload (read_timeout 60 s); the upload must give up at its deadline and the process exit.
+    proxy = StallingProxy(s3_server.ports["s3"])
+    bucket = s3_server.bucket()
+    ckpt = make_checkpoint(tmp_path, 10, sizes={f"shard-{i}.bin": 6 * 1024 * 1024 for i in range(4)})
+    script = tmp_path / "upload.py"
+    script.write_text(_UPLOAD_SCRIPT)
+    t0 = time.monotonic()
+    child = subprocess.Popen([sys.executable, str(script), f"s3://{bucket}/run", proxy.endpoint_url, str(ckpt), "3"],
+                             stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    client = s3_server.client()
+    while not client.list_objects_v2(Bucket=bucket, Prefix="run/").get("KeyCount") and child.poll() is None:
+        time.sleep(0.01)
+    proxy.stall()
+    out, _ = child.communicate(timeout=30)
+    proxy.close()
+
+    assert out.startswith("gave up after"), out
+    assert time.monotonic() - t0 < 8  # deadline 3 s + interpreter start; read_timeout is 60 s
+    assert "run/checkpoints/step-00000010/manifest.json" not in [
+        o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="run/").get("Contents", [])]

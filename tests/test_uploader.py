@@ -53,6 +53,19 @@ def test_uploads_in_order_and_reports_each(store, tmp_path):
     assert uploader.close(timeout=5)
 
 
+def test_final_dir_is_uploaded_after_the_checkpoints(store, remote, tmp_path):
+    uploader = CheckpointUploader(store, keep_last=1)
+    uploader.submit(make_checkpoint(tmp_path / "checkpoints", 10))
+    final = make_checkpoint(tmp_path, 10, sizes={"adapter_model.safetensors": 500})
+    uploader.submit_final(final)
+
+    assert uploader.wait(timeout=30)
+    assert store.committed_steps() == [10]
+    assert [k for k in remote.keys() if k.startswith("final/")] == ["final/adapter_model.safetensors",
+                                                                   "final/manifest.json"]
+    uploader.close()
+
+
 def test_remote_retention_keeps_the_newest(store, remote, tmp_path):
     uploader = CheckpointUploader(store, keep_last=2)
     for step in (10, 20, 30, 40):
@@ -149,9 +162,11 @@ def test_close_aborts_a_stalled_upload(blackhole, aws_env, tmp_path):
     uploader = CheckpointUploader(_stalled_store(blackhole, deadline_s=60.0))
     uploader.submit(make_checkpoint(tmp_path, 10))
 
+    while uploader.in_flight != 10:
+        time.sleep(0.01)
     t0 = time.monotonic()
-    assert uploader.close(timeout=0.5) is False
-    assert time.monotonic() - t0 < 1.5
+    assert uploader.close() is False  # by default close() does not wait: wait() is for waiting
+    assert time.monotonic() - t0 < 1.0
     assert uploader.pending_steps == [10]
 
 

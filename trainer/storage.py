@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import shutil
 import threading
 import time
@@ -20,8 +21,10 @@ from urllib.parse import urlparse
 import boto3
 import botocore.exceptions as bex
 import tenacity
-from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
+from concurrent.futures import Future
+from s3transfer.manager import TransferManager
 
 from .config import S3Config
 from .errors import CheckpointError, ConfigError, SpotTrainerError, StorageError
@@ -111,6 +114,39 @@ _SOURCES = {"env": "env", "shared-credentials-file": "profile", "config-file": "
             "assume-role-with-web-identity": "web identity", "sso": "SSO", "custom-process": "credential_process"}
 
 
+class _DaemonPool:
+    """Executor for s3transfer with daemon threads: a transfer abandoned on a stalled socket (deadline, abort)
+    must not hold the process at exit for read_timeout x max_attempts, as ThreadPoolExecutor's threads would."""
+
+    def __init__(self, max_workers: int):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name="s3-transfer", daemon=True)
+                         for _ in range(max_workers)]
+        for t in self._threads:
+            t.start()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args, kwargs = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as e:  # handed to s3transfer through the future
+                    future.set_exception(e)
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args, kwargs))
+        return future
+
+    def shutdown(self, wait: bool = True) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        end = time.monotonic() + 1.0
+        for t in self._threads if wait else ():
+            t.join(timeout=max(0.0, end - time.monotonic()))  # bounded: a stalled one dies with the process
+
+
 class S3Objects:
     """Objects under s3://bucket/prefix through one boto3 client and one transfer manager."""
 
@@ -143,9 +179,9 @@ class S3Objects:
                           tcp_keepalive=True, user_agent_extra="spot-trainer", **compat)
         self.client = session.client("s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region, config=conf)
         part = cfg.part_size_mb * 1024 * 1024
-        self.transfers = create_transfer_manager(self.client, TransferConfig(
-            multipart_threshold=part, multipart_chunksize=part, max_concurrency=cfg.max_concurrency,
-            preferred_transfer_client="classic"))
+        self.transfers = TransferManager(self.client, TransferConfig(
+            multipart_threshold=part, multipart_chunksize=part, max_concurrency=cfg.max_concurrency),
+            executor_cls=_DaemonPool)
 
     def _key(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel
@@ -225,7 +261,10 @@ class S3Objects:
         return StorageError(f"{self.uri}: {code or status} ({_one_line(e)}); not retried")
 
     def close(self) -> None:
-        self.transfers.shutdown(cancel=True)
+        # shutdown() waits for every transfer to end, so a stalled one would block it: bound the wait.
+        closer = threading.Thread(target=self.transfers.shutdown, args=(True,), name="s3-close", daemon=True)
+        closer.start()
+        closer.join(timeout=2.0)
 
 
 class FileObjects:

@@ -37,6 +37,7 @@ class CheckpointUploader:
         self._queue: dict[int, Path] = {}  # step -> dir, uploaded oldest first
         self._parked: dict[int, Path] = {}  # ran out of time; queued again by the next submit()
         self._sync_root: Path | None = None
+        self._final: Path | None = None  # uploaded after the queued checkpoints
         self._in_flight: int | None = None
         self._fatal: StorageError | None = None
         self._closing = False
@@ -73,6 +74,13 @@ class CheckpointUploader:
             self._coalesce()
             self._cond.notify_all()
 
+    def submit_final(self, final_dir: Path) -> None:
+        """Queue `final/` for upload to <remote>/final after the queued checkpoints; returns at once."""
+        self.raise_if_failed()
+        with self._cond:
+            self._final = Path(final_dir)
+            self._cond.notify_all()
+
     def sync_pending(self, local_ckpt_root: Path) -> None:
         """Queue (in the background) local committed checkpoints newer than the newest remote one."""
         with self._cond:
@@ -93,8 +101,8 @@ class CheckpointUploader:
         if fatal is not None:
             raise fatal
 
-    def close(self, timeout: float | None = None) -> bool:
-        """Finish queued uploads within `timeout`, then abort what is left; True if everything was uploaded."""
+    def close(self, timeout: float | None = 0.0) -> bool:
+        """Give queued uploads up to `timeout` s (None: no limit), then abort the rest; True if all were uploaded."""
         with self._cond:
             drained = self._cond.wait_for(self._idle, timeout)
             self._closing = True
@@ -109,7 +117,7 @@ class CheckpointUploader:
     # ---------------------------------------------------------------- the thread
 
     def _idle(self) -> bool:
-        return not self._queue and self._in_flight is None and self._sync_root is None
+        return not self._queue and self._in_flight is None and self._sync_root is None and self._final is None
 
     def _coalesce(self) -> None:
         # Retention would delete older ones right after upload: when the network falls behind, skip them.
@@ -118,50 +126,55 @@ class CheckpointUploader:
                 log.info("checkpoint step %d: upload skipped, newer checkpoints are queued", step)
                 del self._queue[step]
 
+    def _next_job(self) -> tuple[str, Callable, Path]:
+        """(what, function, argument) to run next: a pending sync, then checkpoints oldest first, then final/."""
+        if self._sync_root is not None:
+            return "sync of local checkpoints", self._sync, self._sync_root
+        if self._queue:
+            step = min(self._queue)
+            self._in_flight = step
+            return f"checkpoint step {step}", self._upload, self._queue.pop(step)
+        return "final/", self._upload_final, self._final
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._sync_root is not None or self._closing)
+                self._cond.wait_for(lambda: self._closing or not self._idle())
                 if self._closing:
                     return
-                sync_root = self._sync_root
-                if sync_root is None:
-                    step = min(self._queue)
-                    ckpt_dir = self._queue.pop(step)
-                    self._in_flight = step
+                what, fn, arg = self._next_job()
             try:
-                if sync_root is not None:
-                    self._guard("sync", self._sync, sync_root)
-                else:
-                    self._guard(step, self._upload, ckpt_dir)
+                self._guard(what, fn, arg)
             finally:
-                with self._cond:
-                    if sync_root is not None:
+                with self._cond:  # idle only now, so wait() cannot return before the job is done
+                    if fn == self._sync:
                         self._sync_root = None
+                    if fn == self._upload_final and self._final == arg:
+                        self._final = None
                     self._in_flight = None
                     self._cond.notify_all()
 
-    def _guard(self, what, fn, arg) -> None:
+    def _guard(self, what: str, fn: Callable, arg: Path) -> None:
         try:
             fn(arg)
         except StorageError as e:
             self.last_error = e
             with self._cond:
                 self._fatal = e
-            log.error("checkpoint %s: upload failed: %s", what, e)
+            log.error("%s: upload failed: %s", what, e)
         except StorageUnavailable as e:
             self.last_error = e
-            if isinstance(what, int):
+            if fn == self._upload:
                 with self._cond:
-                    self._parked[what] = arg
-            log.warning("checkpoint step %s: upload gave up (%s); it stays local and is retried with the next "
-                        "checkpoint or on the next start", what, e)
+                    self._parked[_step(arg)] = arg
+            log.warning("%s: upload gave up (%s); it stays local and is retried with the next checkpoint or on the "
+                        "next start", what, e)
         except CheckpointError as e:
             self.last_error = e
-            log.warning("checkpoint step %s: not uploaded: %s", what, e)
+            log.warning("%s: not uploaded: %s", what, e)
         except Exception as e:  # a bug must not kill the thread and silently stop uploads
             self.last_error = e
-            log.exception("checkpoint %s: unexpected upload error", what)
+            log.exception("%s: unexpected upload error", what)
 
     def _sync(self, root: Path) -> None:
         committed = self.store.committed_steps()
@@ -173,6 +186,11 @@ class CheckpointUploader:
             with self._cond:
                 self._queue.update({s: p for s, p in found.items() if s not in self._queue})
                 self._coalesce()
+
+    def _upload_final(self, final_dir: Path) -> None:
+        result = self.store.upload_dir(final_dir, "final")
+        log.info("final model uploaded to %s: %.1f MB in %.1fs", result.remote, result.bytes_uploaded / 1e6,
+                 result.seconds)
 
     def _upload(self, ckpt_dir: Path) -> None:
         step = _step(ckpt_dir)

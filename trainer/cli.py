@@ -100,6 +100,37 @@ def run(config, overrides, output_dir):
     return run_supervisor(cfg, config, list(overrides), cfg.output_dir)
 
 
+def resolve_run_dir(target, overrides, output_dir) -> tuple[Path, object]:
+    """A command's positional arg may be a run's output dir (report/export) or a CONFIG; returns (dir, config)."""
+    if target and Path(target).is_dir():
+        snap = Path(target) / "final" / "spot_trainer.json"
+        if snap.exists() and not overrides:
+            import json
+
+            from .config import config_from_dict
+
+            return Path(target), config_from_dict(json.loads(snap.read_text())["config"])
+        return Path(target), load_config(None, list(overrides), str(target))
+    cfg = load_config(target, list(overrides), output_dir)
+    return Path(cfg.output_dir), cfg
+
+
+@main.command()
+@config_options
+@click.option("--merge", is_flag=True, help="Merge the adapter into the base model's weights (LoRA/QLoRA).")
+@click.option("--to", "to", default=None, metavar="DIR|s3://...|file://...",
+              help="Where to write it (default: <output_dir>/export).")
+@run_cli
+def export(config, overrides, output_dir, merge, to):
+    """Export final/: the adapter as is, or merged into the base model, loadable by transformers."""
+    run_dir, cfg = resolve_run_dir(config, overrides, output_dir)
+    from .export import export as do_export
+
+    where = do_export(run_dir, to, merge, cfg.checkpoint.s3)
+    click.echo(f"exported {'merged model' if merge else 'final/'} to {where}")
+    return 0
+
+
 @main.command()
 @config_options
 @run_cli

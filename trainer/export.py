@@ -1,0 +1,80 @@
+"""Export `final/`: the adapter as it is, or merged into the base model's own weights, to a dir or the remote."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import config_from_dict
+from .errors import ConfigError
+from .manifest import build_manifest, verify, write_manifest
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def read_final(output_dir: Path) -> tuple[Path, dict]:
+    final = Path(output_dir) / "final"
+    problems = verify(final)
+    if problems:
+        raise ConfigError(f"{final}: no finished run to export ({problems[0]}); train to the end first")
+    return final, json.loads((final / "spot_trainer.json").read_text())
+
+
+def _base_dtype(base_path: str) -> torch.dtype:
+    """The dtype the base weights were published in (config.json), so merging keeps it."""
+    try:
+        cfg = json.loads((Path(base_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return torch.bfloat16
+    return _DTYPES.get(cfg.get("torch_dtype") or cfg.get("dtype") or "", torch.float32)
+
+
+def merge_adapter(final: Path, meta: dict, dest: Path) -> Path:
+    """Base (full precision, never the 4-bit copy) + adapter -> merge_and_unload -> safetensors + tokenizer."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_path = meta["base_model"]
+    cfg = config_from_dict(meta["config"])
+    dtype = _base_dtype(base_path)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype,
+                                                    trust_remote_code=cfg.model.trust_remote_code)
+    except OSError as e:
+        raise ConfigError(f"base model {base_path}: cannot load it to merge into ({str(e).splitlines()[0]})") from None
+    model = PeftModel.from_pretrained(base, str(final))
+    merged = model.merge_and_unload()
+    merged.save_pretrained(dest, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(final)).save_pretrained(dest)
+    return dest
+
+
+def export(output_dir: Path, to: str | None, merge: bool, s3_config=None) -> str:
+    """Write the export to `to` (a dir or a remote URI; default <output_dir>/export); returns where."""
+    final, meta = read_final(output_dir)
+    adapter = meta["method"] in ("lora", "qlora")
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as tmp:
+        stage = Path(tmp) / "out"
+        if merge and adapter:
+            merge_adapter(final, meta, stage)
+            (stage / "spot_trainer.json").write_text(json.dumps({**meta, "merged": True}, indent=1))
+        else:
+            shutil.copytree(final, stage)
+            (stage / "manifest.json").unlink()
+        write_manifest(stage, build_manifest(stage, meta["step"], kind="export"))
+        if to and (to.startswith("s3://") or to.startswith("file://")):
+            from .storage import open_store
+
+            store = open_store(to, s3_config)
+            store.upload_dir(stage, "export")
+            return f"{to.rstrip('/')}/export"
+        dest = Path(to) if to else Path(output_dir) / "export"
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(stage), dest)
+        return str(dest)

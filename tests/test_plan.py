@@ -261,3 +261,34 @@ def test_unknown_gpu_and_bad_model_are_config_errors(tmp_path):
         make_plan(load_config(None, []), gpu="voodoo5")
     with pytest.raises(ConfigError, match="config.json"):
         make_plan(load_config(None, [f"model.name_or_path={tmp_path / 'missing'}"]))
+
+
+def test_zero2_shards_and_offload_moves_state_to_cpu(tmp_path):
+    model_dir = write_llama3_8b(tmp_path)
+    full = ["model.method=full", "model.gradient_checkpointing=true", "train.micro_batch_size=1"]
+    single = make_plan(load_config(None, [f"model.name_or_path={model_dir}", *full]))
+    zero2 = make_plan(load_config(None, [f"model.name_or_path={model_dir}", *full, "distributed.deepspeed=zero2"]),
+                      num_gpus=4)
+    offload = make_plan(load_config(None, [f"model.name_or_path={model_dir}", *full,
+                                           "distributed.deepspeed=zero2_offload"]), num_gpus=4)
+    n = single.shape.params_total
+    assert single.memory.get("optimizer state") == 8 * n and single.memory.cpu_bytes == 0
+    assert zero2.memory.get("optimizer state") == 8 * n / 4 and zero2.memory.get("master weights") == 4 * n / 4
+    assert zero2.memory.get("weights") == 2 * n  # bf16 weights stay replicated under ZeRO-2
+    assert offload.memory.get("optimizer state") == 0 and offload.memory.cpu_bytes == 16 * n
+    assert offload.memory.peak_gib < zero2.memory.peak_gib < single.memory.peak_gib
+
+
+def test_lora_targets_that_match_nothing_are_a_config_error(tmp_path):
+    cfg = load_config(None, [f"model.name_or_path={write_llama3_8b(tmp_path)}", "model.method=lora",
+                             "lora.target_modules=[qkv_proj]"])
+    with pytest.raises(ConfigError, match="matches no linear layer.*q_proj"):
+        make_plan(cfg)
+
+
+def test_t4_auto_dtype_plans_fp32_at_its_fp32_rate():
+    cfg = load_config(None, ["train.max_steps=10"])
+    t4 = make_plan(cfg, gpu="t4")
+    assert t4.setup.compute_bytes == 4 and "8.1 TFLOP/s" in t4.throughput.source
+    fp16 = make_plan(load_config(None, ["train.max_steps=10", "model.dtype=fp16"]), gpu="t4")
+    assert fp16.setup.compute_bytes == 2 and "65 TFLOP/s" in fp16.throughput.source

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ class GpuSpec:
     memory_bandwidth_gbs: float
     aliases: tuple[str, ...] = ()
     no_bf16: bool = False
+    fp32_tflops: float | None = None  # None: TF32 tensor cores at half the bf16 rate
     note: str = ""
 
 
@@ -98,19 +100,20 @@ class Plan:
 # ---------------------------------------------------------------- tables
 
 
-def load_gpus(path: Path | None = None) -> list[GpuSpec]:
+@functools.lru_cache(maxsize=8)
+def load_gpus(path: Path | None = None) -> tuple[GpuSpec, ...]:
     data = yaml.safe_load((path or DATA_DIR / "gpus.yaml").read_text())
-    return [GpuSpec(name=g["name"], memory_gib=float(g["memory_gib"]), bf16_tflops=float(g["bf16_tflops"]),
+    return tuple(GpuSpec(name=g["name"], memory_gib=float(g["memory_gib"]), bf16_tflops=float(g["bf16_tflops"]),
                     memory_bandwidth_gbs=float(g["memory_bandwidth_gbs"]),
                     aliases=tuple(str(a) for a in g.get("aliases", ())), no_bf16=bool(g.get("no_bf16", False)),
-                    note=g.get("note", "")) for g in data["gpus"]]
+                    fp32_tflops=g.get("fp32_tflops"), note=g.get("note", "")) for g in data["gpus"])
 
 
 def _key(name: str) -> str:
     return "".join(ch for ch in str(name).lower() if ch.isalnum())
 
 
-def find_gpu(name: str, gpus: list[GpuSpec] | None = None) -> GpuSpec:
+def find_gpu(name: str, gpus: tuple[GpuSpec, ...] | None = None) -> GpuSpec:
     """A GPU by name or alias, ignoring case, spaces and dashes ("4090", "rtx4090", "H100")."""
     gpus = gpus if gpus is not None else load_gpus()
     keys = {}
@@ -182,8 +185,10 @@ def setup_from_config(cfg: Config, num_gpus: int = 1, gpu: GpuSpec | None = None
     if ds and ds not in ("zero2", "zero2_offload"):
         ds = "zero2_offload" if "offload" in ds else "zero2"  # a JSON path: read as plain ZeRO-2
     targets = cfg.lora.target_modules
+    # model.dtype auto is bf16 where the GPU has it and fp32 elsewhere (trainer.model.resolve_dtype): a T4 runs fp32
+    fp32 = cfg.model.dtype == "fp32" or (cfg.model.dtype == "auto" and gpu is not None and gpu.no_bf16)
     return TrainingSetup(
-        method=cfg.model.method, compute_bytes=4 if cfg.model.dtype == "fp32" else 2,
+        method=cfg.model.method, compute_bytes=4 if fp32 else 2,
         micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.max_length,
         gradient_checkpointing=cfg.model.gradient_checkpointing, optimizer=cfg.train.optimizer,
         quant_bits=cfg.quant.bits, double_quant=cfg.quant.double_quant, lora_r=cfg.lora.r,
@@ -296,7 +301,8 @@ def estimate_throughput(shape: ModelShape, setup: TrainingSetup, gpu: GpuSpec, m
                         bench: list[dict], efficiency: float | None = None) -> Throughput:
     """Tokens/s from our own bench results when there are any for this GPU and method, else from FLOPs."""
     fpt = flops_per_token(shape, setup)
-    peak = gpu.bf16_tflops * 1e12 * (0.5 if setup.compute_bytes == 4 else 1)  # fp32 runs as TF32 at half rate
+    tflops = gpu.bf16_tflops if setup.compute_bytes == 2 else (gpu.fp32_tflops or gpu.bf16_tflops / 2)
+    peak = tflops * 1e12
     same = [r for r in bench if _gpu_name(r.get("gpu")) == gpu.name and r.get("method", setup.method) == setup.method]
     exact = [r for r in same if str(r.get("model", "")).rstrip("/").split("/")[-1] == model_name.rstrip("/").split("/")[-1]]
     if exact and efficiency is None:
@@ -314,7 +320,7 @@ def estimate_throughput(shape: ModelShape, setup: TrainingSetup, gpu: GpuSpec, m
         src = f"efficiency {eff:.2f} implied by {', '.join(sorted({r['_file'] for r in sized}))}"
     else:
         eff = efficiency if efficiency is not None else EFFICIENCY[setup.method]
-        src = f"{eff:.2f} x peak {gpu.bf16_tflops:g} TFLOP/s" + (" (given)" if efficiency is not None else " (default)")
+        src = f"{eff:.2f} x peak {tflops:g} TFLOP/s" + (" (given)" if efficiency is not None else " (default)")
     return Throughput(eff * peak / fpt * num_gpus, fpt, eff, src)
 
 
@@ -385,14 +391,23 @@ def make_plan(cfg: Config, gpu: str | None = None, num_gpus: int = 1, dataset_to
     tokens, tokens_source = count_tokens(cfg, num_gpus, dataset_tokens, dataset_rows)
     bench = read_bench_results(bench_dir)
     prices = load_prices(prices_path)
+    def spot_overhead(tp: Throughput) -> tuple[float, float]:
+        """(fraction of spot time lost, seconds of work redone per preemption) on one GPU type."""
+        ck = cfg.checkpoint
+        if lost_work_s is not None:
+            lost = lost_work_s
+        else:  # upper bound: the emergency checkpoint on a preemption notice usually saves this work
+            lost = ck.every_minutes * 60 / 2 if ck.every_minutes else (ck.every_steps or 0) * _step_seconds(cfg, setup, tp) / 2
+        return preemption_overhead(preemptions_per_day, restart_latency_s, lost), lost
+
     table = []
     for g in gpus:
         fit = GpuFit(g, memory.peak_gib, verdict(memory.peak_gib, g), largest_micro_batch(shape, setup, g))
         if tokens is not None and fit.verdict != "no":
             tp = estimate_throughput(shape, setup, g, cfg.model.name_or_path, num_gpus, bench, efficiency)
             fit.hours = tokens / tp.tokens_per_second / 3600
-            spots = [(r.provider, r.spot_total) for r in cost_rows(g, fit.hours, num_gpus, prices, 0.0, None, None)
-                     if r.spot_total is not None]
+            rows = cost_rows(g, fit.hours, num_gpus, prices, spot_overhead(tp)[0], None, None)
+            spots = [(r.provider, r.spot_total) for r in rows if r.spot_total is not None]
             fit.cheapest_spot = min(spots, key=lambda x: x[1]) if spots else None
         table.append(fit)
 
@@ -413,16 +428,11 @@ def make_plan(cfg: Config, gpu: str | None = None, num_gpus: int = 1, dataset_to
             advice = suggestions(shape, setup, chosen, table)
         throughput = estimate_throughput(shape, setup, chosen, cfg.model.name_or_path, num_gpus, bench, efficiency)
         if chosen.no_bf16:
-            assumptions.append(f"{chosen.name} has no bf16: timing uses its fp16 peak; set model.dtype=fp16")
+            assumptions.append(f"{chosen.name} has no bf16: model.dtype=auto trains in fp32 there ({chosen.fp32_tflops} TFLOP/s); "
+                               f"model.dtype=fp16 uses its {chosen.bf16_tflops:g} TFLOP/s fp16 tensor cores")
         if tokens is not None:
             hours = tokens / throughput.tokens_per_second / 3600
-            step_s = _step_seconds(cfg, setup, throughput)
-            ck = cfg.checkpoint
-            if lost_work_s is not None:
-                lost_work = lost_work_s
-            else:  # upper bound: the emergency checkpoint on a preemption notice usually saves this work
-                lost_work = ck.every_minutes * 60 / 2 if ck.every_minutes else (ck.every_steps or 0) * step_s / 2
-            overhead = preemption_overhead(preemptions_per_day, restart_latency_s, lost_work)
+            overhead, lost_work = spot_overhead(throughput)
             assumptions.append(
                 f"spot: {preemptions_per_day:g} preemptions/day x ({restart_latency_s:g} s restart + {lost_work:.0f} s "
                 f"redone work) = {overhead:.1%} more wall time; redone work defaults to half a checkpoint interval, "
@@ -486,7 +496,8 @@ def render_plan(plan: Plan) -> str:
         if plan.suggestions:
             lines.append("  to make it fit:")
             lines += [f"    - {x}" for x in plan.suggestions]
-    lines += ["", f"{'GPU':<16}{'GiB':>6}  {'verdict':<7}{'max mb':>7}{'time':>10}  cheapest spot"]
+    each = f" (x{plan.num_gpus})" if plan.num_gpus > 1 else ""
+    lines += ["", f"{'GPU' + each:<16}{'GiB':>6}  {'verdict':<7}{'max mb':>7}{'time':>10}  cheapest spot, preemptions included"]
     for f in plan.table:
         spot = f"{_money(f.cheapest_spot[1])} ({f.cheapest_spot[0]})" if f.cheapest_spot else "-"
         mb = f">{MAX_MICRO_BATCH}" if f.max_micro_batch >= MAX_MICRO_BATCH else str(f.max_micro_batch)

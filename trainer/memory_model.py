@@ -21,7 +21,7 @@ INT8_BYTES = 1.0 + 4 / 4096  # LLM.int8: one byte per weight plus fp32 row stati
 # bitsandbytes 8-bit Adam: two 8-bit moments plus an fp32 absmax per 2048-element block each
 OPTIMIZER_STATE_BYTES = {"adamw_8bit": 2.0 + 8 / 2048, "paged_adamw_8bit": 2.0 + 8 / 2048}
 # Measured on an H100 (torch 2.11, CUDA 13): device memory in use minus torch's reserved memory was 0.75 GiB
-# (CUDA context, cuBLAS and kernel images), and reserved exceeded allocated by 2-17% (mean 8%) over six runs.
+# (CUDA context, cuBLAS and kernel images), and reserved exceeded allocated by 2-22% (mean ~9%) over 14 runs.
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)
 ALLOCATOR_SLACK = 0.08
 DEEPSPEED_BUFFER_BYTES = int(4.5 * 2e8 * 2)  # DeepSpeed's rule of thumb: 4.5 x bucket (2e8 bf16) with overlap_comm

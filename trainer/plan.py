@@ -146,7 +146,8 @@ def model_config(cfg: Config, vocab_size: int | None = None):
     """The transformers config of cfg.model (builtin, local dir or hub id); never loads weights."""
     if cfg.model.name_or_path.startswith("builtin:"):
         if cfg.model.name_or_path != "builtin:tiny-llama":
-            raise ConfigError(f"model.name_or_path {cfg.model.name_or_path!r}: the built-in model is builtin:tiny-llama")
+            raise ConfigError(f"model.name_or_path {cfg.model.name_or_path!r}: "
+                              "the built-in model is builtin:tiny-llama")
         from transformers import LlamaConfig
 
         if vocab_size is None:
@@ -234,7 +235,8 @@ def suggestions(shape: ModelShape, setup: TrainingSetup, gpu: GpuSpec, table: li
     mb = largest_micro_batch(shape, setup, gpu)
     if 0 < mb < setup.micro_batch_size:
         k = math.ceil(setup.micro_batch_size / mb)
-        out.append(f"train.micro_batch_size={mb} (x{k} train.grad_accum keeps the batch): {peak(micro_batch_size=mb):.1f} GiB")
+        out.append(f"train.micro_batch_size={mb} (x{k} train.grad_accum keeps the batch): "
+                   f"{peak(micro_batch_size=mb):.1f} GiB")
     if not setup.gradient_checkpointing:
         ck = replace(setup, gradient_checkpointing=True)
         mb_ck = largest_micro_batch(shape, ck, gpu)
@@ -253,7 +255,8 @@ def suggestions(shape: ModelShape, setup: TrainingSetup, gpu: GpuSpec, table: li
             seq //= 2
     if setup.method == "full" and peak(method="lora", micro_batch_size=1, gradient_checkpointing=True) <= cap:
         out.append("model.method=lora (frozen bf16 base, fp32 adapters)")
-    if setup.method in ("full", "lora") and peak(method="qlora", micro_batch_size=1, gradient_checkpointing=True) <= cap:
+    qlora_peak = peak(method="qlora", micro_batch_size=1, gradient_checkpointing=True)
+    if setup.method in ("full", "lora") and qlora_peak <= cap:
         out.append("model.method=qlora (4-bit base)")
     if setup.method == "full" and setup.optimizer == "adamw":
         out.append(f"train.optimizer=paged_adamw_8bit: {peak(optimizer='paged_adamw_8bit'):.1f} GiB")
@@ -304,7 +307,7 @@ def estimate_throughput(shape: ModelShape, setup: TrainingSetup, gpu: GpuSpec, m
     tflops = gpu.bf16_tflops if setup.compute_bytes == 2 else (gpu.fp32_tflops or gpu.bf16_tflops / 2)
     peak = tflops * 1e12
     same = [r for r in bench if _gpu_name(r.get("gpu")) == gpu.name and r.get("method", setup.method) == setup.method]
-    exact = [r for r in same if str(r.get("model", "")).rstrip("/").split("/")[-1] == model_name.rstrip("/").split("/")[-1]]
+    exact = [r for r in same if _model_key(str(r.get("model", ""))) == _model_key(model_name)]
     if exact and efficiency is None:
         tps = statistics.median(float(r["tokens_per_second"]) for r in exact)
         files = ", ".join(sorted({r["_file"] for r in exact}))
@@ -331,7 +334,12 @@ def _gpu_name(name) -> str | None:
         return None
 
 
-def count_tokens(cfg: Config, num_gpus: int, dataset_tokens: int | None, dataset_rows: int | None) -> tuple[int | None, str]:
+def _model_key(name: str) -> str:
+    return name.rstrip("/").split("/")[-1].lower()  # a local dir and its hub id compare by their last part
+
+
+def count_tokens(cfg: Config, num_gpus: int, dataset_tokens: int | None,
+                 dataset_rows: int | None) -> tuple[int | None, str]:
     t = cfg.train
     if t.max_steps:
         batch = t.global_batch_size or t.micro_batch_size * grad_accum(cfg, num_gpus) * num_gpus
@@ -397,7 +405,8 @@ def make_plan(cfg: Config, gpu: str | None = None, num_gpus: int = 1, dataset_to
         if lost_work_s is not None:
             lost = lost_work_s
         else:  # upper bound: the emergency checkpoint on a preemption notice usually saves this work
-            lost = ck.every_minutes * 60 / 2 if ck.every_minutes else (ck.every_steps or 0) * _step_seconds(cfg, setup, tp) / 2
+            step_s = _step_seconds(cfg, setup, tp)
+            lost = (ck.every_minutes * 60 if ck.every_minutes else (ck.every_steps or 0) * step_s) / 2
         return preemption_overhead(preemptions_per_day, restart_latency_s, lost), lost
 
     table = []
@@ -428,7 +437,8 @@ def make_plan(cfg: Config, gpu: str | None = None, num_gpus: int = 1, dataset_to
             advice = suggestions(shape, setup, chosen, table)
         throughput = estimate_throughput(shape, setup, chosen, cfg.model.name_or_path, num_gpus, bench, efficiency)
         if chosen.no_bf16:
-            assumptions.append(f"{chosen.name} has no bf16: model.dtype=auto trains in fp32 there ({chosen.fp32_tflops} TFLOP/s); "
+            assumptions.append(f"{chosen.name} has no bf16: model.dtype=auto trains in fp32 there "
+                               f"({chosen.fp32_tflops} TFLOP/s); "
                                f"model.dtype=fp16 uses its {chosen.bf16_tflops:g} TFLOP/s fp16 tensor cores")
         if tokens is not None:
             hours = tokens / throughput.tokens_per_second / 3600
@@ -497,7 +507,8 @@ def render_plan(plan: Plan) -> str:
             lines.append("  to make it fit:")
             lines += [f"    - {x}" for x in plan.suggestions]
     each = f" (x{plan.num_gpus})" if plan.num_gpus > 1 else ""
-    lines += ["", f"{'GPU' + each:<16}{'GiB':>6}  {'verdict':<7}{'max mb':>7}{'time':>10}  cheapest spot, preemptions included"]
+    lines += ["", f"{'GPU' + each:<16}{'GiB':>6}  {'verdict':<7}{'max mb':>7}{'time':>10}  "
+                  "cheapest spot, preemptions included"]
     for f in plan.table:
         spot = f"{_money(f.cheapest_spot[1])} ({f.cheapest_spot[0]})" if f.cheapest_spot else "-"
         mb = f">{MAX_MICRO_BATCH}" if f.max_micro_batch >= MAX_MICRO_BATCH else str(f.max_micro_batch)
@@ -509,7 +520,8 @@ def render_plan(plan: Plan) -> str:
         lines.append(f"Throughput on {plan.num_gpus} x {plan.gpu.name}: {tp.tokens_per_second:,.0f} tokens/s "
                      f"({tp.flops_per_token / 1e9:.1f} GFLOP/token; {tp.source})")
     if plan.hours is not None:
-        lines.append(f"Time: {_fmt_hours(plan.hours)} on demand, {_fmt_hours(plan.hours / (1 - plan.preemption_overhead))}"
+        spot_hours = plan.hours / (1 - plan.preemption_overhead)
+        lines.append(f"Time: {_fmt_hours(plan.hours)} on demand, {_fmt_hours(spot_hours)}"
                      f" on spot (preemptions included)")
     if plan.costs:
         lines += ["", f"Cost (prices as of {plan.prices_date}, per GPU-hour)",

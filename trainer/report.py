@@ -128,7 +128,8 @@ def build_report(output_dir: Path, price_per_hour: float | None = None) -> Repor
                   wall_s=wall, useful_s=useful, redone_steps=redone_steps, redone_s=redone_s,
                   restart_latency_s=latency, checkpoint_stall_s=stalls, restarts=restarts, restarts_by_cause=by_cause,
                   tokens=tokens, tokens_per_second=tokens / useful if useful > 0 and tokens else None,
-                  world_size=world, start_time=min(times) if times else 0.0, price_per_hour=price_per_hour, cost=cost, warnings=warnings)
+                  world_size=world, start_time=min(times) if times else 0.0, price_per_hour=price_per_hour,
+                  cost=cost, warnings=warnings)
 
 
 def _restarts(events: list[dict], train: list[dict]) -> list[Restart]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.server
+import json
 import logging
 import os
 import socket
@@ -295,3 +297,53 @@ def test_network_stalling_mid_multipart_neither_hangs_the_upload_nor_the_exit(s3
     assert time.monotonic() - t0 < 8  # deadline 3 s + interpreter start; read_timeout is 60 s
     assert "run/checkpoints/step-00000010/manifest.json" not in [
         o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="run/").get("Contents", [])]
+
+
+class _FakeInstanceMetadata(http.server.BaseHTTPRequestHandler):
+    """EC2 instance metadata (IMDSv2) handing out role credentials the server does not know."""
+
+    def do_PUT(self):
+        self._send("imds-token" if self.path == "/latest/api/token" else None)
+
+    def do_GET(self):
+        base = "/latest/meta-data/iam/security-credentials/"
+        expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+        self._send({base: "trainer-role", base + "trainer-role": json.dumps({
+            "Code": "Success", "AccessKeyId": "ASIAROLEKEY", "SecretAccessKey": "role-secret-value",
+            "Token": "role-token", "Expiration": expires})}.get(self.path))
+
+    def _send(self, body):
+        self.send_response(200 if body else 404)
+        self.end_headers()
+        self.wfile.write((body or "").encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("source", ["profile", "instance role"])
+def test_access_denied_names_the_credential_source(s3_server, aws_env, tmp_path, source, caplog):
+    bucket = s3_server.bucket()
+    aws_env.delenv("AWS_ACCESS_KEY_ID")
+    aws_env.delenv("AWS_SECRET_ACCESS_KEY")
+    if source == "profile":
+        creds = tmp_path / "credentials"
+        creds.write_text("[ci]\naws_access_key_id = testkey\naws_secret_access_key = profile-secret-value\n")
+        aws_env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+        aws_env.setenv("AWS_PROFILE", "ci")
+        secret, hint = "profile-secret-value", "check the keys of profile 'ci' in ~/.aws/credentials"
+    else:
+        imds = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeInstanceMetadata)
+        threading.Thread(target=imds.serve_forever, daemon=True).start()
+        aws_env.setenv("AWS_EC2_METADATA_DISABLED", "false")
+        aws_env.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", f"http://127.0.0.1:{imds.server_port}/")
+        secret, hint = "role-secret-value", "check the IAM role attached to this instance"
+    store = open_store(f"s3://{bucket}/run", s3_server.s3_config())
+    with caplog.at_level(logging.DEBUG), pytest.raises(StorageError) as e:
+        store.check()
+
+    assert str(e.value).startswith(f"s3://{bucket}/run: access denied with the credentials from {source} (")
+    assert str(e.value).endswith(hint)
+    assert secret not in str(e.value) and secret not in caplog.text
+    if source == "instance role":
+        imds.shutdown()

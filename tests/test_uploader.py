@@ -125,7 +125,7 @@ def test_non_retryable_error_is_raised_at_the_next_check(s3_server, aws_env, tmp
 def test_outage_keeps_checkpoint_local_and_retries_with_the_next(own_s3_server, aws_env, tmp_path, caplog):
     server = own_s3_server
     bucket = server.bucket()
-    store = open_store(f"s3://{bucket}/run", server.s3_config(deadline_s=3.0, max_attempts=1))
+    store = open_store(f"s3://{bucket}/run", server.s3_config(deadline_s=2.0, max_attempts=1))
     uploader = CheckpointUploader(store, keep_last=3)
     server.kill()
 

@@ -13,6 +13,7 @@ import queue
 import shutil
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
@@ -23,7 +24,6 @@ import botocore.exceptions as bex
 import tenacity
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
-from concurrent.futures import Future
 from s3transfer.manager import TransferManager
 
 from .config import S3Config
@@ -76,7 +76,8 @@ def open_store(uri: str, s3: S3Config | None = None) -> "RemoteStore":
 # ---------------------------------------------------------------- error classes
 
 _TRANSIENT_CODES = {"RequestTimeout", "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
-                    "InternalError", "ServiceUnavailable", "OperationAborted"}
+                    "InternalError", "ServiceUnavailable", "OperationAborted",
+                    "NoSuchUpload"}  # a multipart upload the server lost (restart): upload the file again
 _AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "AllAccessDisabled", "InvalidToken",
                "ExpiredToken", "TokenRefreshRequired", "InvalidSecurity", "AccountProblem", "Forbidden", "403"}
 _REGION_CODES = {"PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException"}
@@ -256,8 +257,6 @@ class S3Objects:
             return StorageError(f"{self.uri}: the bucket is in another region ({code}); set checkpoint.s3.region")
         if code == "RequestTimeTooSkewed":
             return StorageError(f"{self.uri}: this machine's clock is off ({code}); sync it (NTP) and restart")
-        if status == 404:
-            return None
         return StorageError(f"{self.uri}: {code or status} ({_one_line(e)}); not retried")
 
     def close(self) -> None:

@@ -198,7 +198,7 @@ class CheckpointUploader:
             log.info("checkpoint step %d: local dir is gone (pruned); not uploaded", step)
             return
         result = self.store.upload_checkpoint(ckpt_dir)
-        log.info("checkpoint step %d uploaded to %s: %.1f MB in %.1fs (%d files skipped, already there)", step,
+        log.info("checkpoint step %d uploaded to %s: %.1f MB in %.1f s (%d files were already there)", step,
                  result.remote, result.bytes_uploaded / 1e6, result.seconds, result.files_skipped)
         if self.on_uploaded is not None:
             try:

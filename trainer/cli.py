@@ -133,6 +133,53 @@ def export(config, overrides, output_dir, merge, to):
 
 @main.command()
 @config_options
+@click.option("--gpu", default=None, help="GPU name (e.g. 4090, 'RTX 4070 Ti', A100-80GB, H100); default: all.")
+@click.option("--gpus", "num_gpus", type=int, default=1, show_default=True, help="Number of GPUs.")
+@click.option("--dataset-tokens", type=int, default=None, help="Tokens in the dataset (default: estimated).")
+@click.option("--dataset-rows", type=int, default=None, help="Rows in the dataset (used to estimate tokens).")
+@click.option("--price-per-hour", type=float, default=None, help="On-demand price per GPU-hour (USD).")
+@click.option("--spot-price-per-hour", type=float, default=None, help="Spot price per GPU-hour (USD).")
+@click.option("--prices", "prices_path", default=None, help="A price table YAML (default: the built-in one).")
+@click.option("--preemptions-per-day", type=float, default=2.0, show_default=True)
+@click.option("--restart-latency", "restart_latency_s", type=float, default=300.0, show_default=True,
+              help="Seconds from a preemption to training again on a new pod.")
+@click.option("--efficiency", type=float, default=None, help="Fraction of peak FLOP/s to assume.")
+@run_cli
+def plan(config, overrides, output_dir, gpu, num_gpus, dataset_tokens, dataset_rows, price_per_hour,
+         spot_price_per_hour, prices_path, preemptions_per_day, restart_latency_s, efficiency):
+    """Before a run: will it fit on my GPU (memory by component), how long, what will it cost (spot vs on-demand)."""
+    cfg = load_config(config, list(overrides), output_dir)
+    from .plan import make_plan, render_plan
+
+    if dataset_rows is None and dataset_tokens is None and cfg.data.path == "builtin:tasks":
+        dataset_rows = cfg.data.builtin.num_train
+    p = make_plan(cfg, gpu, num_gpus, dataset_tokens, dataset_rows=dataset_rows, price_per_hour=price_per_hour,
+                  spot_price_per_hour=spot_price_per_hour, prices_path=prices_path, efficiency=efficiency,
+                  preemptions_per_day=preemptions_per_day, restart_latency_s=restart_latency_s)
+    click.echo(render_plan(p))
+    return 0
+
+
+@main.command()
+@config_options
+@click.option("--price-per-hour", type=float, default=None, help="Price per GPU-hour (USD), for the cost line.")
+@click.option("--plot", "plot_path", default=None, help="PNG path (default: OUTPUT_DIR/report.png).")
+@click.option("--no-plot", is_flag=True, help="Do not write the PNG.")
+@run_cli
+def report(config, overrides, output_dir, price_per_hour, plot_path, no_plot):
+    """After a run: wall vs useful time, goodput, restarts by cause, tokens/s, cost, and a loss plot."""
+    run_dir, _ = resolve_run_dir(config, overrides, output_dir)
+    from .report import build_report, plot_report, render_report
+
+    click.echo(render_report(build_report(run_dir, price_per_hour)))
+    if not no_plot:
+        png = plot_report(run_dir, Path(plot_path) if plot_path else run_dir / "report.png")
+        click.echo(f"plot: {png}")
+    return 0
+
+
+@main.command()
+@config_options
 @run_cli
 def presets(config, overrides, output_dir):
     """List the built-in presets (CONFIG given: print it resolved, with overrides applied)."""

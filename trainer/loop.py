@@ -329,8 +329,10 @@ class Trainer:
                 with ctx, self.acc.autocast():
                     out = self.model(**batch, num_items_in_batch=max(1, int(n_targets)), use_cache=False)
                     loss = out.loss * self.world  # DDP averages gradients over ranks; we want the sum / targets
+                    micro_loss = out.loss.detach()
+                    del out  # the fp32 logits (tokens x vocab) need not live through backward
                 self.acc.backward(loss)
-                loss_sum += float(out.loss.detach())
+                loss_sum += float(micro_loss)
             if stopped:
                 self.optimizer.zero_grad(set_to_none=True)
                 return self._preempted(rng_at_step_start, console)

@@ -59,6 +59,7 @@ def main() -> int:
         try:
             store = open_store(uri, S3Config(endpoint_url=endpoint, part_size_mb=args.part_size_mb,
                                              max_concurrency=args.max_concurrency))
+            store.check()  # as the trainer does at start (also warms up a new bucket)
             ckpt = make_checkpoint(tmp / "local", args.size_mb)
             size = (ckpt / "model.safetensors").stat().st_size
             up = store.upload_checkpoint(ckpt)

@@ -112,11 +112,8 @@ def prune_cmd(config, overrides, output_dir, keep_last, also_remote):
         remote = _remote(cfg, None)
         if remote is None:
             raise ConfigError("--remote: no checkpoint.remote configured")
-        steps = remote.committed_steps()
-        doomed = steps[:-keep]
-        for s in doomed:
-            remote.delete_checkpoint(s)
-        click.echo(f"remote: deleted {len(doomed)} checkpoint(s)")
+        doomed = remote.prune(keep)  # also removes abandoned partial uploads
+        click.echo(f"remote: deleted {len(doomed)} checkpoint(s){': ' + ', '.join(map(str, doomed)) if doomed else ''}")
     return 0
 
 

@@ -128,7 +128,8 @@ class Trainer:
             from .storage import open_store
 
             self.remote = open_store(remote, self.cfg.checkpoint.s3)
-            self.remote.check()  # bad credentials or a missing bucket: one line, exit 2, before any work
+            # bad credentials or a missing bucket: one line, exit 2, before any work (a typo'd endpoint: within 60 s)
+            self.remote.check(deadline=self.remote.deadline(60))
             keep = self.cfg.checkpoint.remote_keep_last or self.cfg.checkpoint.keep_last
             self.uploader = CheckpointUploader(self.remote, keep_last=keep, on_uploaded=self._on_uploaded)
         else:
@@ -162,7 +163,13 @@ class Trainer:
         """Rank 0 pulls a newer remote checkpoint (fresh pod); the others wait and use it."""
         path = None
         if self.is_main:
-            got = self.remote.pull_latest(self.store.root, newer_than=local_step)
+            from .storage import StorageUnavailable
+
+            try:
+                got = self.remote.pull_latest(self.store.root, newer_than=local_step)
+            except StorageUnavailable as e:  # the remote is down: a local checkpoint is better than waiting
+                log.warning("cannot reach %s (%s); resuming from local checkpoints", self.cfg.checkpoint.remote, e)
+                got = None
             if got is not None:
                 path = got[1]
                 self.console_line(f"pulled checkpoint step {got[0]} from {self.cfg.checkpoint.remote}")
@@ -311,9 +318,9 @@ class Trainer:
             t0 = time.monotonic()
             micro_rows, next_pos = self.plan.step_rows(self.pos, self.rank)
             micro = [batches.collate([self.rows[i] for i in mb], pad) for mb in micro_rows]
+            # real tokens = the rows' lengths: exact for packed rows too, and when the pad id is also eos
             n_targets, n_tokens = self._reduce([sum(batches.count_targets(b["labels"]) for b in micro),
-                                                sum(int((b["input_ids"] != pad).sum()) if "attention_mask" in b
-                                                    else int((b["labels"] != -100).sum()) for b in micro)])
+                                                sum(len(self.rows[i]["input_ids"]) for mb in micro_rows for i in mb)])
             lr = lr_at(self.step, self.total_steps, t.lr, t.lr_scheduler, self.warmup)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
@@ -425,9 +432,15 @@ class Trainer:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         if self.remote is not None:
+            from .storage import StorageUnavailable
+
             self._wait_uploads(None)
-            self.remote.upload_dir(final, "final")
-            self.console_line(f"final/ uploaded to {self.cfg.checkpoint.remote}")
+            try:
+                self.remote.upload_dir(final, "final")
+                self.console_line(f"final/ uploaded to {self.cfg.checkpoint.remote}")
+            except StorageUnavailable as e:
+                log.warning("final/ not uploaded (%s); it is complete locally: `spot-trainer export %s --to %s` "
+                            "uploads it later", e, self.output_dir, self.cfg.checkpoint.remote)
         self.acc.wait_for_everyone()
 
     # ------------------------------------------------------------------ cleanup

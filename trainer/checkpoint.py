@@ -84,8 +84,13 @@ class CheckpointStore:
         steps = [parse_step_dirname(p.name) for p in self.root.iterdir() if (p / MANIFEST_NAME).is_file()]
         return sorted(s for s in steps if s is not None)
 
-    def latest_valid(self, deep: bool = True, warn: Callable[[str], None] = log.warning) -> tuple[int, Path] | None:
-        """The newest checkpoint whose manifest verifies; newer broken ones are skipped with a warning."""
+    def latest_valid(self, deep: bool = True, warn: Callable[[str], None] = log.warning,
+                     discard_broken: bool = False) -> tuple[int, Path] | None:
+        """The newest checkpoint whose manifest verifies; newer broken ones are skipped with a warning.
+
+        discard_broken (rank 0 of a resuming run): also delete them, so the run writes that step again instead
+        of keeping a broken copy that looks committed (which would be uploaded, and counted by retention).
+        """
         if not self.root.is_dir():
             return None
         candidates = sorted((s for s in (parse_step_dirname(p.name) for p in self.root.iterdir()) if s is not None),
@@ -95,8 +100,17 @@ class CheckpointStore:
             if not problems:
                 return step, self.path(step)
             warn(f"skipping checkpoint {self.path(step)}: {problems[0]}"
-                 + (f" (+{len(problems) - 1} more problems)" if len(problems) > 1 else ""))
+                 + (f" (+{len(problems) - 1} more problems)" if len(problems) > 1 else "")
+                 + ("; deleted" if discard_broken else ""))
+            if discard_broken:
+                self.discard(step)
         return None
+
+    def discard(self, step: int) -> None:
+        """Delete one checkpoint dir, uncommitting it first (manifest), so a crash mid-delete never leaves a
+        half checkpoint that looks whole."""
+        (self.path(step) / MANIFEST_NAME).unlink(missing_ok=True)
+        shutil.rmtree(self.path(step), ignore_errors=True)
 
     def clean_stale(self) -> None:
         """Remove temp dirs left by a process that died mid-write (they never counted)."""
@@ -111,9 +125,7 @@ class CheckpointStore:
         steps = self.committed_steps()
         doomed = [s for s in steps[:-max(keep_last, 1)] if s not in protect]
         for s in doomed:
-            # uncommit first (manifest), so a crash mid-delete never leaves a half checkpoint that looks whole
-            (self.path(s) / MANIFEST_NAME).unlink(missing_ok=True)
-            shutil.rmtree(self.path(s), ignore_errors=True)
+            self.discard(s)
         return doomed
 
     # ------------------------------------------------------------ writing

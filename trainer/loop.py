@@ -151,7 +151,7 @@ class Trainer:
             return None
         if self.resume != "auto":
             return Path(self.resume)  # verified by the CLI
-        local = self.store.latest_valid()
+        local = self.store.latest_valid(discard_broken=self.is_main)  # only rank 0 deletes: ranks share the dir
         local_step = local[0] if local else -1
         if self.remote is not None or (self.cfg.checkpoint.remote and not self.is_main):
             pulled = self._pull_remote(local_step)

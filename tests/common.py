@@ -77,6 +77,19 @@ def kill_at_step(proc: subprocess.Popen, output_dir: Path, step: int, sig=signal
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
+def wait_for_checkpoint(proc: subprocess.Popen, output_dir: Path, step: int, timeout: float = 120) -> None:
+    """Until checkpoints/step-<step> is committed (its manifest exists); writes are asynchronous."""
+    manifest = output_dir / "checkpoints" / f"step-{step:08d}" / "manifest.json"
+    deadline = time.monotonic() + timeout
+    while not manifest.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) before checkpoint {step}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"checkpoint {step} not committed in {timeout} s")
+        time.sleep(0.002)
+
+
 def trainable_weights(output_dir: Path, step: int) -> dict:
     return load_file(str(output_dir / "checkpoints" / f"step-{step:08d}" / "model.safetensors"))
 

@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from common import TINY, assert_bitwise_equal, kill_at_step, run_cli, start_cli, trainable_weights
+from common import TINY, assert_bitwise_equal, kill_at_step, run_cli, start_cli, trainable_weights, wait_for_checkpoint
 
 METHODS = {
     "full": ["model.method=full"],
@@ -29,6 +29,7 @@ def references(tmp_path_factory):
 def test_killed_off_boundary_resumes_bitwise(tmp_path, references, method):
     # killed between checkpoints (every 4 steps): the lost steps are redone, the result is identical
     proc = start_cli("train", overrides=TINY + METHODS[method], output_dir=tmp_path)
+    wait_for_checkpoint(proc, tmp_path, 4)  # checkpoints are written in the background: wait for the commit
     reached = kill_at_step(proc, tmp_path, 6, signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL

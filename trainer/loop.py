@@ -32,6 +32,7 @@ class Trainer:
         self.cfg, self.resume = cfg, resume
         self.output_dir = Path(cfg.output_dir)
         self.step = 0  # optimizer steps completed
+        self.saved_step = -1  # step of the newest checkpoint this run wrote or resumed from
         self.pos = batches.Position()
         self.samples_seen = self.tokens_seen = 0
         self.stop = StopSignal()
@@ -202,7 +203,7 @@ class Trainer:
         self.samples_seen, self.tokens_seen = state["samples_seen"], state["tokens_seen"]
         saved = (path / "metrics.jsonl").read_text() if (path / "metrics.jsonl").exists() else None
         self.metrics.rewind(saved, self.step)
-        self.resumed_from = self.step
+        self.resumed_from = self.saved_step = self.step
         self.console_line(f"resumed from {path} (step {self.step}/{self.total_steps})")
 
     def _check_compatible(self, path: Path, state: dict) -> None:
@@ -258,8 +259,11 @@ class Trainer:
         return bool(c.every_minutes) and time.monotonic() - self.last_ckpt_time >= 60 * c.every_minutes
 
     def save_checkpoint(self, kind: str = "periodic", sync: bool = False, rng: dict | None = None) -> None:
-        if self.step in self.store.committed_steps():
+        # Decided from this run's own history, not from the disk: rank 0 commits in the background, so ranks
+        # reading committed_steps() could disagree, and rank 0 would wait for a marker that never comes.
+        if self.step == self.saved_step:
             return
+        self.saved_step = self.step
         t0 = time.monotonic()
         snap = self._snapshot(kind, rng)
         snap.extra["stall_s"] = round(time.monotonic() - t0, 4)

@@ -18,7 +18,8 @@ import torch
 
 from .errors import ConfigError
 
-DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "deepspeed_configs"
+REPO_DIR = Path(__file__).resolve().parent.parent
+DEEPSPEED_CONFIG_DIR = REPO_DIR / "deepspeed_configs"
 # The values our config owns; a DeepSpeed JSON leaves them "auto" so batch settings live in one place.
 AUTO_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
              "gradient_clipping", "bf16.enabled", "fp16.enabled")
@@ -57,6 +58,8 @@ def resolve_deepspeed_config(name_or_path: str) -> Path:
     """A DeepSpeed JSON by name (deepspeed_configs/<name>.json) or by path."""
     path = Path(name_or_path).expanduser()
     if path.suffix == ".json" or "/" in name_or_path:
+        if not path.is_file() and not path.is_absolute() and (REPO_DIR / path).is_file():
+            path = REPO_DIR / path  # launch/*.yaml name repo-relative files; the CWD may be elsewhere
         if not path.is_file():
             raise ConfigError(f"distributed.deepspeed: {name_or_path}: file not found; give a DeepSpeed JSON "
                               f"or one of: {', '.join(deepspeed_config_names())}")
@@ -72,9 +75,22 @@ def deepspeed_config_names() -> list[str]:
     return sorted(p.stem for p in DEEPSPEED_CONFIG_DIR.glob("*.json"))
 
 
+def deepspeed_config_name(cfg) -> str | None:
+    """distributed.deepspeed, else the JSON an `accelerate launch` DeepSpeed config named, else None."""
+    if cfg.distributed.deepspeed is not None:
+        return cfg.distributed.deepspeed
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        from_launcher = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+        if from_launcher == "none":
+            raise ConfigError("the launcher enabled DeepSpeed without a deepspeed_config_file; set "
+                              "distributed.deepspeed (e.g. --set distributed.deepspeed=zero2_offload)")
+        return from_launcher
+    return None
+
+
 def deepspeed_config(cfg, grad_accum: int, world_size: int) -> dict:
-    """The DeepSpeed JSON named by cfg.distributed.deepspeed with our "auto" values filled in."""
-    path = resolve_deepspeed_config(cfg.distributed.deepspeed)
+    """The DeepSpeed JSON named by distributed.deepspeed (or the launcher) with our "auto" values filled in."""
+    path = resolve_deepspeed_config(deepspeed_config_name(cfg))
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -125,11 +141,7 @@ def make_accelerator(cfg, grad_accum: int):
                   # our schedules count optimizer steps; accelerate would otherwise step the
                   # scheduler once per process per optimizer step
                   step_scheduler_with_optimizer=False)
-    ds_name = cfg.distributed.deepspeed
-    if ds_name is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        raise ConfigError("the launcher enabled DeepSpeed but distributed.deepspeed is not set; set it "
-                          "(e.g. --set distributed.deepspeed=zero2_offload) or launch without --use_deepspeed")
-    if ds_name is not None:
+    if deepspeed_config_name(cfg) is not None:
         if "LOCAL_RANK" not in os.environ:
             # a plain `python` run: DeepSpeed still wants a process group; make a group of one
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",

@@ -101,6 +101,12 @@ def test_deepspeed_config_by_path_and_bad_names(tmp_path):
         deepspeed_config(cfg_with(micro_batch_size=2, deepspeed=str(custom)), 1, 1)
 
 
+def test_bitsandbytes_optimizer_under_deepspeed_is_refused():
+    cfg = cfg_with(micro_batch_size=2, optimizer="adamw_8bit", deepspeed="zero2_offload")
+    with pytest.raises(ConfigError, match="train.optimizer=adamw_8bit cannot run under DeepSpeed"):
+        deepspeed_config(cfg, 1, 1)
+
+
 def test_no_clipping_disables_deepspeed_clipping():
     cfg = config_from_dict({"train": {"micro_batch_size": 2, "max_grad_norm": None},
                             "distributed": {"deepspeed": "zero2"}})

@@ -91,6 +91,20 @@ def test_files_are_keyed_by_parameter_name(accelerator, tmp_path):
     assert torch.equal(full["2.weight"]["exp_avg"], opt.state[model[2].weight]["exp_avg"])
 
 
+def test_snapshot_is_a_copy_safe_to_write_later(accelerator, tmp_path):
+    from trainer.optimizer_state import optimizer_snapshot
+
+    model = tiny_model()
+    opt, sched = make_opt(model)
+    train(model, opt, sched, 2)
+    tensors, meta = optimizer_snapshot(accelerator, model, opt)
+    before = tensors["optimizer.safetensors"]["exp_avg/2.weight"].clone()
+    train(model, opt, sched, 1, start=2)  # training goes on while a writer thread holds the snapshot
+    assert torch.equal(tensors["optimizer.safetensors"]["exp_avg/2.weight"], before)
+    assert not torch.equal(opt.state[model[2].weight]["exp_avg"].reshape(-1), before)
+    assert meta["optimizer.json"]["params"]["2.weight"]["values"]["step"] == 2
+
+
 def write_rank_file(d: Path, rank: int, world: int, name: str, shape, start: int, values: torch.Tensor):
     save_file({f"exp_avg/{name}": values, f"master/{name}": values * 10}, str(d / f"optimizer-rank{rank:05d}.safetensors"))
     (d / f"optimizer-rank{rank:05d}.json").write_text(json.dumps({

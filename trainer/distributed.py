@@ -100,6 +100,12 @@ def deepspeed_config(cfg, grad_accum: int, world_size: int) -> dict:
                           f"process); use stage 2")
     if "optimizer" in ds or "scheduler" in ds:
         raise ConfigError(f"{path}: remove 'optimizer'/'scheduler'; they come from the train section")
+    if cfg.train.optimizer != "adamw":
+        # with offload accelerate swaps the optimizer for DeepSpeedCPUAdam, and a bitsandbytes one
+        # would silently become Adam with L2 decay; ZeRO partitions are untested with bitsandbytes
+        raise ConfigError(f"train.optimizer={cfg.train.optimizer} cannot run under DeepSpeed ({path.name}); "
+                          f"use train.optimizer=adamw (the 8-bit/paged optimizers replace offload, use them "
+                          f"without distributed.deepspeed)")
     precision = mixed_precision(cfg)
     micro = cfg.train.micro_batch_size
     ours = {

@@ -64,37 +64,49 @@ def _group_hparams(group: dict) -> dict:
     return out
 
 
-def _scalar(v):
-    return v.item() if isinstance(v, torch.Tensor) else v
-
-
-def _write(ckpt_dir: Path, stem: str, tensors: dict, meta: dict) -> list[Path]:
-    st, js = ckpt_dir / f"{stem}.safetensors", ckpt_dir / f"{stem}.json"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(st))
-    js.write_text(json.dumps(meta, indent=1, sort_keys=True))
-    for path in (st, js):
+def _write(ckpt_dir: Path, tensors: dict, meta: dict) -> list[Path]:
+    written = []
+    for name, t in tensors.items():
+        save_file(t, str(ckpt_dir / name))
+        written.append(ckpt_dir / name)
+    for name, obj in meta.items():
+        (ckpt_dir / name).write_text(json.dumps(obj, indent=1, sort_keys=True))
+        written.append(ckpt_dir / name)
+    for path in written:
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-    return [st, js]
+    return written
 
 
 # ---------------------------------------------------------------- saving
 
 
-def save_optimizer_state(accelerator, model, optimizer, ckpt_dir) -> list[Path]:
-    """Write this rank's optimizer files into ckpt_dir; call on every rank (no collectives), then barrier."""
-    ckpt_dir = Path(ckpt_dir)
+def optimizer_snapshot(accelerator, model, optimizer) -> tuple[dict[str, dict], dict[str, dict]]:
+    """This rank's optimizer files: ({"<stem>.safetensors": tensors}, {"<stem>.json": meta}).
+
+    Tensors are copies on the CPU, safe to write from another thread while training goes on. Under
+    DeepSpeed every rank has files (optimizer-rank0000R.*); otherwise only rank 0 (optimizer.*), since
+    DDP ranks hold identical state. No collectives: ranks may call it at different times.
+    """
     names = _trainable_names(accelerator, model)
     zero = _zero_optimizer(optimizer)
     if zero is not None:
         tensors, meta = _zero_state(zero, names)
-        meta.update(rank=accelerator.process_index, world_size=accelerator.num_processes)
-        return _write(ckpt_dir, rank_file_stem(accelerator.process_index), tensors, meta)
-    if not accelerator.is_main_process:
-        return []  # DDP: the state is identical on every rank
-    tensors, meta = _torch_state(_torch_optimizer(optimizer), names)
-    meta.update(rank=0, world_size=accelerator.num_processes)
-    return _write(ckpt_dir, FULL_NAME, tensors, meta)
+        stem = rank_file_stem(accelerator.process_index)
+    elif accelerator.is_main_process:
+        tensors, meta = _torch_state(_torch_optimizer(optimizer), names)
+        stem = FULL_NAME
+    else:
+        return {}, {}
+    meta.update(rank=accelerator.process_index, world_size=accelerator.num_processes)
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    return {f"{stem}.safetensors": tensors}, {f"{stem}.json": meta}
+
+
+def save_optimizer_state(accelerator, model, optimizer, ckpt_dir) -> list[Path]:
+    """Write (and fsync) this rank's optimizer files into ckpt_dir; call on every rank, then barrier."""
+    tensors, meta = optimizer_snapshot(accelerator, model, optimizer)
+    return _write(Path(ckpt_dir), tensors, meta)
 
 
 def _torch_state(opt: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict, dict]:

@@ -11,6 +11,7 @@ resumes continue the loss curve. A worker is this file run with `worker ...` und
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -115,24 +116,42 @@ def worker(args) -> None:
     M, G = args.micro, args.global_batch
     log = open(out / "losses.jsonl", "a") if acc.is_main_process else None
     model.train()
+    params = [p for p in acc.unwrap_model(model).parameters() if p.requires_grad]
     for step in range(start_step, args.steps):
         t0 = time.time()
         total = torch.zeros(())
-        for a in range(accum):
-            lo = (step * G + a * M * W + rank * M) % NUM_SAMPLES
-            batch = data[lo:lo + M]
-            with acc.accumulate(model):
-                loss = model(input_ids=batch, labels=batch).loss
-                acc.backward(loss)
-                grad_norm = acc.clip_grad_norm_(model.parameters(), 1.0) if acc.sync_gradients else None
-                opt.step()
-                opt.zero_grad()
-            total += loss.detach() / accum
+        if args.loop == "accumulate":  # accelerate's idiom: mean loss per micro-batch
+            for a in range(accum):
+                lo = (step * G + a * M * W + rank * M) % NUM_SAMPLES
+                batch = data[lo:lo + M]
+                with acc.accumulate(model):
+                    loss = model(input_ids=batch, labels=batch).loss
+                    acc.backward(loss)
+                    grad_norm = acc.clip_grad_norm_(model.parameters(), 1.0) if acc.sync_gradients else None
+                    opt.step()
+                    opt.zero_grad()
+                total += loss.detach() / accum / W
+        else:  # trainer/loop.py's idiom: loss = sum over this rank's targets / targets of the global batch
+            n_targets = G * (SEQ_LEN - 1)
+            for a in range(accum):
+                lo = (step * G + a * M * W + rank * M) % NUM_SAMPLES
+                batch = data[lo:lo + M]
+                last = a == accum - 1
+                acc.sync_gradients = last  # DeepSpeed: engine.step() runs in backward() of the last one only
+                ctx = acc.no_sync(model) if (W > 1 and not last) else contextlib.nullcontext()
+                with ctx:
+                    res = model(input_ids=batch, labels=batch, num_items_in_batch=n_targets)
+                    # accelerator.backward divides by grad_accum (accelerate for DDP, the engine under
+                    # DeepSpeed); DDP and ZeRO average over ranks: undo both to get sum / global targets
+                    acc.backward(res.loss * W * accum)
+                total += res.loss.detach()
+            grad_norm = acc.clip_grad_norm_(params, 1.0)  # DeepSpeed: clipped inside engine.step(); its norm
+            opt.step()  # DeepSpeed: no-op
+            opt.zero_grad()
         lr_used = opt.param_groups[0]["lr"]
         sched.step()
         if W > 1:
             dist.all_reduce(total)
-            total /= W
         if log:
             log.write(json.dumps({"step": step + 1, "loss": total.item(), "lr": lr_used,
                                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -245,7 +264,7 @@ def check(args) -> None:
     for mode in args.modes.split(","):
         for method in args.methods.split(","):
             tag = f"{mode}-{method}"
-            common = ["--mode", mode, "--method", method, "--steps", str(N), "--global-batch", str(args.global_batch),
+            common = ["--loop", args.loop, "--mode", mode, "--method", method, "--steps", str(N), "--global-batch", str(args.global_batch),
                       "--micro", str(args.micro)]
 
             def run(name, nproc, extra=()):
@@ -308,6 +327,7 @@ def main() -> None:
     w.add_argument("--lr", type=float, default=1e-2)
     w.add_argument("--expect-world", type=int, required=True)
     w.add_argument("--no-replay", action="store_true", help="skip the CPU Adam step replay on resume")
+    w.add_argument("--loop", choices=["accumulate", "manual"], default="accumulate")
     c = sub.add_parser("check")
     c.add_argument("--modes", default="ddp,zero2_offload")
     c.add_argument("--methods", default="full,lora")
@@ -319,6 +339,8 @@ def main() -> None:
     c.add_argument("--one-to-two", action="store_true", help="also stop with 1 process, resume with 2")
     c.add_argument("--ddp-reshard", action="store_true", help="also resume DDP checkpoints on 1 process")
     c.add_argument("--no-replay", action="store_true", help="resume without the CPU Adam step replay")
+    c.add_argument("--loop", choices=["accumulate", "manual"], default="accumulate",
+                   help="accumulate: accelerator.accumulate(); manual: trainer/loop.py's loss and sync handling")
     c.add_argument("--workdir", default="/tmp/ds_cpu_probe")
     args = p.parse_args()
     worker(args) if args.cmd == "worker" else check(args)

@@ -1,7 +1,8 @@
 """Batch arithmetic, DeepSpeed config filling, and real 2-process runs over gloo (DDP, ZeRO-2 + CPU offload).
 
-The multi-process tests launch this file as a worker (`python tests/test_distributed.py worker ...`) under
-`accelerate launch`; the worker asserts the world size and rank-identical weights itself.
+The multi-process tests launch this file as a worker (`tests/test_distributed.py worker ...`) under
+`accelerate launch --config_file launch/<name>.yaml`; the worker asserts the world size and that every
+rank ends with the same weights, so a silent single-process run cannot pass.
 """
 
 from __future__ import annotations
@@ -122,13 +123,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(nproc: int, out: Path, *worker_args: str, timeout: int = 500) -> dict:
-    """Run this file's worker under `accelerate launch`; returns the worker's result JSON."""
+def launch(nproc: int, out: Path, *worker_args: str, config: str = "cpu_2proc", timeout: int = 500) -> dict:
+    """Run this file's worker under `accelerate launch --config_file launch/<config>.yaml`; its result JSON."""
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TORCH_EXTENSIONS_DIR=TORCH_EXTENSIONS_DIR)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
-           "--num_machines", "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
-           "--dynamo_backend", "no", *(["--multi_gpu"] if nproc > 1 else []),
+    config_file = REPO / "launch" / f"{config if nproc > 1 else 'single_gpu'}.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+           "--num_processes", str(nproc), "--main_process_port", str(_free_port()),
            __file__, "worker", "--out", str(out), "--expect-world", str(nproc), *worker_args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True)
     assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -154,7 +155,7 @@ def test_ddp_two_processes_over_gloo(tmp_path):
 @pytest.mark.deepspeed
 def test_zero2_offload_resume_is_exact_and_reshards_to_one_process(tmp_path):
     common = ("--mode", "zero2_offload", "--steps", "12")
-    full = launch(2, tmp_path / "full", *common)
+    full = launch(2, tmp_path / "full", *common, config="zero2_offload")
     assert full["world_size"] == 2 and full["distributed_type"] == "DEEPSPEED"
     assert full["optimizer"] == "DeepSpeedCPUAdam" and full["ranks_identical"] is True
     part = launch(2, tmp_path / "part", *common, "--stop-at", "9")

@@ -64,6 +64,8 @@ def test_mixed_precision_from_dtype():
     assert mixed_precision(cfg_with(dtype="bf16"), cuda=False) == "bf16"
     assert mixed_precision(cfg_with(dtype="fp16"), cuda=True) == "fp16"
     assert mixed_precision(cfg_with(dtype="auto"), cuda=False) == "no"
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        mixed_precision(cfg_with(dtype="fp16"), cuda=False)
 
 
 # ---------------------------------------------------------------- DeepSpeed config

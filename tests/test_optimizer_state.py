@@ -106,7 +106,8 @@ def test_snapshot_is_a_copy_safe_to_write_later(accelerator, tmp_path):
 
 
 def write_rank_file(d: Path, rank: int, world: int, name: str, shape, start: int, values: torch.Tensor):
-    save_file({f"exp_avg/{name}": values, f"master/{name}": values * 10}, str(d / f"optimizer-rank{rank:05d}.safetensors"))
+    save_file({f"exp_avg/{name}": values, f"master/{name}": values * 10},
+              str(d / f"optimizer-rank{rank:05d}.safetensors"))
     (d / f"optimizer-rank{rank:05d}.json").write_text(json.dumps({
         "format": 1, "layout": "zero-partition", "rank": rank, "world_size": world,
         "param_groups": [{"lr": 0.1, "params": [name]}],

@@ -20,9 +20,6 @@ from .errors import ConfigError
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 DEEPSPEED_CONFIG_DIR = REPO_DIR / "deepspeed_configs"
-# The values our config owns; a DeepSpeed JSON leaves them "auto" so batch settings live in one place.
-AUTO_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-             "gradient_clipping", "bf16.enabled", "fp16.enabled")
 
 
 def world_size_from_env() -> int:
@@ -49,6 +46,8 @@ def mixed_precision(cfg, cuda: bool | None = None) -> str:
     """accelerate's mixed_precision ('bf16' | 'fp16' | 'no') for model.dtype; 'auto' is bf16 on a GPU that has it."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     dtype = cfg.model.dtype
+    if dtype == "fp16" and not cuda:
+        raise ConfigError("model.dtype fp16: mixed precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
     if dtype == "auto":
         return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
     return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[dtype]
@@ -106,8 +105,9 @@ def deepspeed_config(cfg, grad_accum: int, world_size: int) -> dict:
         raise ConfigError(f"train.optimizer={cfg.train.optimizer} cannot run under DeepSpeed ({path.name}); "
                           f"use train.optimizer=adamw (the 8-bit/paged optimizers replace offload, use them "
                           f"without distributed.deepspeed)")
-    precision = mixed_precision(cfg)
+    precision = mixed_precision(cfg, torch.cuda.is_available() and cfg.train.device != "cpu")
     micro = cfg.train.micro_batch_size
+    # the values the train section owns: the JSON leaves them "auto" so batch settings live in one place
     ours = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": grad_accum,
@@ -141,6 +141,8 @@ def make_accelerator(cfg, grad_accum: int):
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
     world_size = world_size_from_env()
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device cuda: no CUDA GPU is visible; use train.device: auto or cpu")
     cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
     precision = mixed_precision(cfg, cuda)
     kwargs = dict(gradient_accumulation_steps=grad_accum, mixed_precision=precision,

@@ -283,8 +283,8 @@ def check(args) -> None:
     for mode in args.modes.split(","):
         for method in args.methods.split(","):
             tag = f"{mode}-{method}"
-            common = ["--dtype", args.dtype, "--loop", args.loop, "--mode", mode, "--method", method, "--steps", str(N), "--global-batch", str(args.global_batch),
-                      "--micro", str(args.micro)]
+            common = ["--dtype", args.dtype, "--loop", args.loop, "--mode", mode, "--method", method,
+                      "--steps", str(N), "--global-batch", str(args.global_batch), "--micro", str(args.micro)]
 
             def run(name, nproc, extra=()):
                 d = root / tag / name

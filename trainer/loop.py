@@ -19,8 +19,9 @@ from . import batches, evaluate, model as model_lib, train_state
 from .checkpoint import CheckpointStore, CheckpointWriter, Snapshot, read_json, read_tensors
 from .config import Config
 from .data import prepare_data
-from .errors import EXIT_OK, EXIT_PREEMPTED, CheckpointError, ConfigError
+from .errors import EXIT_OK, EXIT_PREEMPTED, ConfigError
 from .metrics import Console, EventLog, MetricsLog
+from .optimizer_state import load_optimizer_state, optimizer_snapshot
 from .preemption import StopSignal, agreed_stop
 from .schedule import lr_at, warmup_steps
 
@@ -57,9 +58,10 @@ class Trainer:
         self._setup_stop()
 
     def _setup_distributed(self) -> None:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.grad_accum = _grad_accum(self.cfg, world)
-        self.acc = _make_accelerator(self.cfg, world)
+        from .distributed import make_accelerator, resolve_grad_accum, world_size_from_env
+
+        self.grad_accum = resolve_grad_accum(self.cfg, world_size_from_env())
+        self.acc = make_accelerator(self.cfg, self.grad_accum)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.is_main = self.acc.is_main_process
         self.device = self.acc.device
@@ -100,7 +102,6 @@ class Trainer:
             model_lib.materialize_builtin(self.cfg, self.tokenizer, self.output_dir)
         self.acc.wait_for_everyone()
         self.model = model_lib.build_model(self.cfg, self.tokenizer, self.device, self.output_dir)
-        self.param_names = [n for n, _ in model_lib.trainable_parameters(self.model)]
         self.n_trainable = sum(p.numel() for _, p in model_lib.trainable_parameters(self.model))
 
     def _make_optimizer(self, params):
@@ -191,8 +192,8 @@ class Trainer:
         state = read_json(path, "trainer_state.json")
         self._check_compatible(path, state)
         train_state.load_trainable_state(self.raw_model, read_tensors(path, "model.safetensors"), str(path))
-        train_state.load_optimizer_state(self.optimizer, self.param_names, read_tensors(path, "optimizer.safetensors"),
-                                         read_json(path, "optimizer.json"), str(path))
+        # any layout (one file, or per-rank ZeRO partitions) onto any world size, by parameter name
+        load_optimizer_state(self.acc, self.model, self.optimizer, path)
         rng_file = path / f"rng-rank{self.rank:05d}.json"
         if state["world_size"] == self.world and rng_file.exists():
             train_state.set_rng_state(read_json(path, rng_file.name))
@@ -220,10 +221,9 @@ class Trainer:
 
     def _snapshot(self, kind: str, rng: dict | None = None) -> Snapshot:
         snap = Snapshot(step=self.step, rank=self.rank, world_size=self.world, kind=kind)
-        if self.is_main:
-            tensors, meta = train_state.optimizer_state(self.optimizer, self.param_names)
-            snap.tensors["optimizer.safetensors"] = tensors
-            snap.json["optimizer.json"] = meta
+        tensors, meta = optimizer_snapshot(self.acc, self.model, self.optimizer)  # every rank: ZeRO partitions
+        snap.tensors.update(tensors)
+        snap.json.update(meta)
         snap.json[f"rng-rank{self.rank:05d}.json"] = rng or train_state.rng_state()
         if self.is_main:
             snap.tensors["model.safetensors"] = train_state.trainable_state(self.raw_model)
@@ -337,9 +337,13 @@ class Trainer:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 last = m == len(micro) - 1
                 ctx = self.acc.no_sync(self.model) if (self.world > 1 and not last) else _null()
+                # under DeepSpeed the engine steps inside the last micro-batch's backward
+                self.acc.sync_gradients = last
                 with ctx, self.acc.autocast():
                     out = self.model(**batch, num_items_in_batch=max(1, int(n_targets)), use_cache=False)
-                    loss = out.loss * self.world  # DDP averages gradients over ranks; we want the sum / targets
+                    # the loss is sum / targets of the whole step; DDP averages over ranks and backward()
+                    # divides by grad_accum (accelerate, or the DeepSpeed engine): undo both
+                    loss = out.loss * (self.world * self.grad_accum)
                     micro_loss = out.loss.detach()
                     del out  # the fp32 logits (tokens x vocab) need not live through backward
                 self.acc.backward(loss)
@@ -457,32 +461,12 @@ class Trainer:
             self.writer.close()
         if self.uploader is not None:
             self.uploader.close()
+        if getattr(self, "acc", None) is not None:
+            from .distributed import release
 
-
-def _grad_accum(cfg: Config, world: int) -> int:
-    t = cfg.train
-    if t.global_batch_size is None:
-        return t.grad_accum or 1
-    per_step = t.micro_batch_size * world
-    if t.global_batch_size % per_step:
-        raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not a multiple of micro_batch_size "
-                          f"{t.micro_batch_size} x {world} processes")
-    return t.global_batch_size // per_step
-
-
-def _make_accelerator(cfg: Config, world: int):
-    from accelerate import Accelerator
-
-    cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device cuda: no CUDA GPU is visible; use train.device: auto or cpu")
-    dtype = model_lib.resolve_dtype(cfg.model.dtype, torch.device("cuda" if cuda else "cpu"))
-    mp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
-    # without CUDA, Accelerator(cpu=True) is what makes a multi-process launch one gloo group
-    acc = Accelerator(cpu=not cuda, mixed_precision=mp if cuda else "no")
-    if acc.num_processes != world:
-        raise ConfigError(f"launched {world} processes but accelerate formed a group of {acc.num_processes}")
-    return acc
+            # drop the model first: a gloo worker freeing DDP work at interpreter exit can SIGABRT
+            self.model = self.raw_model = self.optimizer = None
+            release(self.acc)
 
 
 class _null:

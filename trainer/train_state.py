@@ -1,4 +1,4 @@
-"""Training state as plain files: trainable weights and optimizer in safetensors, RNG and the rest in JSON.
+"""Training state as plain files: trainable weights in safetensors, RNG state in JSON (optimizer: optimizer_state.py).
 
 Nothing here unpickles: a checkpoint from an untrusted bucket cannot run code.
 """
@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import base64
 import random
-from typing import Any
-
 import numpy as np
 import torch
 
@@ -30,50 +28,6 @@ def load_trainable_state(model, tensors: dict[str, torch.Tensor], where: str) ->
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[n].to(p.device, p.dtype))
-
-
-def _json_value(v: Any) -> Any:
-    if isinstance(v, (int, float, str, bool)) or v is None:
-        return v
-    if isinstance(v, (list, tuple)):
-        return [_json_value(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _json_value(x) for k, x in v.items()}
-    raise TypeError(f"cannot store {type(v).__name__} in JSON")
-
-
-def optimizer_state(optimizer, param_names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, meta): per-parameter state keyed '<param name>/<key>', groups and scalars in meta."""
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for idx, st in sd["state"].items():
-        name = param_names[idx]
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{name}/{k}"] = v.detach().to("cpu", copy=True).contiguous()
-            else:
-                scalars[f"{name}/{k}"] = _json_value(v)
-    groups = [{k: _json_value(v) for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars, "param_names": param_names}
-
-
-def load_optimizer_state(optimizer, param_names: list[str], tensors: dict, meta: dict, where: str) -> None:
-    if meta.get("param_names") != param_names:
-        raise CheckpointError(f"{where}: optimizer state is for other parameters; was it saved with "
-                              f"another model or method?")
-    index = {n: i for i, n in enumerate(param_names)}
-    state: dict[int, dict] = {}
-    for key, t in tensors.items():
-        name, _, k = key.rpartition("/")
-        state.setdefault(index[name], {})[k] = t
-    for key, v in meta["scalars"].items():
-        name, _, k = key.rpartition("/")
-        state.setdefault(index[name], {})[k] = v
-    groups = meta["param_groups"]
-    for g in groups:  # betas come back from JSON as a list
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def _b64(t: torch.Tensor) -> str:

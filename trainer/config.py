@@ -42,6 +42,12 @@ class ModelConfig:
     attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2; None = transformers' choice
     trust_remote_code: bool = False
     builtin: BuiltinModelConfig = field(default_factory=BuiltinModelConfig)
+    # speed (trainer/speed.py); "auto" = on where known safe and faster (a CUDA GPU), off on the CPU
+    liger_kernels: Union[bool, Literal["auto"]] = "auto"  # fused RMSNorm/SwiGLU/RoPE, loss without full logits
+    packed_attention: Literal["auto", "varlen", "mask"] = "auto"  # data.packing: flash per document, or a mask
+    kbit_bf16_frozen: Union[bool, Literal["auto"]] = "auto"  # qlora: keep norms/embeddings/lm_head bf16, not fp32
+    checkpoint_layers: Union[int, Literal["auto"], None] = "auto"  # layers to checkpoint; auto: fewest that fit
+    memory_budget_gb: Optional[float] = None  # GiB that checkpoint_layers=auto may plan for; None: all free
 
 
 @dataclass

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from . import speed
 from .config import Config
 from .errors import ConfigError
 
@@ -118,13 +119,19 @@ def load_base_model(cfg: Config, path: str, device: torch.device, quantized: boo
     kwargs = dict(trust_remote_code=cfg.model.trust_remote_code, dtype=dtype)
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
+    elif speed.use_varlen(cfg, device, lambda: model_config(cfg)):
+        kwargs["attn_implementation"] = speed.register_varlen()
     if quantized:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise ConfigError("model.method qlora needs bitsandbytes: pip install bitsandbytes") from None
         kwargs["quantization_config"] = _quant_config(cfg, device)
-        kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
+        # accelerate's device can be plain "cuda" (no index): place on the current GPU then
+        if device.type == "cuda":
+            kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
+        else:
+            kwargs["device_map"] = {"": "cpu"}
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
@@ -143,7 +150,10 @@ def build_model(cfg: Config, tokenizer, device: torch.device, output_dir: Path):
     model = load_base_model(cfg, path, device, quantized=m.method == "qlora", dtype=load_dtype)
     model.config.use_cache = False
     gc_kwargs = {"use_reentrant": False}
-    if m.method == "qlora":
+    liger = speed.use_liger(cfg, device) and speed.apply_liger(model)
+    if m.method == "qlora" and not speed.upcast_kbit(cfg, device):
+        speed.prepare_kbit_bf16(model, m.gradient_checkpointing, gc_kwargs)
+    elif m.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=m.gradient_checkpointing,
@@ -166,7 +176,26 @@ def build_model(cfg: Config, tokenizer, device: torch.device, output_dir: Path):
             model.enable_input_require_grads()
     if m.method != "qlora":
         model.to(device)
+    _plan_checkpointing(model, cfg, device, liger, gc_kwargs)
+    # from_pretrained returns the model in eval mode: without this, LoRA dropout and gradient checkpointing
+    # (which transformers applies only while training) would be silently off
+    model.train()
     return model
+
+
+def _plan_checkpointing(model, cfg: Config, device: torch.device, liger: bool, gc_kwargs: dict) -> None:
+    """model.checkpoint_layers: an explicit count, or (auto, on a GPU) the fewest layers that fit in memory."""
+    n = speed.resolve_checkpoint_layers(cfg, device)
+    if n is None:
+        return
+    if n == "auto":
+        plan = speed.auto_checkpoint_plan(model, cfg, device, liger)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(plan.describe(), flush=True)
+        n = plan.layers
+    if n < 0:
+        raise ConfigError(f"model.checkpoint_layers: must be >= 0, got {n}")
+    speed.set_checkpoint_layers(model, n, gc_kwargs)
 
 
 def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:

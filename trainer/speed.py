@@ -1,0 +1,334 @@
+"""Speed features for GPU runs: Liger kernels, per-document flash attention for packed rows, QLoRA without fp32
+upcasts, and gradient checkpointing on only as many layers as the GPU memory needs.
+
+Each feature is a config key under `model:` whose "auto" means: on where it is known to be safe and faster (a CUDA
+GPU, a supported architecture), off elsewhere. On the CPU every "auto" is off, so CPU runs are unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+VARLEN = "spot_varlen"  # the attention implementation name registered with transformers
+GIB = 1024**3
+# Architectures whose attention is plain causal self-attention (no sliding window, no softcap, no sinks):
+# per-document flash attention computes exactly what the per-document mask computes for them.
+VARLEN_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+# Activation bytes that each un-checkpointed decoder layer holds per token are estimated below; measured peaks
+# (bench/README.md) came in under the estimate, the factor keeps a margin for allocator rounding.
+SAFETY = 1.15
+
+
+def _auto(value, on_gpu: bool) -> bool:
+    return on_gpu if value == "auto" else bool(value)
+
+
+# ---------------------------------------------------------------- Liger kernels
+
+
+def use_liger(cfg, device: torch.device) -> bool:
+    """True when Liger kernels should be applied (config `model.liger_kernels`)."""
+    want = getattr(cfg.model, "liger_kernels", False)
+    # auto: adapters on a frozen bf16/4-bit base only; full fine-tuning keeps fp32 master weights that the
+    # fused kernels were not checked with here
+    if not _auto(want, device.type == "cuda" and cfg.model.method in ("lora", "qlora")):
+        return False
+    if device.type != "cuda":
+        log.warning("model.liger_kernels: Liger kernels need a CUDA GPU; running without them")
+        return False
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError:
+        if want is True:
+            log.warning("model.liger_kernels: liger-kernel is not installed (pip install liger-kernel); "
+                        "running without it")
+        return False
+    return True
+
+
+def apply_liger(model) -> bool:
+    """Patch RMSNorm, SwiGLU, RoPE and the fused linear cross-entropy (no full-vocabulary logits) into `model`."""
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        log.info("liger-kernel has no kernels for model type %s; running without them", model_type)
+        return False
+    _apply_liger_kernel_to_instance(model=model)
+    return True
+
+
+# ---------------------------------------------------------------- per-document flash attention
+
+
+def use_varlen(cfg, device: torch.device, get_model_config) -> bool:
+    """True when packed rows should attend per document through flash varlen (config `model.packed_attention`)."""
+    want = getattr(cfg.model, "packed_attention", "mask")
+    if want == "mask" or not cfg.data.packing or device.type != "cuda":
+        return False
+    model_config = get_model_config()
+    ok = (getattr(model_config, "model_type", None) in VARLEN_MODEL_TYPES
+          and not getattr(model_config, "sliding_window", None) and not getattr(model_config, "use_sliding_window", False)
+          and not getattr(model_config, "attention_dropout", 0.0))
+    if not ok:
+        if want == "varlen":
+            log.warning("model.packed_attention varlen: model type %s is not supported; using the "
+                        "per-document mask", getattr(model_config, "model_type", None))
+        return False
+    return hasattr(torch.ops.aten, "_flash_attention_forward")
+
+
+class _FlashVarlen(torch.autograd.Function):
+    """Causal flash attention over documents laid end to end: (T, H, D) tensors, cumulative lengths `cu`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_len: int, scale: float):
+        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu, seed, offset)
+        ctx.max_len, ctx.scale = max_len, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu, seed, offset = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            dout.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len, ctx.max_len, 0.0, True, seed, offset,
+            scale=ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def document_bounds(position_ids: torch.Tensor, batch: int) -> tuple[torch.Tensor, int]:
+    """(cumulative document lengths as int32, longest document) of rows flattened end to end.
+
+    A document starts at each row start and wherever the position does not follow the previous one by 1, as in
+    transformers' packed-sequence detection; padding (position 0) is thus a run of one-token documents.
+    """
+    pos = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
+    seq = pos.shape[1]
+    flat = pos.reshape(-1)
+    start = torch.ones_like(flat, dtype=torch.bool)
+    start[1:] = flat[1:] != flat[:-1] + 1
+    start[::seq] = True
+    idx = torch.nonzero(start).flatten()
+    cu = torch.cat([idx, idx.new_tensor([flat.numel()])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def document_mask(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """(batch, 1, S, S) boolean mask: causal within each document, nothing across documents."""
+    pos = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
+    start = torch.ones_like(pos, dtype=torch.bool)
+    start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    doc = start.cumsum(-1)
+    seq = pos.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=pos.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+def _bounds_cached(position_ids: torch.Tensor, batch: int) -> tuple[torch.Tensor, int]:
+    # every layer (and the checkpoint recompute) gets the same position_ids object: compute the bounds once
+    # per batch, keyed on the object itself so a new batch in reused memory can never see stale bounds
+    cached = getattr(position_ids, "_spot_doc_bounds", None)
+    if cached is None or cached[0] != batch:
+        cached = (batch, *document_bounds(position_ids, batch))
+        position_ids._spot_doc_bounds = cached
+    return cached[1], cached[2]
+
+
+_GQA_NATIVE = [True]  # flipped once if this torch's flash kernel refuses fewer KV heads than query heads
+
+
+def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers attention interface: flash varlen for full, unmasked self-attention; SDPA otherwise."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    position_ids = kwargs.get("position_ids")
+    if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    b, hq, s, d = query.shape
+    if query.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")  # what SDPA would compute in under autocast as well
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    if dropout or query.dtype not in (torch.float16, torch.bfloat16) or not query.is_cuda:
+        # no flash kernel for this case: SDPA with the per-document mask (never plain causal across documents)
+        mask = document_mask(position_ids, b)
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    hk = key.shape[1]
+    cu, max_len = _bounds_cached(position_ids, b)
+    q = query.transpose(1, 2).reshape(b * s, hq, d)
+    k = key.transpose(1, 2).reshape(b * s, hk, d)
+    v = value.transpose(1, 2).reshape(b * s, hk, d)
+    scale = scaling if scaling is not None else d ** -0.5
+    if hk != hq and _GQA_NATIVE[0]:
+        try:
+            out = _FlashVarlen.apply(q, k, v, cu, max_len, scale)
+            return out.view(b, s, hq, d), None
+        except RuntimeError as e:
+            log.info("flash varlen without native grouped-query support (%s); repeating KV heads", e)
+            _GQA_NATIVE[0] = False
+    if hk != hq:
+        k = k.repeat_interleave(hq // hk, dim=1)
+        v = v.repeat_interleave(hq // hk, dim=1)
+    out = _FlashVarlen.apply(q, k, v, cu, max_len, scale)
+    return out.view(b, s, hq, d), None
+
+
+def varlen_mask(*args, **kwargs):
+    """Mask interface for VARLEN: None (attention follows position_ids) unless padding or a cache needs a mask."""
+    from transformers.masking_utils import sdpa_mask
+
+    mask = kwargs.get("attention_mask")
+    cache_position = kwargs.get("cache_position")
+    q_len = kwargs.get("q_length", cache_position.shape[0] if cache_position is not None else None)
+    kv_len = kwargs.get("kv_length")
+    if q_len is not None and q_len == kv_len and not kwargs.get("local_size") and (mask is None or bool(mask.all())):
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def register_varlen() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention)
+    AttentionMaskInterface.register(VARLEN, varlen_mask)
+    return VARLEN
+
+
+# ---------------------------------------------------------------- QLoRA without fp32 copies
+
+
+def upcast_kbit(cfg, device: torch.device) -> bool:
+    """peft's prepare_model_for_kbit_training keeps fp32 copies of norms, embeddings and lm_head; on a GPU with
+    bf16 autocast they cost ~2 GiB on an 8B model and a cast per step, while norms compute in fp32 anyway."""
+    return not _auto(getattr(cfg.model, "kbit_bf16_frozen", False), device.type == "cuda")
+
+
+def prepare_kbit_bf16(model, gradient_checkpointing: bool, gc_kwargs: dict) -> None:
+    """prepare_model_for_kbit_training without the fp32 upcast: freeze, checkpoint, inputs that carry grads."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.enable_input_require_grads()
+
+
+# ---------------------------------------------------------------- gradient checkpointing from free memory
+
+
+@dataclass
+class CheckpointPlan:
+    layers: int  # decoder layers that recompute their activations in backward
+    total: int
+    tokens: int  # tokens per micro-batch the plan was made for
+    layer_bytes_per_token: int
+    budget_bytes: int
+
+    def describe(self) -> str:
+        return (f"gradient checkpointing on {self.layers}/{self.total} layers for {self.tokens} tokens per "
+                f"micro-batch ({self.layer_bytes_per_token / 1024:.0f} KiB/token/layer, budget "
+                f"{self.budget_bytes / GIB:.1f} GiB)")
+
+
+def layer_bytes_per_token(model_config, lora_targets, lora_dropout: float, liger: bool, method: str) -> int:
+    """Activation bytes one decoder layer keeps per token for backward (bf16), LoRA or full fine-tuning.
+
+    Counted for a Llama-style layer: saved norm inputs, q/k/v and output for attention, the MLP's gate and up
+    (plus silu(gate) and the down_proj input without Liger's SwiGLU), and for each LoRA target its dropout mask
+    and dropped-out input. Frozen bf16 linears save nothing for weight gradients; 4-bit ones keep their input.
+    """
+    h = model_config.hidden_size
+    heads = model_config.num_attention_heads
+    hd = getattr(model_config, "head_dim", None) or h // heads
+    kv = getattr(model_config, "num_key_value_heads", heads) * hd
+    q = heads * hd
+    i = model_config.intermediate_size
+    norms = 2 * (2 * h) if liger else 2 * (8 * h)  # HF's RMSNorm keeps fp32 copies
+    attn = 2 * (q + 2 * kv) + 2 * q  # q, k, v after rotary + the output (also o_proj's input)
+    mlp = 4 * i if liger else 6 * i
+    if method == "full":  # every linear's input is saved for its weight gradient
+        return norms + attn + mlp + 2 * (h + i) + 2 * i
+    ins = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": q, "gate_proj": h, "up_proj": h, "down_proj": i}
+    targets = list(ins) if lora_targets == "all-linear" else [t for t in lora_targets if t in ins]
+    if lora_dropout > 0:
+        lora = sum(3 * ins[t] for t in targets)  # bool mask + bf16 dropped-out copy per target
+    else:
+        lora = 2 * ins["down_proj"] * ("down_proj" in targets)  # the only target input not saved anyway
+    # 4-bit linears: the H100 peak (~150 KiB/token/layer for Llama-3-8B without dropout, bench/README.md) implies
+    # their inputs are kept too: the normed input of q/k/v and of gate/up, and the down_proj input
+    kbit = 2 * h + 2 * h + 2 * i if method == "qlora" else 0
+    return norms + attn + mlp + lora + kbit
+
+
+def plan_checkpointing(n_layers: int, tokens: int, per_token_layer: int, budget_bytes: int, fixed_bytes: int,
+                       hidden: int) -> CheckpointPlan:
+    """The fewest checkpointed layers whose activations fit `budget_bytes` after `fixed_bytes`."""
+    per_layer = int(per_token_layer * tokens * SAFETY)
+    # every checkpointed layer keeps its input (bf16 hidden); one layer's activations are rebuilt at a time
+    room = budget_bytes - fixed_bytes - per_layer
+    best = n_layers
+    for ckpt in range(n_layers + 1):
+        plain = n_layers - ckpt
+        need = plain * per_layer + ckpt * tokens * hidden * 2
+        if need <= room:
+            best = ckpt
+            break
+    return CheckpointPlan(best, n_layers, tokens, per_token_layer, budget_bytes)
+
+
+def decoder_layers(model) -> list:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def set_checkpoint_layers(model, n: int, gc_kwargs: dict) -> None:
+    """Checkpoint the first `n` decoder layers, keep the rest; the last layers' activations are freed first
+    in backward, so recomputing the early layers never overlaps them."""
+    layers = decoder_layers(model)
+    if n > 0:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if not all(getattr(m, "_gradient_checkpointing_func", None) for m in layers):
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+            model.enable_input_require_grads()
+    for idx, m in enumerate(layers):
+        m.gradient_checkpointing = idx < n
+
+
+def auto_checkpoint_plan(model, cfg, device: torch.device, liger: bool) -> CheckpointPlan:
+    """Plan from the memory free now (or `model.memory_budget_gb`), for max_length x micro_batch_size tokens."""
+    m = cfg.model
+    config = model.config
+    layers = decoder_layers(model)
+    tokens = cfg.data.max_length * cfg.train.micro_batch_size
+    per_token = layer_bytes_per_token(config, cfg.lora.target_modules, cfg.lora.dropout, liger, m.method)
+    free, _ = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    usable = free + torch.cuda.memory_reserved(device) - int(0.5 * GIB)  # what this process can hold in all
+    budget = usable if m.memory_budget_gb is None else min(usable, int(m.memory_budget_gb * GIB))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    opt_bytes = {"adamw": 8, "paged_adamw": 8}.get(cfg.train.optimizer, 2)
+    h, vocab = config.hidden_size, config.vocab_size
+    # logits: Liger's fused loss works in chunks of ~tokens / (vocab / hidden) rows, fp32, with their gradient;
+    # otherwise bf16 logits, their fp32 copy and its gradient
+    chunk = 1 << max(0, math.ceil(math.log2(max(1, tokens // max(1, vocab // h)))))
+    loss = tokens * h * 4 + 2 * chunk * vocab * 4 if liger else tokens * vocab * 10
+    mlp_transient = 3 * 2 * config.intermediate_size * tokens  # gate/up/product of the layer being computed
+    fixed = allocated + trainable * (4 + opt_bytes) + loss + mlp_transient + int(0.06 * budget)
+    return plan_checkpointing(len(layers), tokens, per_token, budget, fixed, h)
+
+
+def resolve_checkpoint_layers(cfg, device: torch.device) -> int | str | None:
+    """'auto' on a GPU; an int as given; None where the plain gradient_checkpointing flag decides."""
+    value = getattr(cfg.model, "checkpoint_layers", None)
+    if value == "auto":
+        return "auto" if device.type == "cuda" else None
+    return value

@@ -317,6 +317,7 @@ class Trainer:
         self._heartbeat()
         params = [p for _, p in model_lib.trainable_parameters(self.raw_model)]
         pad = self.tokenizer.pad_token_id
+        self.model.train()  # from_pretrained returns eval mode: dropout and checkpointing would be off
         while self.step < self.total_steps:
             rng_at_step_start = train_state.rng_state()
             t0 = time.monotonic()

@@ -10,7 +10,8 @@ from common import TINY, assert_bitwise_equal, kill_at_step, run_cli, start_cli,
 METHODS = {
     "full": ["model.method=full"],
     "lora": ["model.method=lora"],
-    "qlora": ["model.method=qlora"],
+    # the seed recipe's optimizer too; r=64 makes LoRA matrices big enough for bitsandbytes' 8-bit state
+    "qlora": ["model.method=qlora", "train.optimizer=paged_adamw_8bit", "lora.r=64"],
 }
 
 

@@ -304,8 +304,10 @@ class Trainer:
 
     def _heartbeat(self) -> None:
         if self.is_main:
-            hb = self.output_dir / "heartbeat"
-            hb.write_text(f"{self.step}\n")
+            # replaced atomically, so the supervisor never reads it half written
+            tmp = self.output_dir / ".heartbeat.tmp"
+            tmp.write_text(f"{self.step}\n")
+            os.replace(tmp, self.output_dir / "heartbeat")
 
     def train(self) -> int:
         """Run to the end (exit 0) or to an agreed stop (emergency checkpoint, exit 75)."""

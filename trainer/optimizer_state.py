@@ -199,6 +199,9 @@ class SavedOptimizerState:
                                       f"checkpoint") from None
             self.files.append((self.dir / f"{stem}.safetensors", meta))
         self.meta = self.files[0][1]
+        if "layout" not in self.meta or "param_groups" not in self.meta:
+            raise CheckpointError(f"{self.dir}: optimizer state in an older or unknown format; resume from a "
+                                  f"checkpoint written by this version, or use --resume never")
         saved_ws = self.meta.get("world_size", len(stems))
         if self.meta["layout"] == "zero-partition" and len(stems) != saved_ws:
             raise CheckpointError(f"{self.dir}: {len(stems)} optimizer-rank files for a world size of "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,7 +30,25 @@ TINY = [
 def env() -> dict:
     e = dict(os.environ)
     e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu")
+    # DeepSpeed compiles CPU Adam on first use (~1-2 min); scripts/test.sh keeps the build here too
+    e.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/spot-trainer/torch_extensions"))
     return e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_cli(*args: str, launch_config: str = "cpu_2proc", num_processes: int = 2,
+                   launch_args: list[str] = (), overrides: list[str] = (), output_dir: Path | None = None) -> list[str]:
+    """`accelerate launch --config_file launch/<x>.yaml ... -m trainer <args>`; launch_args (e.g. multi-node flags
+    with their own --main_process_port) replace the default free port."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "launch" / f"{launch_config}.yaml"), "--num_processes", str(num_processes),
+              *(launch_args or ["--main_process_port", str(free_port())])]
+    return launch + cli_args(*args, overrides=overrides, output_dir=output_dir)[1:]
 
 
 def cli_args(*args: str, overrides: list[str] = (), output_dir: Path | None = None) -> list[str]:

@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 py="$(bash scripts/setup_env.sh)"
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+# the venv's tools first: DeepSpeed builds CPU Adam with whichever ninja comes first, and two ninja versions
+# sharing one build cache rebuild it each time they alternate
+export PATH="$(cd "$(dirname "$py")" && pwd):$PATH"
 # DeepSpeed's CPU Adam is compiled once and reused across runs
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/spot-trainer/torch_extensions}"
 exec "$py" -m pytest -m "not gpu and not bench" "$@"

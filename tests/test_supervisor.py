@@ -310,3 +310,22 @@ def test_runpod_script_turns_the_watcher_off_and_lets_the_user_override(tmp_path
     argv = json.loads(record.read_text())["argv"]
     assert argv == ["run", "--output-dir", str(tmp_path / "run"), "--set", "preemption.watch=none",
                     "--set", "preemption.grace_seconds=5", "--set", "preemption.grace_seconds=3"]
+
+
+def test_hung_ranks_in_sessions_of_their_own_are_killed_too(tmp_path):
+    # like torchrun: the launcher starts each rank in a new session, so killing the launcher's group misses them
+    out = tmp_path / "run"
+    pidfile = tmp_path / "rank.pid"
+    rank = (f"import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)")
+    launcher = ["bash", "-c", f"setsid {sys.executable} -c \"{rank}\" & wait"]
+    cfg, _ = _cfg(out, hang_timeout=0.5, max_restarts=0)
+    code = Supervisor(cfg, output_dir=str(out), child_argv=launcher, env=dict(os.environ)).run()
+    assert code == 1 and _events(out, event="exit")[0]["reason"] == "hang"
+    pid = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the hung rank outlived the supervisor's kill")

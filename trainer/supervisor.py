@@ -132,6 +132,7 @@ class Supervisor:
         self._wait = wait_exponential(multiplier=s.backoff_initial_s, max=s.backoff_max_s) + wait_random(
             0, s.backoff_initial_s)
         self._proc: Optional[subprocess.Popen] = None
+        self._tree: set[tuple[int, int]] = set()  # (pid, start time) of the launcher's descendants
         self._forwarded = False
         self._signalled: Optional[str] = None
         self._signal_mono: Optional[float] = None
@@ -161,6 +162,14 @@ class Supervisor:
         proc = self._proc
         if proc is None:
             return False
+        if sig == signal.SIGKILL:
+            # torchrun starts each rank in a session of its own: the launcher's group does not reach them
+            for pid, start in self._tree:
+                if _start_time(pid) == start:  # still the same process, not a reused pid
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
         try:
             os.killpg(proc.pid, sig)  # start_new_session: the group id is the child's pid
             return True
@@ -185,7 +194,9 @@ class Supervisor:
         last_beat, beat_seen = start, False
         env = dict(self.env, SPOT_TRAINER_SUPERVISED="1", SPOT_TRAINER_ATTEMPT=str(attempt))
         self._forwarded = False
+        self._tree = set()
         self._proc = subprocess.Popen(self.argv, start_new_session=True, env=env)
+        tree_scan = 0.0
         if self._signalled and not self._forwarded:  # the signal came while we were starting it
             self._forwarded = self._kill_group(signal.SIGTERM)
         hang = killed = False
@@ -195,6 +206,9 @@ class Supervisor:
             new_stamp = _heartbeat_stamp(self.output_dir)
             if new_stamp != stamp:
                 stamp, last_beat, beat_seen = new_stamp, now, True
+            if now - tree_scan > 1.0:  # remember the ranks while the launcher is alive to name them
+                self._tree |= _descendants(self._proc.pid)
+                tree_scan = now
             if self._signal_mono is not None and kill_at is None:
                 kill_at = self._signal_mono + self.grace
             # Model loading and the first step can be slow: allow twice the timeout before the first beat.
@@ -316,6 +330,41 @@ class Supervisor:
 
 def _or_minus_1(step: Optional[int]) -> int:
     return -1 if step is None else step
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2:].split()  # fields from 'state' on (the name may hold spaces)
+
+
+def _start_time(pid: int) -> int | None:
+    st = _stat(pid)
+    return int(st[19]) if st else None
+
+
+def _descendants(pid: int) -> set[tuple[int, int]]:
+    """(pid, start time) of every process below `pid`, read from /proc (empty where /proc is missing)."""
+    children: dict[int, list[int]] = {}
+    try:
+        pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        return set()
+    for p in pids:
+        st = _stat(p)
+        if st:
+            children.setdefault(int(st[1]), []).append(p)
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            start = _start_time(c)
+            if start is not None and (c, start) not in out:
+                out.add((c, start))
+                todo.append(c)
+    return out
 
 
 def run_supervisor(cfg: Config, config_source: Optional[str], overrides: list[str], output_dir: str) -> int:

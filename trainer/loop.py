@@ -102,6 +102,8 @@ class Trainer:
             model_lib.materialize_builtin(self.cfg, self.tokenizer, self.output_dir)
         self.acc.wait_for_everyone()
         self.model = model_lib.build_model(self.cfg, self.tokenizer, self.device, self.output_dir)
+        # the same init on every rank (above), then a stream of its own for dropout on each rank
+        torch.manual_seed(self.cfg.train.seed + 7919 * self.rank)
         self.n_trainable = sum(p.numel() for _, p in model_lib.trainable_parameters(self.model))
 
     def _make_optimizer(self, params):

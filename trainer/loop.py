@@ -385,6 +385,12 @@ class Trainer:
                 self.stop.checkpoint_taken()
         console.close()
         self.eval_after = self._evaluate()
+        before = getattr(self, "eval_before", None)
+        if before and self.eval_after and before.get("eval_loss") is not None:
+            em = ("" if before.get("eval_exact_match") is None else
+                  f", exact match {before['eval_exact_match']:.1%} -> {self.eval_after['eval_exact_match']:.1%}")
+            self.console_line(f"eval before -> after training: loss {before['eval_loss']:.4f} -> "
+                              f"{self.eval_after['eval_loss']:.4f}{em}")
         self.writer.wait()
         self._write_final()
         self._wait_uploads(None)

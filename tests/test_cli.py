@@ -84,3 +84,23 @@ def test_ckpt_list_and_verify(tmp_path):
     (tmp_path / "checkpoints" / "step-00000008" / "model.safetensors").write_bytes(b"garbage")
     p = run_cli("ckpt", "verify", output_dir=tmp_path, check=False)
     assert p.returncode == 1 and "step 8: " in p.stdout and "size" in p.stdout
+
+
+def test_ckpt_push_list_remote_pull_prune(tmp_path):
+    out, remote = tmp_path / "run", f"file://{tmp_path / 'bucket'}"
+    run_cli("train", overrides=TINY + ["train.max_steps=8"], output_dir=out)
+    assert "nothing to push" not in run_cli("ckpt", "push", overrides=[f"checkpoint.remote={remote}"],
+                                            output_dir=out).stdout
+    p = run_cli("ckpt", "list", "--remote", remote, output_dir=out)
+    assert [line.split()[-2] for line in p.stdout.splitlines()[1:]] == ["both", "both"]
+    # a fresh machine: pull the newest into an empty output dir
+    fresh = tmp_path / "fresh"
+    p = run_cli("ckpt", "pull", overrides=[f"checkpoint.remote={remote}"], output_dir=fresh)
+    assert "pulled step 8" in p.stdout
+    assert run_cli("ckpt", "verify", output_dir=fresh).stdout.strip() == "step 8: ok"
+    run_cli("ckpt", "prune", "--keep-last", "1", "--remote", overrides=[f"checkpoint.remote={remote}"],
+            output_dir=out)
+    p = run_cli("ckpt", "list", "--remote", remote, output_dir=out)
+    assert [line.split()[0] for line in p.stdout.splitlines()[1:]] == ["8"]
+    p = run_cli("ckpt", "pull", output_dir=tmp_path / "x", check=False)
+    assert p.returncode == 2 and "ckpt pull: set checkpoint.remote" in p.stderr

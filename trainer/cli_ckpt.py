@@ -26,6 +26,13 @@ def _remote(cfg, uri: str | None):
     return open_store(uri, cfg.checkpoint.s3)
 
 
+def _required_remote(cfg, command: str):
+    remote = _remote(cfg, None)
+    if remote is None:
+        raise ConfigError(f"{command}: set checkpoint.remote (e.g. --set checkpoint.remote=s3://bucket/run)")
+    return remote
+
+
 def _fmt_size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -109,9 +116,7 @@ def prune_cmd(config, overrides, output_dir, keep_last, also_remote):
     gone = CheckpointStore(cfg.output_dir).prune(keep)
     click.echo(f"local: deleted {len(gone)} checkpoint(s){': ' + ', '.join(map(str, gone)) if gone else ''}")
     if also_remote:
-        remote = _remote(cfg, None)
-        if remote is None:
-            raise ConfigError("--remote: no checkpoint.remote configured")
+        remote = _required_remote(cfg, "ckpt prune --remote")
         doomed = remote.prune(keep)  # also removes abandoned partial uploads
         click.echo(f"remote: deleted {len(doomed)} checkpoint(s){': ' + ', '.join(map(str, doomed)) if doomed else ''}")
     return 0
@@ -124,9 +129,7 @@ def prune_cmd(config, overrides, output_dir, keep_last, also_remote):
 def pull_cmd(config, overrides, output_dir, step):
     """Download a checkpoint from the remote into the output dir (sha256 verified)."""
     cfg = _cfg(config, overrides, output_dir)
-    remote = _remote(cfg, None)
-    if remote is None:
-        raise ConfigError("ckpt pull: set checkpoint.remote (e.g. --set checkpoint.remote=s3://bucket/run)")
+    remote = _required_remote(cfg, "ckpt pull")
     store = CheckpointStore(cfg.output_dir)
     store.root.mkdir(parents=True, exist_ok=True)
     if step is None:
@@ -147,9 +150,7 @@ def pull_cmd(config, overrides, output_dir, step):
 def push_cmd(config, overrides, output_dir, step):
     """Upload committed local checkpoints the remote does not have (manifest last)."""
     cfg = _cfg(config, overrides, output_dir)
-    remote = _remote(cfg, None)
-    if remote is None:
-        raise ConfigError("ckpt push: set checkpoint.remote (e.g. --set checkpoint.remote=s3://bucket/run)")
+    remote = _required_remote(cfg, "ckpt push")
     store = CheckpointStore(cfg.output_dir)
     have = set(remote.committed_steps())
     steps = [step] if step is not None else [s for s in store.committed_steps() if s not in have]

@@ -104,7 +104,6 @@ class Trainer:
         self.model = model_lib.build_model(self.cfg, self.tokenizer, self.device, self.output_dir)
         # the same init on every rank (above), then a stream of its own for dropout on each rank
         torch.manual_seed(self.cfg.train.seed + 7919 * self.rank)
-        self.n_trainable = sum(p.numel() for _, p in model_lib.trainable_parameters(self.model))
 
     def _make_optimizer(self, params):
         t = self.cfg.train
@@ -206,7 +205,7 @@ class Trainer:
         self.samples_seen, self.tokens_seen = state["samples_seen"], state["tokens_seen"]
         saved = (path / "metrics.jsonl").read_text() if (path / "metrics.jsonl").exists() else None
         self.metrics.rewind(saved, self.step)
-        self.resumed_from = self.saved_step = self.step
+        self.saved_step = self.step
         self.console_line(f"resumed from {path} (step {self.step}/{self.total_steps})")
 
     def _check_compatible(self, path: Path, state: dict) -> None:
@@ -221,12 +220,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _snapshot(self, kind: str, rng: dict | None = None) -> Snapshot:
+    def _snapshot(self, kind: str, rng: tuple | None = None) -> Snapshot:
         snap = Snapshot(step=self.step, rank=self.rank, world_size=self.world, kind=kind)
         tensors, meta = optimizer_snapshot(self.acc, self.model, self.optimizer)  # every rank: ZeRO partitions
         snap.tensors.update(tensors)
         snap.json.update(meta)
-        snap.json[f"rng-rank{self.rank:05d}.json"] = rng or train_state.rng_state()
+        snap.json[f"rng-rank{self.rank:05d}.json"] = train_state.rng_json(rng or train_state.capture_rng())
         if self.is_main:
             snap.tensors["model.safetensors"] = train_state.trainable_state(self.raw_model)
             snap.json["trainer_state.json"] = {
@@ -260,7 +259,7 @@ class Trainer:
             return True
         return bool(c.every_minutes) and time.monotonic() - self.last_ckpt_time >= 60 * c.every_minutes
 
-    def save_checkpoint(self, kind: str = "periodic", sync: bool = False, rng: dict | None = None) -> None:
+    def save_checkpoint(self, kind: str = "periodic", sync: bool = False, rng: tuple | None = None) -> None:
         # Decided from this run's own history, not from the disk: rank 0 commits in the background, so ranks
         # reading committed_steps() could disagree, and rank 0 would wait for a marker that never comes.
         if self.step == self.saved_step:
@@ -290,7 +289,8 @@ class Trainer:
         out = {}
         if self.is_main and (self.data.eval or self.data.eval_prompts):
             e = self.cfg.eval
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            cuda = [torch.cuda.current_device()] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
                 out["eval_loss"] = evaluate.eval_loss(self.raw_model, self.data.eval, self.tokenizer.pad_token_id,
                                                       self.cfg.train.micro_batch_size, self.device)
                 if e.generate and self.data.eval_prompts:
@@ -323,7 +323,7 @@ class Trainer:
         pad = self.tokenizer.pad_token_id
         self.model.train()  # from_pretrained returns eval mode: dropout and checkpointing would be off
         while self.step < self.total_steps:
-            rng_at_step_start = train_state.rng_state()
+            rng_at_step_start = train_state.capture_rng()  # raw copies; made JSON only if a stop needs them
             t0 = time.monotonic()
             micro_rows, next_pos = self.plan.step_rows(self.pos, self.rank)
             micro = [batches.collate([self.rows[i] for i in mb], pad) for mb in micro_rows]
@@ -397,7 +397,7 @@ class Trainer:
         self.events.emit("train_end", step=self.step, status="done")
         return EXIT_OK
 
-    def _preempted(self, rng: dict, console: Console) -> int:
+    def _preempted(self, rng: tuple, console: Console) -> int:
         """Agreed stop: commit the state at the last completed step locally, then upload with the grace left."""
         console.close()
         t0 = time.monotonic()

@@ -38,17 +38,22 @@ def _unb64(s: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
 
 
-def rng_state() -> dict:
-    """Python, numpy and torch (CPU and CUDA) RNG states of this process, JSON-safe."""
-    py = random.getstate()
-    npst = np.random.get_state()
+def capture_rng() -> tuple:
+    """This process's python, numpy and torch (CPU and CUDA) RNG states, as cheap raw copies."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def rng_json(raw: tuple) -> dict:
+    """A capture_rng() result in JSON-safe form (what rng-rank*.json holds)."""
+    py, npst, cpu, cuda = raw
     out = {
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
-        "torch": _b64(torch.get_rng_state()),
+        "torch": _b64(cpu),
     }
-    if torch.cuda.is_available():
-        out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    if cuda is not None:
+        out["cuda"] = [_b64(s) for s in cuda]
     return out
 
 

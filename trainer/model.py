@@ -67,13 +67,15 @@ def model_config(cfg: Config):
         from .tokenizer import CHARS, SPECIAL
 
         return builtin_config(cfg, len(SPECIAL) + len(CHARS))
+    if cfg.model.name_or_path.startswith("builtin:"):
+        raise ConfigError(f"model.name_or_path {cfg.model.name_or_path!r}: the built-in model is {BUILTIN}")
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.name_or_path {cfg.model.name_or_path}: cannot read its config "
-                          f"({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"model.name_or_path {cfg.model.name_or_path}: cannot read its config.json "
+                          f"({str(e).splitlines()[0]}); give a local model dir or a reachable hub id") from None
 
 
 def materialize_builtin(cfg: Config, tokenizer, output_dir: Path) -> Path:

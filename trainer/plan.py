@@ -144,40 +144,18 @@ def load_prices(path: Path | None = None) -> dict:
 
 def model_config(cfg: Config, vocab_size: int | None = None):
     """The transformers config of cfg.model (builtin, local dir or hub id); never loads weights."""
-    if cfg.model.name_or_path.startswith("builtin:"):
-        if cfg.model.name_or_path != "builtin:tiny-llama":
-            raise ConfigError(f"model.name_or_path {cfg.model.name_or_path!r}: "
-                              "the built-in model is builtin:tiny-llama")
-        from transformers import LlamaConfig
+    from .model import builtin_config, is_builtin, model_config as trainer_model_config
 
-        if vocab_size is None:
-            try:  # the built-in character tokenizer's size
-                from .tokenizer import CHARS, SPECIAL
-
-                vocab_size = len(SPECIAL) + len(CHARS)
-            except ImportError:
-                vocab_size = 100
-        b = cfg.model.builtin
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=b.hidden_size, intermediate_size=b.intermediate_size,
-                           num_hidden_layers=b.num_hidden_layers, num_attention_heads=b.num_attention_heads,
-                           num_key_value_heads=b.num_key_value_heads, tie_word_embeddings=False,
-                           max_position_embeddings=b.max_position_embeddings)
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model.name_or_path {cfg.model.name_or_path}: cannot read its config.json "
-                          f"({str(e).splitlines()[0]}); give a local model dir or a reachable hub id") from None
+    if is_builtin(cfg) and vocab_size is not None:
+        return builtin_config(cfg, vocab_size)
+    return trainer_model_config(cfg)
 
 
 def grad_accum(cfg: Config, num_gpus: int) -> int:
-    t = cfg.train
-    if t.grad_accum:
-        return t.grad_accum
-    if t.global_batch_size:
-        return max(1, math.ceil(t.global_batch_size / (t.micro_batch_size * num_gpus)))
-    return 1
+    """The trainer's own rule (trainer.distributed), so plan refuses what training would refuse."""
+    from .distributed import resolve_grad_accum
+
+    return resolve_grad_accum(cfg, num_gpus)
 
 
 def setup_from_config(cfg: Config, num_gpus: int = 1, gpu: GpuSpec | None = None) -> TrainingSetup:

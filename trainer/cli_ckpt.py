@@ -33,6 +33,10 @@ def _required_remote(cfg, command: str):
     return remote
 
 
+def _deleted(where: str, steps: list[int]) -> str:
+    return f"{where}: deleted {len(steps)} checkpoint(s)" + (f": {', '.join(map(str, steps))}" if steps else "")
+
+
 def _fmt_size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -114,11 +118,11 @@ def prune_cmd(config, overrides, output_dir, keep_last, also_remote):
     if not keep or keep < 1:
         raise ConfigError("--keep-last: must be >= 1")
     gone = CheckpointStore(cfg.output_dir).prune(keep)
-    click.echo(f"local: deleted {len(gone)} checkpoint(s){': ' + ', '.join(map(str, gone)) if gone else ''}")
+    click.echo(_deleted("local", gone))
     if also_remote:
         remote = _required_remote(cfg, "ckpt prune --remote")
         doomed = remote.prune(keep)  # also removes abandoned partial uploads
-        click.echo(f"remote: deleted {len(doomed)} checkpoint(s){': ' + ', '.join(map(str, doomed)) if doomed else ''}")
+        click.echo(_deleted("remote", doomed))
     return 0
 
 

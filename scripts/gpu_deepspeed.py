@@ -1,8 +1,14 @@
 """DeepSpeed ZeRO-2 + CPU optimizer offload on one GPU, through the real CLI: full fine-tuning of a ~1B Llama
 shape (uninterrupted, then SIGTERM -> emergency checkpoint -> resume, compared), and QLoRA under ZeRO-2 offload.
 
-    python scripts/gpu_deepspeed.py --out $OUT            # on the device (about 4-5 minutes)
-    python scripts/gpu_deepspeed.py --shape tiny --cpu    # smoke test here
+    python scripts/gpu_deepspeed.py --out $OUT --parts full            # on the device (about 5 minutes)
+    python scripts/gpu_deepspeed.py --out $OUT --parts lora,qlora      # on the device (about 4 minutes)
+    python scripts/gpu_deepspeed.py --shape tiny --cpu                 # smoke test here
+
+For each method: an uninterrupted run; the same config stopped by SIGTERM (emergency checkpoint, exit 75); the
+resumed run; then the last checkpoint's trainable weights of the two compared. `checkpoint.keep_last=1` and the
+uninterrupted run's checkpoints are deleted once its weights are read: a full fine-tuning checkpoint of the 1.5 B
+shape is about 24 GB (bf16 weights + fp32 master, exp_avg, exp_avg_sq) and the machine has a 64 GB disk.
 
 Prints what it measured and writes deepspeed-<shape>.json.
 """
@@ -23,13 +29,13 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench import build_model, write_data  # noqa: E402
 
 
-def config(model: str, data: str, method: str, steps: int) -> list[str]:
+def config(model: str, data: str, method: str, steps: int, every: int = 2) -> list[str]:
     return [f"model.name_or_path={model}", f"model.method={method}", "model.gradient_checkpointing=true",
             "lora.r=16", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",
             f"data.path={data}", "data.format=completion", "data.max_length=512", "data.eval_split=null",
             "train.micro_batch_size=2", "train.grad_accum=2", f"train.max_steps={steps}", "train.lr=1e-5",
             "train.log_every_steps=1", "eval.before_training=false", "eval.generate=false",
-            "checkpoint.every_steps=2", "checkpoint.keep_last=5", "preemption.watch=none",
+            f"checkpoint.every_steps={every}", "checkpoint.keep_last=1", "preemption.watch=none",
             "distributed.deepspeed=zero2_offload"]
 
 
@@ -79,6 +85,42 @@ def weights(out: Path, step: int):
     return load_file(str(out / "checkpoints" / f"step-{step:08d}" / "model.safetensors"))
 
 
+def disk_free_gb(path: Path) -> float:
+    st = os.statvfs(path)
+    return round(st.f_bavail * st.f_frsize / 1e9, 1)
+
+
+def method_runs(info: dict, work: Path, model: Path, data: str, method: str, steps: int, every: int,
+                sigterm_at: int, save) -> None:
+    import torch
+
+    cfg = config(str(model), data, method, steps, every)
+    a, b = work / f"{method}-a", work / f"{method}-b"
+    info[f"{method}_uninterrupted"] = run(f"{method}_uninterrupted", a, cfg)
+    save()
+    try:
+        wa = weights(a, steps)
+    except Exception as e:  # a failed run above: record, do not hide
+        info[f"{method}_resume_error"] = repr(e)
+        wa = None
+    subprocess.run(["rm", "-rf", str(a / "checkpoints"), str(a / "final")])
+    info[f"{method}_disk_free_gb"] = disk_free_gb(work)
+    info[f"{method}_sigterm"] = run(f"{method}_sigterm", b, cfg, sigterm_at=sigterm_at)
+    save()
+    info[f"{method}_resumed"] = run(f"{method}_resumed", b, cfg)
+    if wa is not None:
+        try:
+            wb = weights(b, steps)
+            info[f"{method}_resume_max_abs_diff"] = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+            info[f"{method}_resume_bitwise"] = all(torch.equal(wa[k], wb[k]) for k in wa)
+            la, lb = info[f"{method}_uninterrupted"]["losses"], info[f"{method}_resumed"]["losses"]
+            info[f"{method}_resumed_losses_match"] = la[-len(lb):] == lb if lb else False
+        except Exception as e:
+            info[f"{method}_resume_error"] = repr(e)
+    subprocess.run(["rm", "-rf", str(a), str(b)])
+    save()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="1b")
@@ -86,39 +128,30 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--work", default="/tmp/ds-work")
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--parts", default="full,lora,qlora")
     a = ap.parse_args()
     work = Path(a.work)
     subprocess.run(["rm", "-rf", str(work)])
     work.mkdir(parents=True)
     model = work / f"model-{a.shape}"
-    info = {"shape": a.shape, "build": build_model(a.shape, model, "cpu" if a.cpu else "cuda")}
+    info = {"shape": a.shape, "parts": a.parts, "build": build_model(a.shape, model, "cpu" if a.cpu else "cuda"),
+            "disk_free_gb": disk_free_gb(work), "command": "python scripts/gpu_deepspeed.py " + " ".join(sys.argv[1:])}
     write_data(work / "data", n_var=200, n_fixed=64)
     data = str(work / "data" / "fixed.jsonl")
     import torch
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    name = f"deepspeed-{a.shape}-{a.parts.replace(',', '-')}.json"
 
     def save():  # after every run: a call cut short still leaves what it measured
-        (out / f"deepspeed-{a.shape}.json").write_text(json.dumps(info, indent=1))
+        (out / name).write_text(json.dumps(info, indent=1))
 
     info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    full = config(str(model), data, "full", a.steps)
-    info["full_uninterrupted"] = run("full_uninterrupted", work / "full-a", full)
-    save()
-    info["full_sigterm"] = run("full_sigterm", work / "full-b", full, sigterm_at=3)
-    save()
-    info["full_resumed"] = run("full_resumed", work / "full-b", full)
-    try:
-        wa, wb = weights(work / "full-a", a.steps), weights(work / "full-b", a.steps)
-        diff = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
-        info["full_resume_max_abs_diff"] = diff
-        info["full_resume_bitwise"] = all(torch.equal(wa[k], wb[k]) for k in wa)
-    except Exception as e:  # a failed run above: record, do not hide
-        info["full_resume_error"] = repr(e)
-    save()
-    info["qlora_zero2_offload"] = run("qlora_zero2_offload", work / "qlora", config(str(model), data, "qlora", 4))
-    save()
+    for method in a.parts.split(","):
+        # full: checkpoints at 3 and 6 (about 24 GB each), SIGTERM during step 3..4; adapters: every 2 steps
+        every, sigterm_at = (3, 2) if method == "full" else (2, 3)
+        method_runs(info, work, model, data, method, a.steps, every, sigterm_at, save)
     print(json.dumps({k: v for k, v in info.items() if not isinstance(v, dict) or "exit_code" not in v}, indent=1))
     for k, v in info.items():
         if isinstance(v, dict) and "exit_code" in v:

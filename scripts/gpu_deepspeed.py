@@ -71,6 +71,7 @@ def run(name: str, out: Path, overrides: list[str], sigterm_at: int | None = Non
            "losses": [m["loss"] for m in train], "peak_memory_gb": max((m["memory_gb"] for m in train), default=None),
            "tokens_per_s_median": sorted(m["tokens_per_second"] for m in train)[len(train) // 2] if train else None,
            "stall_s": [e["stall_s"] for e in events if e["event"] == "checkpoint"],
+           "commit_s": [e.get("commit_s") for e in events if e["event"] == "checkpoint"],
            "preempt": [e for e in events if e["event"] == "preempt"]}
     if rc not in (0, 75):
         res["log_tail"] = log.read_text()[-2500:]
@@ -91,18 +92,19 @@ def disk_free_gb(path: Path) -> float:
 
 
 def method_runs(info: dict, work: Path, model: Path, data: str, method: str, steps: int, every: int,
-                sigterm_at: int, save) -> None:
+                sigterm_at: int, save, baseline: bool = True) -> None:
     import torch
 
     cfg = config(str(model), data, method, steps, every)
     a, b = work / f"{method}-a", work / f"{method}-b"
-    info[f"{method}_uninterrupted"] = run(f"{method}_uninterrupted", a, cfg)
-    save()
-    try:
-        wa = weights(a, steps)
-    except Exception as e:  # a failed run above: record, do not hide
-        info[f"{method}_resume_error"] = repr(e)
-        wa = None
+    wa = None
+    if baseline:
+        info[f"{method}_uninterrupted"] = run(f"{method}_uninterrupted", a, cfg)
+        save()
+        try:
+            wa = weights(a, steps)
+        except Exception as e:  # a failed run above: record, do not hide
+            info[f"{method}_resume_error"] = repr(e)
     subprocess.run(["rm", "-rf", str(a / "checkpoints"), str(a / "final")])
     info[f"{method}_disk_free_gb"] = disk_free_gb(work)
     info[f"{method}_sigterm"] = run(f"{method}_sigterm", b, cfg, sigterm_at=sigterm_at)
@@ -129,6 +131,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/ds-work")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--parts", default="full,lora,qlora")
+    ap.add_argument("--no-baseline", action="store_true", help="only the SIGTERM + resume runs (timings)")
     a = ap.parse_args()
     work = Path(a.work)
     subprocess.run(["rm", "-rf", str(work)])
@@ -142,7 +145,7 @@ def main() -> None:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"deepspeed-{a.shape}-{a.parts.replace(',', '-')}.json"
+    name = f"deepspeed-{a.shape}-{a.parts.replace(',', '-')}{'-nobaseline' if a.no_baseline else ''}.json"
 
     def save():  # after every run: a call cut short still leaves what it measured
         (out / name).write_text(json.dumps(info, indent=1))
@@ -151,7 +154,7 @@ def main() -> None:
     for method in a.parts.split(","):
         # full: checkpoints at 3 and 6 (about 24 GB each), SIGTERM during step 3..4; adapters: every 2 steps
         every, sigterm_at = (3, 2) if method == "full" else (2, 3)
-        method_runs(info, work, model, data, method, a.steps, every, sigterm_at, save)
+        method_runs(info, work, model, data, method, a.steps, every, sigterm_at, save, not a.no_baseline)
     print(json.dumps({k: v for k, v in info.items() if not isinstance(v, dict) or "exit_code" not in v}, indent=1))
     for k, v in info.items():
         if isinstance(v, dict) and "exit_code" in v:

@@ -14,16 +14,18 @@ import queue
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .errors import CheckpointError, SpotTrainerError
 from .manifest import MANIFEST_NAME, build_manifest, fsync_dir, parse_step_dirname, step_dirname, verify, \
     write_manifest
+from .st_io import write_bytes, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +43,6 @@ class Snapshot:
     text: dict[str, str] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     created: float = field(default_factory=time.monotonic)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_tensors(ckpt: Path, name: str) -> dict[str, torch.Tensor]:
@@ -131,23 +125,25 @@ class CheckpointStore:
     # ------------------------------------------------------------ writing
 
     def write_rank_files(self, snap: Snapshot) -> Path:
-        """This rank's files into the temp dir, fsynced, then its done marker."""
+        """This rank's files into the temp dir, hashed while written and fsynced, then its done marker.
+
+        Files are written in parallel threads (the bytes go from the snapshot's tensors to the file without an
+        intermediate buffer); the marker carries their sizes and sha256, so rank 0 commits without reading
+        them back.
+        """
         tmp = self.tmp_path(snap.step)
         tmp.mkdir(parents=True, exist_ok=True)
-        written = []
-        for name, tensors in snap.tensors.items():
-            save_file(tensors, str(tmp / name))
-            written.append(tmp / name)
-        for name, obj in snap.json.items():
-            (tmp / name).write_text(json.dumps(obj, indent=1, sort_keys=True))
-            written.append(tmp / name)
-        for name, text in snap.text.items():
-            (tmp / name).write_text(text)
-            written.append(tmp / name)
-        for p in written:
-            _fsync_file(p)
+        jobs = [(name, lambda n=name, t=tensors: write_safetensors(tmp / n, t)) for name, tensors in snap.tensors.items()]
+        jobs += [(name, lambda n=name, o=obj: write_bytes(tmp / n, json.dumps(o, indent=1, sort_keys=True).encode()))
+                 for name, obj in snap.json.items()]
+        jobs += [(name, lambda n=name, x=text: write_bytes(tmp / n, x.encode())) for name, text in snap.text.items()]
+        # big files first, so the longest write starts at once
+        jobs.sort(key=lambda j: -sum(t.numel() * t.element_size() for t in snap.tensors.get(j[0], {}).values()))
+        with ThreadPoolExecutor(max_workers=max(1, min(4, len(jobs)))) as pool:
+            futures = [(name, pool.submit(fn)) for name, fn in jobs]
+            written = {name: f.result() for name, f in futures}
         marker = tmp / f".rank-{snap.rank:05d}.done"
-        marker.write_text(str(os.getpid()))
+        write_bytes(marker, json.dumps({"pid": os.getpid(), "files": written}).encode())
         return tmp
 
     def commit(self, snap: Snapshot, timeout: float = 600.0) -> Path:
@@ -159,9 +155,15 @@ class CheckpointStore:
             if time.monotonic() > deadline:
                 raise CheckpointError(f"{tmp}: not every rank wrote its files within {timeout:.0f} s")
             time.sleep(0.005)
+        known: dict[str, tuple[int, str]] = {}
         for m in markers:
+            try:  # written durably before it appeared; a marker without hashes just means hashing here
+                known.update({k: tuple(v) for k, v in json.loads(m.read_text()).get("files", {}).items()})
+            except (OSError, ValueError, AttributeError):
+                pass
             m.unlink()
-        manifest = build_manifest(tmp, snap.step, world_size=snap.world_size, kind=snap.kind, extra=snap.extra)
+        manifest = build_manifest(tmp, snap.step, known=known, world_size=snap.world_size, kind=snap.kind,
+                                  extra=snap.extra)
         write_manifest(tmp, manifest)
         final = self.path(snap.step)
         if final.exists():  # a broken leftover of the same step (a valid one is never rewritten)

@@ -220,14 +220,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _snapshot(self, kind: str, rng: tuple | None = None) -> Snapshot:
+    def _snapshot(self, kind: str, rng: tuple | None = None, copy: bool = True) -> Snapshot:
+        """copy=False (a synchronous write): the live tensors, not copies; nothing changes them until it is done."""
         snap = Snapshot(step=self.step, rank=self.rank, world_size=self.world, kind=kind)
-        tensors, meta = optimizer_snapshot(self.acc, self.model, self.optimizer)  # every rank: ZeRO partitions
+        tensors, meta = optimizer_snapshot(self.acc, self.model, self.optimizer, copy)  # every rank: ZeRO partitions
         snap.tensors.update(tensors)
         snap.json.update(meta)
         snap.json[f"rng-rank{self.rank:05d}.json"] = train_state.rng_json(rng or train_state.capture_rng())
         if self.is_main:
-            snap.tensors["model.safetensors"] = train_state.trainable_state(self.raw_model)
+            snap.tensors["model.safetensors"] = train_state.trainable_state(self.raw_model, copy)
             snap.json["trainer_state.json"] = {
                 "step": self.step, "epoch": self.pos.epoch, "epoch_offset": self.pos.offset,
                 "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen, "world_size": self.world,
@@ -266,8 +267,18 @@ class Trainer:
             return
         self.saved_step = self.step
         t0 = time.monotonic()
-        snap = self._snapshot(kind, rng)
+        # one snapshot in RAM at a time: if the previous checkpoint is still being written, wait for it (every
+        # rank does, so they stay in step) instead of queueing copies of the whole state
+        self.writer.wait()
+        waited = time.monotonic() - t0
+        if waited > 1.0 and kind == "periodic":
+            log.warning("checkpoint at step %d waited %.1f s for the previous one to finish writing; checkpoints "
+                        "come faster than the disk takes them: raise checkpoint.every_steps/every_minutes",
+                        self.step, waited)
+        snap = self._snapshot(kind, rng, copy=not sync)
         snap.extra["stall_s"] = round(time.monotonic() - t0, 4)
+        if waited > 0.05:
+            snap.extra["waited_for_previous_s"] = round(waited, 3)
         (self.writer.write_now if sync else self.writer.submit)(snap)
         self.last_ckpt_time = time.monotonic()
 

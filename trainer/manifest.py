@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from .errors import CheckpointError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "spot-trainer/checkpoint/v1"
-_CHUNK = 4 * 1024 * 1024
+_CHUNK = 16 * 1024 * 1024
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -103,11 +104,33 @@ def list_files(ckpt_dir: Path) -> list[Path]:
                   and not (p.parent == ckpt_dir and p.name.startswith(".")))
 
 
-def build_manifest(ckpt_dir: str | os.PathLike, step: int, **meta) -> Manifest:
-    """Hash every file in the dir into a Manifest (does not write it)."""
+def _hash_all(paths: list[Path]) -> list[str]:
+    """sha256 of several files at once (hashlib releases the GIL, so threads use several cores)."""
+    if len(paths) <= 1:
+        return [sha256_file(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(8, len(paths), os.cpu_count() or 1)) as pool:
+        return list(pool.map(sha256_file, paths))
+
+
+def build_manifest(ckpt_dir: str | os.PathLike, step: int, known: dict[str, tuple[int, str]] | None = None,
+                   **meta) -> Manifest:
+    """Every file in the dir into a Manifest (does not write it).
+
+    `known` maps relative paths to (size, sha256) computed while they were written; those are not read back
+    (their size is still checked against the disk). Every other file is hashed here.
+    """
     ckpt_dir = Path(ckpt_dir)
-    entries = [FileEntry(path=p.relative_to(ckpt_dir).as_posix(), size=p.stat().st_size, sha256=sha256_file(p))
-               for p in list_files(ckpt_dir)]
+    known = known or {}
+    paths = list_files(ckpt_dir)
+    rel = [p.relative_to(ckpt_dir).as_posix() for p in paths]
+    sizes = [p.stat().st_size for p in paths]
+    for r, size in zip(rel, sizes):
+        if r in known and known[r][0] != size:
+            raise CheckpointError(f"{ckpt_dir / r}: {size} bytes on disk, {known[r][0]} written; the disk lost data")
+    todo = [p for p, r in zip(paths, rel) if r not in known]
+    hashed = dict(zip(todo, _hash_all(todo)))
+    entries = [FileEntry(path=r, size=size, sha256=known[r][1] if r in known else hashed[p])
+               for p, r, size in zip(paths, rel, sizes)]
     return Manifest(step=step, files=entries, versions=library_versions(), **meta)
 
 
@@ -138,13 +161,16 @@ def verify(ckpt_dir: str | os.PathLike, deep: bool = True) -> list[str]:
         m = Manifest.load(ckpt_dir)
     except CheckpointError as e:
         return [str(e)]
-    problems = []
+    problems, to_hash = [], []
     for f in m.files:
         p = ckpt_dir / f.path
         if not p.is_file():
             problems.append(f"{p}: missing")
         elif p.stat().st_size != f.size:
             problems.append(f"{p}: size {p.stat().st_size} != {f.size} in manifest")
-        elif deep and sha256_file(p) != f.sha256:
+        elif deep:
+            to_hash.append((p, f.sha256))
+    for (p, want), got in zip(to_hash, _hash_all([p for p, _ in to_hash])):
+        if got != want:
             problems.append(f"{p}: sha256 does not match the manifest")
     return problems

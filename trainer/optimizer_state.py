@@ -14,15 +14,14 @@ set of files, so 2 -> 1 or 1 -> 2 processes is a file operation, not a collectiv
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import CheckpointError
+from .st_io import write_bytes, write_safetensors
 
 FORMAT_VERSION = 1
 FULL_NAME = "optimizer"
@@ -65,26 +64,21 @@ def _group_hparams(group: dict) -> dict:
 
 
 def _write(ckpt_dir: Path, tensors: dict, meta: dict) -> list[Path]:
-    written = []
     for name, t in tensors.items():
-        save_file(t, str(ckpt_dir / name))
-        written.append(ckpt_dir / name)
+        write_safetensors(ckpt_dir / name, t)
     for name, obj in meta.items():
-        (ckpt_dir / name).write_text(json.dumps(obj, indent=1, sort_keys=True))
-        written.append(ckpt_dir / name)
-    for path in written:
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    return written
+        write_bytes(ckpt_dir / name, json.dumps(obj, indent=1, sort_keys=True).encode())
+    return [ckpt_dir / n for n in (*tensors, *meta)]
 
 
 # ---------------------------------------------------------------- saving
 
 
-def optimizer_snapshot(accelerator, model, optimizer) -> tuple[dict[str, dict], dict[str, dict]]:
+def optimizer_snapshot(accelerator, model, optimizer, copy: bool = True) -> tuple[dict[str, dict], dict[str, dict]]:
     """This rank's optimizer files: ({"<stem>.safetensors": tensors}, {"<stem>.json": meta}).
 
-    Tensors are copies on the CPU, safe to write from another thread while training goes on. Under
+    Tensors are copies on the CPU, safe to write from another thread while training goes on; with
+    `copy=False` they are the live tensors (detached), for a write that finishes before training moves on. Under
     DeepSpeed every rank has files (optimizer-rank0000R.*); otherwise only rank 0 (optimizer.*), since
     DDP ranks hold identical state. No collectives: ranks may call it at different times.
     """
@@ -99,7 +93,10 @@ def optimizer_snapshot(accelerator, model, optimizer) -> tuple[dict[str, dict], 
     else:
         return {}, {}
     meta.update(rank=accelerator.process_index, world_size=accelerator.num_processes)
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    if copy:
+        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    else:
+        tensors = {k: v.detach() for k, v in tensors.items()}
     return {f"{stem}.safetensors": tensors}, {f"{stem}.json": meta}
 
 

@@ -13,8 +13,11 @@ import torch
 from .errors import CheckpointError
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """Trainable parameters by name, copied to CPU (a snapshot safe to write in the background)."""
+def trainable_state(model, copy: bool = True) -> dict[str, torch.Tensor]:
+    """Trainable parameters by name, copied to CPU (a snapshot safe to write in the background); `copy=False`:
+    the live tensors, for a write that finishes before the next optimizer step."""
+    if not copy:
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 

@@ -7,6 +7,7 @@ in a background thread while training goes on.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -132,6 +133,16 @@ class CheckpointStore:
         them back.
         """
         tmp = self.tmp_path(snap.step)
+        try:
+            return self._write_rank_files(snap, tmp)
+        except BaseException as e:
+            try:  # tell rank 0 at once instead of letting it wait for a done marker that never comes
+                (tmp / f".rank-{snap.rank:05d}.failed").write_text(f"{type(e).__name__}: {e}"[:500])
+            except OSError:
+                pass
+            raise
+
+    def _write_rank_files(self, snap: Snapshot, tmp: Path) -> Path:
         tmp.mkdir(parents=True, exist_ok=True)
         jobs = [(name, lambda n=name, t=tensors: write_safetensors(tmp / n, t)) for name, tensors in snap.tensors.items()]
         jobs += [(name, lambda n=name, o=obj: write_bytes(tmp / n, json.dumps(o, indent=1, sort_keys=True).encode()))
@@ -152,6 +163,11 @@ class CheckpointStore:
         deadline = time.monotonic() + timeout
         markers = [tmp / f".rank-{r:05d}.done" for r in range(snap.world_size)]
         while not all(m.exists() for m in markers):
+            for r in range(snap.world_size):
+                failed = tmp / f".rank-{r:05d}.failed"
+                if failed.exists():
+                    raise CheckpointError(f"rank {r} could not write its files for step {snap.step}: "
+                                          f"{failed.read_text(errors='replace').strip()}")
             if time.monotonic() > deadline:
                 raise CheckpointError(f"{tmp}: not every rank wrote its files within {timeout:.0f} s")
             time.sleep(0.005)
@@ -170,14 +186,45 @@ class CheckpointStore:
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(self.root)
+        # temp dirs of earlier steps are abandoned writes (a rank failed there); every rank finished with them
+        # before it wrote this step, so they can go
+        for p in self.root.glob(".tmp-step-*"):
+            step = parse_step_dirname(p.name.removeprefix(".tmp-"))
+            if step is not None and step < snap.step:
+                shutil.rmtree(p, ignore_errors=True)
         return final
+
+    def abandon(self, snap: Snapshot, timeout: float = 60.0) -> None:
+        """Rank 0, after a failed write: wait (bounded) until every rank is done or failed, then free the space."""
+        tmp = self.tmp_path(snap.step)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not all(
+                (tmp / f".rank-{r:05d}.done").exists() or (tmp / f".rank-{r:05d}.failed").exists()
+                for r in range(snap.world_size)):
+            time.sleep(0.05)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def out_of_space(err: BaseException) -> bool:
+    """A write failed because the disk (or quota) is full, here or on another rank."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(err, CheckpointError):
+        return "No space left" in str(err) or "quota exceeded" in str(err).lower()
+    return isinstance(err.__cause__, BaseException) and out_of_space(err.__cause__)
 
 
 class CheckpointWriter:
-    """Writes snapshots in a background thread, one at a time, in order; rank 0 also commits."""
+    """Writes snapshots in a background thread, one at a time, in order; rank 0 also commits.
 
-    def __init__(self, store: CheckpointStore, rank: int, on_commit: Callable[[Snapshot, Path, float], None]):
-        self.store, self.rank, self.on_commit = store, rank, on_commit
+    A periodic checkpoint that fails because the disk is full is abandoned (its temp dir deleted) and reported
+    through `on_failed`; training goes on and the next one is tried at its time. Any other failure, and any
+    failure of a synchronous write, reaches the training thread.
+    """
+
+    def __init__(self, store: CheckpointStore, rank: int, on_commit: Callable[[Snapshot, Path, float], None],
+                 on_failed: Callable[[Snapshot, BaseException], None] | None = None):
+        self.store, self.rank, self.on_commit, self.on_failed = store, rank, on_commit, on_failed
         self._q: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
@@ -191,7 +238,10 @@ class CheckpointWriter:
                     return
                 self._write(item)
             except BaseException as e:  # surfaced to the training thread at the next submit/wait
-                self._error = e
+                if self.on_failed is not None and out_of_space(e):
+                    self._failed(item, e)
+                else:
+                    self._error = e
             finally:
                 self._q.task_done()
 
@@ -201,6 +251,14 @@ class CheckpointWriter:
         if self.rank == 0:
             path = self.store.commit(snap)
             self.on_commit(snap, path, time.monotonic() - t0)
+
+    def _failed(self, snap: Snapshot, err: BaseException) -> None:
+        try:
+            if self.rank == 0:
+                self.store.abandon(snap)
+            self.on_failed(snap, err)
+        except BaseException as e:
+            self._error = e
 
     def _raise(self) -> None:
         if self._error is not None:

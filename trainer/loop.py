@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from . import batches, evaluate, model as model_lib, train_state
-from .checkpoint import CheckpointStore, CheckpointWriter, Snapshot, read_json, read_tensors
+from .checkpoint import CheckpointStore, CheckpointWriter, Snapshot, out_of_space, read_json, read_tensors
 from .config import Config
 from .data import prepare_data
-from .errors import EXIT_OK, EXIT_PREEMPTED, ConfigError
+from .errors import EXIT_OK, EXIT_PREEMPTED, CheckpointError, ConfigError
 from .metrics import Console, EventLog, MetricsLog
 from .optimizer_state import load_optimizer_state, optimizer_snapshot
 from .preemption import StopSignal, agreed_stop
@@ -123,7 +123,8 @@ class Trainer:
         self.raw_model = self.acc.unwrap_model(self.model)
 
     def _setup_checkpointing(self) -> None:
-        self.writer = CheckpointWriter(self.store, self.rank, self._on_commit)
+        self.writer = CheckpointWriter(self.store, self.rank, self._on_commit, self._on_checkpoint_failed)
+        self.disk_full_seen = False
         self.last_ckpt_time = time.monotonic()
         remote = self.cfg.checkpoint.remote
         if remote and self.is_main:
@@ -249,7 +250,23 @@ class Trainer:
         if self.uploader is not None:
             self.uploader.submit(path)
         protect = set(self.uploader.pending_steps) if self.uploader is not None else set()
-        self.store.prune(self.cfg.checkpoint.keep_last, protect=protect)
+        self.store.prune(1 if self.disk_full_seen else self.cfg.checkpoint.keep_last, protect=protect)
+
+    def _on_checkpoint_failed(self, snap: Snapshot, err: BaseException) -> None:
+        """Writer thread, every rank: a checkpoint did not fit on the disk. Training goes on; rank 0 keeps only
+        the newest committed checkpoint (and those still uploading) to make room for the next one."""
+        if not self.is_main:
+            return
+        self.disk_full_seen = True  # from now on keep only the newest: 2 on the disk at most, while writing
+        protect = set(self.uploader.pending_steps) if self.uploader is not None else set()
+        freed = self.store.prune(1, protect=protect)
+        newest = self.store.committed_steps()
+        self.events.emit("checkpoint_failed", step=snap.step, kind=snap.kind, error=str(err)[:300], pruned=freed)
+        log.warning("checkpoint at step %d not written: the disk is full (%s); training goes on, the newest "
+                    "committed checkpoint is %s%s, and only the newest is kept from now on; free space or lower "
+                    "checkpoint.keep_last", snap.step, str(err).splitlines()[0][:160],
+                    f"step {newest[-1]}" if newest else "none",
+                    f" (deleted older checkpoints {freed} to make room)" if freed else "")
 
     def _on_uploaded(self, step: int, seconds: float, nbytes: int) -> None:
         self.events.emit("upload", step=step, seconds=round(seconds, 3), bytes=nbytes)
@@ -413,8 +430,21 @@ class Trainer:
         console.close()
         t0 = time.monotonic()
         self.console_line(f"stop requested ({self.stop.reason}): emergency checkpoint at step {self.step}")
-        self.save_checkpoint("emergency", sync=True, rng=rng)
-        self.writer.wait()
+        try:
+            self.save_checkpoint("emergency", sync=True, rng=rng)
+            self.writer.wait()
+        except (CheckpointError, OSError) as e:
+            if not out_of_space(e):
+                raise
+            if self.is_main:
+                self.store.abandon(Snapshot(step=self.step, rank=self.rank, world_size=self.world))
+            newest = self.store.committed_steps()
+            self.events.emit("checkpoint_failed", step=self.step, kind="emergency", error=str(e)[:300], pruned=[])
+            self.events.emit("train_end", step=self.step, status="preempted")
+            self.console_line(f"emergency checkpoint at step {self.step} not written: the disk is full; the run "
+                              f"resumes from {f'step {newest[-1]}' if newest else 'the start'}; exiting "
+                              f"{EXIT_PREEMPTED} (preempted, resumable)")
+            return EXIT_PREEMPTED
         commit_s = time.monotonic() - t0
         self.events.emit("preempt", step=self.step, reason=self.stop.reason, stop_to_commit_s=round(commit_s, 3))
         self._wait_uploads(self.stop.grace_left(self.cfg.preemption.grace_seconds))

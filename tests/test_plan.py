@@ -292,3 +292,19 @@ def test_t4_auto_dtype_plans_fp32_at_its_fp32_rate():
     assert t4.setup.compute_bytes == 4 and "8.1 TFLOP/s" in t4.throughput.source
     fp16 = make_plan(load_config(None, ["train.max_steps=10", "model.dtype=fp16"]), gpu="t4")
     assert fp16.setup.compute_bytes == 2 and "65 TFLOP/s" in fp16.throughput.source
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_checkpoint_size_in_the_plan_matches_a_real_checkpoint(tmp_path, method):
+    """`plan` says how big a checkpoint is (disk, emergency write time): it must be what training writes."""
+    from common import TINY, run_cli
+
+    over = [*TINY, f"model.method={method}", "model.builtin.hidden_size=128", "model.builtin.intermediate_size=256",
+            "train.max_steps=1", "checkpoint.every_steps=1"]
+    run_cli("train", overrides=over, output_dir=tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000001"
+    written = sum(p.stat().st_size for p in ckpt.iterdir() if p.suffix == ".safetensors")
+    plan = make_plan(load_config(None, over))
+    predicted = sum(plan.checkpoint.values())
+    assert abs(predicted - written) <= 0.02 * written + 16384, (predicted, written)  # + safetensors headers
+    assert "Checkpoint:" in render_plan(plan)

@@ -416,6 +416,20 @@ def estimate_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
                           saved_activation_bytes=saved, phase=phase, notes=notes)
 
 
+def checkpoint_bytes(shape: ModelShape, setup: TrainingSetup) -> dict[str, float]:
+    """Bytes one checkpoint holds, all ranks together: trainable weights (adapters only for LoRA/QLoRA), the
+    optimizer's moments, and ZeRO's fp32 master copy of bf16 weights. JSON, RNG and metrics are negligible."""
+    full = setup.method == "full"
+    trainable = shape.params_total if full else lora_params(shape, setup)
+    zero = setup.deepspeed in ("zero2", "zero2_offload")
+    train_bytes = setup.weight_bytes if full else setup.adapter_bytes
+    fp_adam = setup.optimizer in ("adamw", "paged_adamw")
+    state = 4 if (zero or train_bytes == 4) else train_bytes
+    per_param = 2 * state if fp_adam else OPTIMIZER_STATE_BYTES[setup.optimizer]
+    return {"weights": trainable * train_bytes, "optimizer state": trainable * per_param,
+            "master weights": trainable * 4.0 if (zero and train_bytes == 2) else 0.0}
+
+
 def _weights_note(setup: TrainingSetup) -> str:
     rest = "fp32" if setup.weight_bytes == 4 else ("bf16" if setup.weight_bytes == 2 else "")
     if setup.method == "qlora":

@@ -348,20 +348,15 @@ def estimate_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
     """Peak bytes on one GPU: the larger of the forward/backward peak and the optimizer-step peak."""
     notes: list[str] = []
     full = setup.method == "full"
-    trainable = shape.params_total if full else lora_params(shape, setup)
+    trainable, train_bytes, per_param, master_per_param = _trainable_state(shape, setup)
     zero = setup.deepspeed in ("zero2", "zero2_offload")
     shards = setup.num_gpus if zero else 1
     offload = setup.deepspeed == "zero2_offload"
 
     weights = weight_bytes(shape, setup)
-    train_bytes = setup.weight_bytes if full else setup.adapter_bytes
     adapters = 0.0 if full else trainable * train_bytes
-    # ZeRO keeps an fp32 master copy of bf16 weights in the optimizer; amp's fp32 weights are their own master
-    master = trainable * 4 / shards if (zero and train_bytes == 2) else 0.0
+    master = trainable * master_per_param / shards
     grads = trainable * train_bytes / shards
-    fp_adam = setup.optimizer in ("adamw", "paged_adamw")
-    state = 4 if (zero or train_bytes == 4) else train_bytes  # torch AdamW keeps moments in the param dtype
-    per_param = 2 * state if fp_adam else OPTIMIZER_STATE_BYTES[setup.optimizer]
     optim = trainable * per_param / shards
     cpu = 0.0
     if offload:
@@ -416,18 +411,27 @@ def estimate_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
                           saved_activation_bytes=saved, phase=phase, notes=notes)
 
 
-def checkpoint_bytes(shape: ModelShape, setup: TrainingSetup) -> dict[str, float]:
-    """Bytes one checkpoint holds, all ranks together: trainable weights (adapters only for LoRA/QLoRA), the
-    optimizer's moments, and ZeRO's fp32 master copy of bf16 weights. JSON, RNG and metrics are negligible."""
+def _trainable_state(shape: ModelShape, setup: TrainingSetup) -> tuple[int, int, float, float]:
+    """(trainable params, bytes per trainable weight, optimizer-state bytes per param, master-copy bytes per
+    param), all ranks together: what the GPU holds (sharded under ZeRO) and what a checkpoint stores."""
     full = setup.method == "full"
     trainable = shape.params_total if full else lora_params(shape, setup)
     zero = setup.deepspeed in ("zero2", "zero2_offload")
     train_bytes = setup.weight_bytes if full else setup.adapter_bytes
     fp_adam = setup.optimizer in ("adamw", "paged_adamw")
-    state = 4 if (zero or train_bytes == 4) else train_bytes
+    state = 4 if (zero or train_bytes == 4) else train_bytes  # torch AdamW keeps moments in the param dtype
     per_param = 2 * state if fp_adam else OPTIMIZER_STATE_BYTES[setup.optimizer]
+    # ZeRO keeps an fp32 master copy of bf16 weights in the optimizer; amp's fp32 weights are their own master
+    master = 4.0 if (zero and train_bytes == 2) else 0.0
+    return trainable, train_bytes, per_param, master
+
+
+def checkpoint_bytes(shape: ModelShape, setup: TrainingSetup) -> dict[str, float]:
+    """Bytes one checkpoint holds, all ranks together: trainable weights (adapters only for LoRA/QLoRA), the
+    optimizer's moments, and ZeRO's fp32 master copy of bf16 weights. JSON, RNG and metrics are negligible."""
+    trainable, train_bytes, per_param, master = _trainable_state(shape, setup)
     return {"weights": trainable * train_bytes, "optimizer state": trainable * per_param,
-            "master weights": trainable * 4.0 if (zero and train_bytes == 2) else 0.0}
+            "master weights": trainable * master}
 
 
 def _weights_note(setup: TrainingSetup) -> str:

@@ -33,6 +33,7 @@ AWS_TOKEN_TTL_S = 21600
 AWS_DEFAULT_NOTICE_S = 120.0  # "two minutes" when the notice's time cannot be read
 GCP_NOTICE_S = 30.0  # GCP gives preempted VMs about 30 s after setting preempted=TRUE
 AZURE_MIN_NOTICE_S = 30.0  # a Preempt event is scheduled at least 30 s ahead
+RUNPOD_GRACE_S = 5.0  # RunPod: SIGTERM, then SIGKILL about 5 s later (no notice service; launch/runpod.sh)
 AZURE_EVENTS_API = "2020-07-01"
 AZURE_INSTANCE_API = "2021-02-01"
 AZURE_STOP_EVENTS = ("Preempt", "Terminate")

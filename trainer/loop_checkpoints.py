@@ -139,8 +139,7 @@ class CheckpointingMixin:
         self.events.emit("checkpoint", step=snap.step, kind=snap.kind, stall_s=stall, commit_s=round(seconds, 3))
         if self.uploader is not None:
             self.uploader.submit(path)
-        protect = set(self.uploader.pending_steps) if self.uploader is not None else set()
-        self.store.prune(1 if self.disk_full_seen else self.cfg.checkpoint.keep_last, protect=protect)
+        self.store.prune(1 if self.disk_full_seen else self.cfg.checkpoint.keep_last, protect=self._uploading())
 
     def _on_checkpoint_failed(self, snap: Snapshot, err: BaseException) -> None:
         """Writer thread, every rank: a checkpoint did not fit on the disk. Training goes on; rank 0 keeps only
@@ -148,8 +147,7 @@ class CheckpointingMixin:
         if not self.is_main:
             return
         self.disk_full_seen = True  # from now on keep only the newest: 2 on the disk at most, while writing
-        protect = set(self.uploader.pending_steps) if self.uploader is not None else set()
-        freed = self.store.prune(1, protect=protect)
+        freed = self.store.prune(1, protect=self._uploading())
         newest = self.store.committed_steps()
         self.events.emit("checkpoint_failed", step=snap.step, kind=snap.kind, error=str(err)[:300], pruned=freed)
         log.warning("checkpoint at step %d not written: the disk is full (%s); training goes on, the newest "
@@ -157,6 +155,10 @@ class CheckpointingMixin:
                     "checkpoint.keep_last", snap.step, str(err).splitlines()[0][:160],
                     f"step {newest[-1]}" if newest else "none",
                     f" (deleted older checkpoints {freed} to make room)" if freed else "")
+
+    def _uploading(self) -> set[int]:
+        """Steps still on their way to the remote: retention must not delete them locally yet."""
+        return set(self.uploader.pending_steps) if self.uploader is not None else set()
 
     def _on_uploaded(self, step: int, seconds: float, nbytes: int) -> None:
         self.events.emit("upload", step=step, seconds=round(seconds, 3), bytes=nbytes)

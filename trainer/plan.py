@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from .cloud_notice import AWS_DEFAULT_NOTICE_S, AZURE_MIN_NOTICE_S, GCP_NOTICE_S, RUNPOD_GRACE_S
 from .config import Config
 from .errors import ConfigError
 from .memory_model import GIB, MemoryEstimate, ModelShape, TrainingSetup, checkpoint_bytes, estimate_memory, \
@@ -520,8 +521,9 @@ def render_plan(plan: Plan) -> str:
 # SIGTERM -> committed emergency checkpoint of a 21.0 GB full fine-tuning state in 34.98 s (the raw write path
 # alone did 0.89 GB/s: h100-ckpt-write-21gb-2026-11-23.json). A local NVMe is faster, a network volume slower.
 DISK_WRITE_GBPS = 0.6
-# Time from the termination notice to the machine going away, as each provider documents it.
-NOTICE_S = {"runpod": 5.0, "gcp": 30.0, "azure": 30.0, "aws": 120.0}
+# Time from the termination notice to the machine going away, as each provider documents it: the same
+# figures the notice watcher uses for its deadlines.
+NOTICE_S = {"runpod": RUNPOD_GRACE_S, "gcp": GCP_NOTICE_S, "azure": AZURE_MIN_NOTICE_S, "aws": AWS_DEFAULT_NOTICE_S}
 
 
 def render_checkpoint(plan: Plan) -> list[str]:

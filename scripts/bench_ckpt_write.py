@@ -30,8 +30,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from trainer.manifest import sha256_file  # noqa: E402
-from trainer.st_io import write_safetensors  # noqa: E402
+from trainer.checkpoint.manifest import sha256_file  # noqa: E402
+from trainer.checkpoint.stream import write_safetensors  # noqa: E402
 
 
 def make_state(gb: float) -> dict[str, dict[str, torch.Tensor]]:

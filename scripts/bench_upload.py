@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from trainer.config import S3Config  # noqa: E402
-from trainer.manifest import build_manifest, write_manifest  # noqa: E402
-from trainer.storage import open_store  # noqa: E402
+from trainer.config.schema import S3Config  # noqa: E402
+from trainer.checkpoint.manifest import build_manifest, write_manifest  # noqa: E402
+from trainer.remote.store import open_store  # noqa: E402
 
 
 def make_checkpoint(root: Path, size_mb: int) -> Path:

@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 from chaos_checks import check_run, read_events, remote_committed, render, summarize  # noqa: E402
 from pod import Pod, child_env, children, kill_group, trainer_command, wait_until  # noqa: E402
 from s3_server import SeaweedServer, weed_binary  # noqa: E402
-from trainer.manifest import MANIFEST_NAME, Manifest, parse_step_dirname, verify  # noqa: E402
+from trainer.run_dir import MANIFEST_NAME, parse_step_dirname
+from trainer.checkpoint.manifest import Manifest, verify  # noqa: E402
 
 KINDS = ("kill_trainer", "kill_in_checkpoint", "kill_in_upload", "sigterm", "kill_s3", "fresh_pod", "corrupt_newest")
 # After every kind once, the rest are drawn with these weights: killing the trainer is the common case.

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from trainer.manifest import MANIFEST_NAME, Manifest, parse_step_dirname, verify
+from trainer.run_dir import MANIFEST_NAME, parse_step_dirname
+from trainer.checkpoint.manifest import Manifest, verify
 from trainer.metrics import read_jsonl
 
 

@@ -150,7 +150,7 @@ class SeaweedServer:
 
     def s3_config(self, **overrides):
         """An S3Config for this server with test-sized timeouts and parts."""
-        from trainer.config import S3Config
+        from trainer.config.schema import S3Config
 
         values = dict(endpoint_url=self.endpoint_url, region="us-east-1", addressing_style="path",
                       part_size_mb=5, max_concurrency=4, connect_timeout_s=2.0, read_timeout_s=10.0,

@@ -101,7 +101,8 @@ class StallingProxy:
 
 def make_checkpoint(root: Path, step: int, sizes: dict[str, int] | None = None, seed: int = 0) -> Path:
     """A committed local checkpoint dir root/step-XXXXXXXX with random files of the given sizes."""
-    from trainer.manifest import build_manifest, step_dirname, write_manifest
+    from trainer.checkpoint.manifest import build_manifest, write_manifest
+    from trainer.run_dir import step_dirname
 
     sizes = sizes if sizes is not None else {"model.safetensors": 40_000, "optimizer.safetensors": 80_000,
                                              "trainer_state.json": 0}

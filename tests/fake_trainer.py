@@ -18,9 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.manifest import build_manifest, step_dirname, write_manifest  # noqa: E402
+from trainer.checkpoint.manifest import build_manifest, write_manifest
+from trainer.run_dir import step_dirname  # noqa: E402
 from trainer.metrics import EventLog  # noqa: E402
-from trainer.supervisor import newest_checkpoint_step  # noqa: E402
+from trainer.spot.supervisor import newest_checkpoint_step  # noqa: E402
 
 
 def parse(argv):

@@ -2,8 +2,9 @@ import json
 
 import torch
 
-from trainer.checkpoint import CheckpointStore, CheckpointWriter, Snapshot
-from trainer.manifest import Manifest, verify
+from trainer.checkpoint.store import CheckpointStore, Snapshot
+from trainer.checkpoint.writer import CheckpointWriter
+from trainer.checkpoint.manifest import Manifest, verify
 
 
 def _snap(step, rank=0, world=1, **kw):
@@ -87,7 +88,7 @@ def test_streaming_safetensors_reads_back_with_safetensors_and_hash_matches_the_
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from trainer.st_io import write_safetensors
+    from trainer.checkpoint.stream import write_safetensors
 
     g = torch.Generator().manual_seed(0)
     flat = torch.randn(1000, generator=g)

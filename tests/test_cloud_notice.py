@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from trainer.cloud_notice import GCP_NOTICE_S, NoticeWatcher
-from trainer.preemption import StopSignal
+from trainer.spot.notices import GCP_NOTICE_S, NoticeWatcher
+from trainer.spot.stop import StopSignal
 
 pytestmark = pytest.mark.timeout(30)  # a watcher that hangs must fail the test, not the suite
 

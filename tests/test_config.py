@@ -1,6 +1,6 @@
 import pytest
 
-from trainer.config import list_presets, load_config, parse_override
+from trainer.config.loader import list_presets, load_config, parse_override
 from trainer.errors import ConfigError
 
 

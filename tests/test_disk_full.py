@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from common import REPO, TINY, cli_args, env, heartbeat_step
-from trainer.checkpoint import CheckpointStore, CheckpointWriter, Snapshot
+from trainer.checkpoint.store import CheckpointStore, Snapshot
+from trainer.checkpoint.writer import CheckpointWriter
 from trainer.errors import CheckpointError
-from trainer.manifest import verify
+from trainer.checkpoint.manifest import verify
 
 
 def _snap(step, rank=0, world=1):
@@ -29,7 +30,7 @@ def _snap(step, rank=0, world=1):
 
 
 def test_periodic_checkpoint_out_of_space_is_reported_and_the_writer_goes_on(tmp_path, monkeypatch):
-    import trainer.checkpoint as ck
+    import trainer.checkpoint.store as ck
 
     real = ck.write_safetensors
 
@@ -61,7 +62,7 @@ def test_periodic_checkpoint_out_of_space_is_reported_and_the_writer_goes_on(tmp
 
 
 def test_a_rank_that_cannot_write_fails_the_commit_at_once(tmp_path, monkeypatch):
-    import trainer.checkpoint as ck
+    import trainer.checkpoint.store as ck
 
     store = CheckpointStore(tmp_path)
     store.write_rank_files(_snap(5, rank=0, world=2))

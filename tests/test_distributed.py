@@ -20,9 +20,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from trainer.config import config_from_dict  # noqa: E402
-from trainer.distributed import (  # noqa: E402
-    deepspeed_config,
+from trainer.config.loader import config_from_dict  # noqa: E402
+from trainer.distributed import (
+    # noqa: E402     deepspeed_config,
     mixed_precision,
     resolve_deepspeed_config,
     resolve_grad_accum,
@@ -190,7 +190,7 @@ def worker(argv: list[str]) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from trainer.distributed import make_accelerator, release
-    from trainer.optimizer_state import load_optimizer_state, save_optimizer_state
+    from trainer.checkpoint.optimizer_state import load_optimizer_state, save_optimizer_state
 
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, required=True)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from trainer.errors import CheckpointError
-from trainer.optimizer_state import (
+from trainer.checkpoint.optimizer_state import (
     SavedOptimizerState,
     consolidate_optimizer_state,
     load_optimizer_state,
@@ -92,7 +92,7 @@ def test_files_are_keyed_by_parameter_name(accelerator, tmp_path):
 
 
 def test_snapshot_is_a_copy_safe_to_write_later(accelerator, tmp_path):
-    from trainer.optimizer_state import optimizer_snapshot
+    from trainer.checkpoint.optimizer_state import optimizer_snapshot
 
     model = tiny_model()
     opt, sched = make_opt(model)
@@ -151,7 +151,7 @@ def test_cpu_adam_resume_is_bitwise_only_with_the_step_replay():
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/spot-trainer/torch_extensions"))
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    from trainer.optimizer_state import _replay_cpu_adam_steps
+    from trainer.checkpoint.optimizer_state import _replay_cpu_adam_steps
 
     grads = [torch.randn(64, generator=torch.Generator().manual_seed(i)) for i in range(30)]
 

@@ -9,12 +9,19 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trainer.config import load_config
+from trainer.config.loader import load_config
 from trainer.errors import ConfigError
-from trainer.memory_model import (GIB, TrainingSetup, estimate_memory, lora_params, saved_activation_bytes,
-                                  shape_from_config, weight_bytes)
-from trainer.plan import (find_gpu, flops_per_token, make_plan, preemption_overhead, read_bench_results,
-                          render_plan)
+from trainer.plan.memory import (
+    GIB,
+    TrainingSetup,
+    estimate_memory,
+    lora_params,
+    saved_activation_bytes,
+    shape_from_config,
+    weight_bytes,
+)
+from trainer.plan.planner import find_gpu, flops_per_token, make_plan, preemption_overhead, read_bench_results
+from trainer.plan.render import render_plan
 
 TINY = dict(hidden_size=48, intermediate_size=136, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=100, max_position_embeddings=64, tie_word_embeddings=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.preemption import StopSignal, agreed_stop
+from trainer.spot.stop import StopSignal, agreed_stop
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ DATALOADER_SCRIPT = textwrap.dedent("""
     import json, os, signal, sys, time
     import torch
     from torch.utils.data import DataLoader, Dataset
-    from trainer.preemption import StopSignal, worker_init_fn
+    from trainer.spot.stop import StopSignal, worker_init_fn
 
     class Numbers(Dataset):
         def __len__(self):
@@ -149,7 +149,7 @@ def test_dataloader_workers_survive_sigterm_to_the_process_group(tmp_path):
 AGREE_SCRIPT = textwrap.dedent("""
     import datetime, json, os
     import torch.distributed as dist
-    from trainer.preemption import agreed_stop
+    from trainer.spot.stop import agreed_stop
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
     rank = dist.get_rank()

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from common import TINY, assert_bitwise_equal, heartbeat_step, run_cli, start_cli, trainable_weights
-from trainer.storage import open_store
+from trainer.remote.store import open_store
 
 LORA = TINY + ["model.method=lora"]
 

@@ -4,7 +4,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from trainer import speed
-from trainer.config import load_config
+from trainer.config.loader import load_config
 
 
 def _tiny(attn: str) -> LlamaForCausalLM:

@@ -17,8 +17,9 @@ import pytest
 from conftest import StallingProxy, free_ports, make_checkpoint
 
 from trainer.errors import CheckpointError, ConfigError, StorageError
-from trainer.manifest import Manifest, verify
-from trainer.storage import StorageUnavailable, open_store
+from trainer.checkpoint.manifest import Manifest, verify
+from trainer.remote.objects import StorageUnavailable
+from trainer.remote.store import open_store
 
 
 @pytest.fixture
@@ -209,7 +210,7 @@ def test_bad_uris():
 def test_dead_endpoint_gives_up_within_the_deadline(aws_env, tmp_path, caplog):
     port = free_ports(1)[0]  # nothing listens there: connection refused
     cfg_deadline = 2.0
-    from trainer.config import S3Config
+    from trainer.config.schema import S3Config
     store = open_store("s3://bucket/run", S3Config(endpoint_url=f"http://127.0.0.1:{port}", deadline_s=cfg_deadline,
                                                    max_attempts=2, connect_timeout_s=1))
     t0 = time.monotonic()
@@ -225,7 +226,7 @@ def test_stalled_endpoint_cannot_hold_an_upload_past_the_deadline(aws_env, tmp_p
     with socket.socket() as blackhole:
         blackhole.bind(("127.0.0.1", 0))
         blackhole.listen(64)
-        from trainer.config import S3Config
+        from trainer.config.schema import S3Config
         store = open_store("s3://bucket/run", S3Config(
             endpoint_url=f"http://127.0.0.1:{blackhole.getsockname()[1]}", read_timeout_s=4, max_attempts=1,
             deadline_s=1.5))
@@ -261,8 +262,9 @@ def test_upload_survives_server_killed_and_restarted(own_s3_server, aws_env, tmp
 _UPLOAD_SCRIPT = """
 import sys, time
 from pathlib import Path
-from trainer.config import S3Config
-from trainer.storage import StorageUnavailable, open_store
+from trainer.config.schema import S3Config
+from trainer.remote.objects import StorageUnavailable
+from trainer.remote.store import open_store
 uri, endpoint, ckpt, deadline = sys.argv[1:]
 store = open_store(uri, S3Config(endpoint_url=endpoint, part_size_mb=5, max_concurrency=2, read_timeout_s=60,
                                  max_attempts=2, deadline_s=float(deadline)))

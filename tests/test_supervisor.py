@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import load_config
-from trainer.manifest import build_manifest, write_manifest
+from trainer.config.loader import load_config
+from trainer.checkpoint.manifest import build_manifest, write_manifest
 from trainer.metrics import read_jsonl
-from trainer.supervisor import Supervisor, child_command, newest_checkpoint_step, read_heartbeat
+from trainer.spot.supervisor import Supervisor, child_command, newest_checkpoint_step, read_heartbeat
 
 # A supervisor that fails to kill must fail the test, not hang the suite.
 pytestmark = pytest.mark.timeout(60)
@@ -169,8 +169,8 @@ def test_preempt_event_counts_when_accelerate_turns_75_into_1(tmp_path):
 
 DRIVER = textwrap.dedent("""
     import json, sys
-    from trainer.config import load_config
-    from trainer.supervisor import Supervisor
+    from trainer.config.loader import load_config
+    from trainer.spot.supervisor import Supervisor
     overrides, out, argv = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
     sys.exit(Supervisor(load_config(None, overrides, out), output_dir=out, child_argv=argv).run())
 """)

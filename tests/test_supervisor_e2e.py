@@ -11,7 +11,7 @@ import pytest
 from chaos import reference_run, training_overrides
 from common import assert_bitwise_equal, heartbeat_step, trainable_weights
 from pod import Pod, child_env, children, kill_group, trainer_command, wait_until
-from trainer.manifest import Manifest, verify
+from trainer.checkpoint.manifest import Manifest, verify
 from trainer.metrics import read_jsonl
 
 pytestmark = pytest.mark.timeout(300)

@@ -9,11 +9,12 @@ import time
 import pytest
 from conftest import make_checkpoint
 
-from trainer.config import S3Config
+from trainer.config.schema import S3Config
 from trainer.errors import CheckpointError, StorageError
-from trainer.manifest import Manifest
-from trainer.storage import StorageUnavailable, open_store
-from trainer.uploader import CheckpointUploader
+from trainer.checkpoint.manifest import Manifest
+from trainer.remote.objects import StorageUnavailable
+from trainer.remote.store import open_store
+from trainer.remote.uploader import CheckpointUploader
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """`python -m trainer ...` is `spot-trainer ...` (the supervisor and `accelerate launch -m trainer` use it)."""
 
-from .cli import main
+from trainer.cli.main import main
 
 main(prog_name="spot-trainer")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import IGNORE
+from trainer.data import IGNORE
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -8,8 +8,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, DataConfig
-from .errors import ConfigError
+from trainer.config.schema import Config, DataConfig
+from trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _load_rows(path: str, split: str, what: str) -> list[dict]:
 def load_rows(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
     """(train_rows, eval_rows) before tokenization."""
     if cfg.path == "builtin:tasks":
-        from .tasks import generate
+        from trainer.builtin.tasks import generate
 
         if cfg.format != "completion":
             raise ConfigError("data.format: builtin:tasks rows are prompt/completion; use format: completion")

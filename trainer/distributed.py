@@ -12,14 +12,16 @@ import copy
 import json
 import os
 import socket
+from importlib import resources
 from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from trainer.errors import ConfigError
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-DEEPSPEED_CONFIG_DIR = REPO_DIR / "deepspeed_configs"
+# The package's own copies (package data), so a non-editable install finds them; the repo's top-level
+# deepspeed_configs/ holds the same files for people to read and copy (a test keeps them identical).
+DEEPSPEED_CONFIG_DIR = Path(str(resources.files("trainer") / "deepspeed_configs"))
 
 
 def world_size_from_env() -> int:
@@ -57,8 +59,10 @@ def resolve_deepspeed_config(name_or_path: str) -> Path:
     """A DeepSpeed JSON by name (deepspeed_configs/<name>.json) or by path."""
     path = Path(name_or_path).expanduser()
     if path.suffix == ".json" or "/" in name_or_path:
-        if not path.is_file() and not path.is_absolute() and (REPO_DIR / path).is_file():
-            path = REPO_DIR / path  # launch/*.yaml name repo-relative files; the CWD may be elsewhere
+        if not path.is_file() and path.parent.name == "deepspeed_configs" and (DEEPSPEED_CONFIG_DIR / path.name).is_file():
+            # launch/*.yaml name the repo's deepspeed_configs/<x>.json relative to the repo; the CWD may be
+            # elsewhere (or there is no repo: a pip install): the package's identical copy
+            path = DEEPSPEED_CONFIG_DIR / path.name
         if not path.is_file():
             raise ConfigError(f"distributed.deepspeed: {name_or_path}: file not found; give a DeepSpeed JSON "
                               f"or one of: {', '.join(deepspeed_config_names())}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .batches import collate, count_targets
+from trainer.batches import collate, count_targets
 
 
 @torch.no_grad()

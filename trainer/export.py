@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from .config import config_from_dict
-from .errors import ConfigError
-from .manifest import build_manifest, verify, write_manifest
+from trainer.config.loader import config_from_dict
+from trainer.errors import ConfigError
+from trainer.checkpoint.manifest import build_manifest, verify, write_manifest
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -67,7 +67,7 @@ def export(output_dir: Path, to: str | None, merge: bool, s3_config=None) -> str
             (stage / "manifest.json").unlink()
         write_manifest(stage, build_manifest(stage, meta["step"], kind="export"))
         if to and (to.startswith("s3://") or to.startswith("file://")):
-            from .storage import open_store
+            from trainer.remote.store import open_store
 
             store = open_store(to, s3_config)
             store.upload_dir(stage, "export")

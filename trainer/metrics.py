@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from trainer.durable import replace_file
+
 
 def _append_line(path: Path, obj: dict) -> None:
     # one write() of a short line with O_APPEND: whole lines even with two writers (trainer and supervisor)
@@ -19,15 +21,23 @@ def _append_line(path: Path, obj: dict) -> None:
         os.close(fd)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Lines of a jsonl file; a torn last line (process killed mid-write) is skipped."""
-    if not path.exists():
+def read_jsonl(path: Path, warnings: list[str] | None = None) -> list[dict]:
+    """JSON objects, one a line; a torn or corrupt line (a killed writer leaves one) is skipped, and said in
+    `warnings` when the caller passes a list to show them."""
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except FileNotFoundError:
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
             obj = json.loads(line)
         except ValueError:
+            if warnings is not None:
+                kind = "torn last line" if i == len(lines) else "corrupt"
+                warnings.append(f"{path}: line {i} is not valid JSON ({kind}); skipped")
             continue
         if isinstance(obj, dict):
             out.append(obj)
@@ -52,9 +62,7 @@ class MetricsLog:
             lines = [ln for ln in saved_copy.splitlines() if ln.strip()]
         else:
             lines = [json.dumps(o) for o in read_jsonl(self.path) if int(o.get("step", 0)) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in lines))
-        os.replace(tmp, self.path)
+        replace_file(self.path, "".join(ln + "\n" for ln in lines).encode())
 
     def text(self) -> str:
         return self.path.read_text() if self.enabled and self.path.exists() else ""

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from . import speed
-from .config import Config
-from .errors import ConfigError
+from trainer import speed
+from trainer.config.schema import Config
+from trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def load_tokenizer(cfg: Config, path: str | None = None):
     """The run's tokenizer; a pad token is added (= eos) when the model has none."""
     if path is None and is_builtin(cfg):
-        from .tokenizer import build_char_tokenizer
+        from trainer.builtin.tokenizer import build_char_tokenizer
 
         return build_char_tokenizer()
     from transformers import AutoTokenizer
@@ -64,7 +64,7 @@ def builtin_config(cfg: Config, vocab_size: int):
 def model_config(cfg: Config):
     """The model's transformers config, without loading weights (builtin, local dir or hub id)."""
     if is_builtin(cfg):
-        from .tokenizer import CHARS, SPECIAL
+        from trainer.builtin.tokenizer import CHARS, SPECIAL
 
         return builtin_config(cfg, len(SPECIAL) + len(CHARS))
     if cfg.model.name_or_path.startswith("builtin:"):

@@ -8,7 +8,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from trainer.errors import ConfigError
+from trainer.metrics import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -59,30 +60,6 @@ class Report:
     @property
     def resumed_steps(self) -> list[int]:
         return [r.resumed_from_step for r in self.restarts if r.resumed_from_step is not None]
-
-
-def read_jsonl(path: Path, warnings: list[str] | None = None) -> list[dict]:
-    """JSON objects, one a line; a torn or corrupt line is skipped with a warning (a killed writer leaves one)."""
-    out = []
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            msg = f"{path}: line {i} is not valid JSON ({'torn last line' if i == len(lines) else 'corrupt'}); skipped"
-            if warnings is None:
-                log.warning(msg)
-            else:  # the caller shows them
-                warnings.append(msg)
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
 
 
 def _num(rec: dict, key: str) -> float | None:

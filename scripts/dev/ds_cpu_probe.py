@@ -86,9 +86,9 @@ def worker(args) -> None:
     import torch.distributed as dist
     from safetensors.torch import load_file, save_file
 
-    from trainer.config import config_from_dict
+    from trainer.config.loader import config_from_dict
     from trainer.distributed import make_accelerator, release, resolve_grad_accum
-    from trainer.optimizer_state import load_optimizer_state, save_optimizer_state
+    from trainer.checkpoint.optimizer_state import load_optimizer_state, save_optimizer_state
 
     t_start = time.time()
     out = Path(args.out)
@@ -125,7 +125,7 @@ def worker(args) -> None:
         opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1 - s / (args.steps + 1)))
     if args.resume:
         if args.no_replay:  # show why the replay exists: resume is then not bitwise
-            import trainer.optimizer_state as ost
+            import trainer.checkpoint.optimizer_state as ost
             ost._replay_cpu_adam_steps = lambda *a: None
         load_optimizer_state(acc, model, opt, ckpt)
         sched.load_state_dict(json.loads((ckpt / "scheduler.json").read_text()))
@@ -204,7 +204,7 @@ def save_checkpoint(acc, model, opt, sched, out: Path, step: int) -> Path:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from trainer.optimizer_state import save_optimizer_state
+    from trainer.checkpoint.optimizer_state import save_optimizer_state
 
     name = [str(out / "checkpoints" / f".tmp-step-{step:08d}-{os.getpid()}")]
     if acc.num_processes > 1:

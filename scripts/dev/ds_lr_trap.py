@@ -27,7 +27,7 @@ def worker(phase: str, ckpt: str, fix: bool) -> None:
     import torch
 
     from scripts.dev.ds_cpu_probe import build_model, make_data
-    from trainer.config import config_from_dict
+    from trainer.config.loader import config_from_dict
     from trainer.distributed import make_accelerator, release
 
     cfg = config_from_dict({"model": {"dtype": "fp32"}, "train": {"micro_batch_size": 2},

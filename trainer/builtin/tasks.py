@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from .config import BuiltinDataConfig
+from trainer.config.schema import BuiltinDataConfig
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DATA_SEED = 1234  # fixed: the data is the same for every run; the training seed only orders it
@@ -26,7 +26,7 @@ def _example(task: str, rng: random.Random, cfg: BuiltinDataConfig) -> dict:
 
 def generate(cfg: BuiltinDataConfig) -> tuple[list[dict], list[dict]]:
     """(train, eval) rows of {prompt, completion}; eval prompts never appear in train."""
-    from .errors import ConfigError
+    from trainer.errors import ConfigError
 
     bad = [t for t in cfg.tasks if t not in ("reverse", "sort", "add")]
     if bad:

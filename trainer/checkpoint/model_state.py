@@ -10,7 +10,7 @@ import random
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from trainer.errors import CheckpointError
 
 
 def trainable_state(model, copy: bool = True) -> dict[str, torch.Tensor]:

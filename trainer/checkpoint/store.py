@@ -7,26 +7,32 @@ in a background thread while training goes on.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
-import queue
 import shutil
-import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file
 
-from .errors import CheckpointError, SpotTrainerError
-from .manifest import MANIFEST_NAME, build_manifest, fsync_dir, parse_step_dirname, step_dirname, verify, \
-    write_manifest
-from .st_io import write_bytes, write_safetensors
+from trainer.checkpoint.manifest import build_manifest, verify, write_manifest
+from trainer.checkpoint.stream import write_safetensors
+from trainer.durable import fsync_dir, write_file
+from trainer.errors import CheckpointError
+from trainer.run_dir import (
+    CHECKPOINTS_DIR,
+    MANIFEST_NAME,
+    TMP_PREFIX,
+    committed_steps,
+    parse_step_dirname,
+    step_dirname,
+    step_dirs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +70,17 @@ class CheckpointStore:
     """The `checkpoints/` dir of an output dir."""
 
     def __init__(self, output_dir: str | os.PathLike):
-        self.root = Path(output_dir) / "checkpoints"
+        self.root = Path(output_dir) / CHECKPOINTS_DIR
 
     def path(self, step: int) -> Path:
         return self.root / step_dirname(step)
 
     def tmp_path(self, step: int) -> Path:
-        return self.root / f".tmp-{step_dirname(step)}"
+        return self.root / f"{TMP_PREFIX}{step_dirname(step)}"
 
     def committed_steps(self) -> list[int]:
         """Steps whose dir has a manifest (not verified)."""
-        if not self.root.is_dir():
-            return []
-        steps = [parse_step_dirname(p.name) for p in self.root.iterdir() if (p / MANIFEST_NAME).is_file()]
-        return sorted(s for s in steps if s is not None)
+        return committed_steps(self.root)
 
     def latest_valid(self, deep: bool = True, warn: Callable[[str], None] = log.warning,
                      discard_broken: bool = False) -> tuple[int, Path] | None:
@@ -86,11 +89,7 @@ class CheckpointStore:
         discard_broken (rank 0 of a resuming run): also delete them, so the run writes that step again instead
         of keeping a broken copy that looks committed (which would be uploaded, and counted by retention).
         """
-        if not self.root.is_dir():
-            return None
-        candidates = sorted((s for s in (parse_step_dirname(p.name) for p in self.root.iterdir()) if s is not None),
-                            reverse=True)
-        for step in candidates:
+        for step in sorted(step_dirs(self.root), reverse=True):
             problems = verify(self.path(step), deep=deep)
             if not problems:
                 return step, self.path(step)
@@ -110,7 +109,7 @@ class CheckpointStore:
     def clean_stale(self) -> None:
         """Remove temp dirs left by a process that died mid-write (they never counted)."""
         if self.root.is_dir():
-            for p in self.root.glob(".tmp-step-*"):
+            for p in self.root.glob(f"{TMP_PREFIX}step-*"):
                 shutil.rmtree(p, ignore_errors=True)
 
     def prune(self, keep_last: int | None, protect: set[int] = frozenset()) -> list[int]:
@@ -145,16 +144,16 @@ class CheckpointStore:
     def _write_rank_files(self, snap: Snapshot, tmp: Path) -> Path:
         tmp.mkdir(parents=True, exist_ok=True)
         jobs = [(name, lambda n=name, t=tensors: write_safetensors(tmp / n, t)) for name, tensors in snap.tensors.items()]
-        jobs += [(name, lambda n=name, o=obj: write_bytes(tmp / n, json.dumps(o, indent=1, sort_keys=True).encode()))
+        jobs += [(name, lambda n=name, o=obj: write_file(tmp / n, json.dumps(o, indent=1, sort_keys=True).encode()))
                  for name, obj in snap.json.items()]
-        jobs += [(name, lambda n=name, x=text: write_bytes(tmp / n, x.encode())) for name, text in snap.text.items()]
+        jobs += [(name, lambda n=name, x=text: write_file(tmp / n, x.encode())) for name, text in snap.text.items()]
         # big files first, so the longest write starts at once
         jobs.sort(key=lambda j: -sum(t.numel() * t.element_size() for t in snap.tensors.get(j[0], {}).values()))
         with ThreadPoolExecutor(max_workers=max(1, min(4, len(jobs)))) as pool:
             futures = [(name, pool.submit(fn)) for name, fn in jobs]
             written = {name: f.result() for name, f in futures}
         marker = tmp / f".rank-{snap.rank:05d}.done"
-        write_bytes(marker, json.dumps({"pid": os.getpid(), "files": written}).encode())
+        write_file(marker, json.dumps({"pid": os.getpid(), "files": written}).encode())
         return tmp
 
     def commit(self, snap: Snapshot, timeout: float = 600.0) -> Path:
@@ -188,8 +187,8 @@ class CheckpointStore:
         fsync_dir(self.root)
         # temp dirs of earlier steps are abandoned writes (a rank failed there); every rank finished with them
         # before it wrote this step, so they can go
-        for p in self.root.glob(".tmp-step-*"):
-            step = parse_step_dirname(p.name.removeprefix(".tmp-"))
+        for p in self.root.glob(f"{TMP_PREFIX}step-*"):
+            step = parse_step_dirname(p.name.removeprefix(TMP_PREFIX))
             if step is not None and step < snap.step:
                 shutil.rmtree(p, ignore_errors=True)
         return final
@@ -205,81 +204,3 @@ class CheckpointStore:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def out_of_space(err: BaseException) -> bool:
-    """A write failed because the disk (or quota) is full, here or on another rank."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    if isinstance(err, CheckpointError):
-        return "No space left" in str(err) or "quota exceeded" in str(err).lower()
-    return isinstance(err.__cause__, BaseException) and out_of_space(err.__cause__)
-
-
-class CheckpointWriter:
-    """Writes snapshots in a background thread, one at a time, in order; rank 0 also commits.
-
-    A periodic checkpoint that fails because the disk is full is abandoned (its temp dir deleted) and reported
-    through `on_failed`; training goes on and the next one is tried at its time. Any other failure, and any
-    failure of a synchronous write, reaches the training thread.
-    """
-
-    def __init__(self, store: CheckpointStore, rank: int, on_commit: Callable[[Snapshot, Path, float], None],
-                 on_failed: Callable[[Snapshot, BaseException], None] | None = None):
-        self.store, self.rank, self.on_commit, self.on_failed = store, rank, on_commit, on_failed
-        self._q: queue.Queue = queue.Queue()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self._q.get()
-            try:
-                if item is None:
-                    return
-                self._write(item)
-            except BaseException as e:  # surfaced to the training thread at the next submit/wait
-                if self.on_failed is not None and out_of_space(e):
-                    self._failed(item, e)
-                else:
-                    self._error = e
-            finally:
-                self._q.task_done()
-
-    def _write(self, snap: Snapshot) -> None:
-        t0 = time.monotonic()
-        self.store.write_rank_files(snap)
-        if self.rank == 0:
-            path = self.store.commit(snap)
-            self.on_commit(snap, path, time.monotonic() - t0)
-
-    def _failed(self, snap: Snapshot, err: BaseException) -> None:
-        try:
-            if self.rank == 0:
-                self.store.abandon(snap)
-            self.on_failed(snap, err)
-        except BaseException as e:
-            self._error = e
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            err, self._error = self._error, None
-            if isinstance(err, SpotTrainerError):  # e.g. a StorageError from handing it to the uploader
-                raise err
-            raise CheckpointError(f"writing a checkpoint failed: {err}") from err
-
-    def submit(self, snap: Snapshot) -> None:
-        self._raise()
-        self._q.put(snap)
-
-    def write_now(self, snap: Snapshot) -> None:
-        """Synchronous write (emergency and final checkpoints): waits for earlier ones first."""
-        self.wait()
-        self._write(snap)
-
-    def wait(self) -> None:
-        self._q.join()
-        self._raise()
-
-    def close(self) -> None:
-        self._q.put(None)
-        self._thread.join(timeout=600)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import yaml
 
-from .cloud_notice import AWS_DEFAULT_NOTICE_S, AZURE_MIN_NOTICE_S, GCP_NOTICE_S, RUNPOD_GRACE_S
-from .config import Config
-from .errors import ConfigError
-from .memory_model import GIB, MemoryEstimate, ModelShape, TrainingSetup, checkpoint_bytes, estimate_memory, \
+from trainer.spot.notices import AWS_DEFAULT_NOTICE_S, AZURE_MIN_NOTICE_S, GCP_NOTICE_S, RUNPOD_GRACE_S
+from trainer.config.schema import Config
+from trainer.errors import ConfigError
+from trainer.plan.memory import GIB, MemoryEstimate, ModelShape, TrainingSetup, checkpoint_bytes, estimate_memory, \
     shape_from_config
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def load_prices(path: Path | None = None) -> dict:
 
 def model_config(cfg: Config, vocab_size: int | None = None):
     """The transformers config of cfg.model (builtin, local dir or hub id); never loads weights."""
-    from .model import builtin_config, is_builtin, model_config as trainer_model_config
+    from trainer.model import builtin_config, is_builtin, model_config as trainer_model_config
 
     if is_builtin(cfg) and vocab_size is not None:
         return builtin_config(cfg, vocab_size)
@@ -157,7 +157,7 @@ def model_config(cfg: Config, vocab_size: int | None = None):
 
 def grad_accum(cfg: Config, num_gpus: int) -> int:
     """The trainer's own rule (trainer.distributed), so plan refuses what training would refuse."""
-    from .distributed import resolve_grad_accum
+    from trainer.distributed import resolve_grad_accum
 
     return resolve_grad_accum(cfg, num_gpus)
 

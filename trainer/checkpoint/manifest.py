@@ -13,9 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import CheckpointError
+from trainer.durable import replace_file
+from trainer.errors import CheckpointError
+from trainer.run_dir import MANIFEST_NAME
 
-MANIFEST_NAME = "manifest.json"
 FORMAT = "spot-trainer/checkpoint/v1"
 _CHUNK = 16 * 1024 * 1024
 
@@ -27,17 +28,6 @@ def sha256_file(path: str | os.PathLike) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-def step_dirname(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def parse_step_dirname(name: str) -> int | None:
-    """`step-00000120` -> 120; anything else -> None."""
-    if not name.startswith("step-") or len(name) != 13 or not name[5:].isdigit():
-        return None
-    return int(name[5:])
 
 
 @dataclass
@@ -136,22 +126,7 @@ def build_manifest(ckpt_dir: str | os.PathLike, step: int, known: dict[str, tupl
 
 def write_manifest(ckpt_dir: str | os.PathLike, manifest: Manifest) -> None:
     """Write manifest.json durably: temp file, fsync, rename, fsync the dir."""
-    ckpt_dir = Path(ckpt_dir)
-    tmp = ckpt_dir / (".manifest.json.tmp")
-    with open(tmp, "w") as f:
-        f.write(manifest.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt_dir / MANIFEST_NAME)
-    fsync_dir(ckpt_dir)
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    replace_file(Path(ckpt_dir) / MANIFEST_NAME, manifest.to_json().encode())
 
 
 def verify(ckpt_dir: str | os.PathLike, deep: bool = True) -> list[str]:

@@ -12,9 +12,10 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from .errors import CheckpointError, StorageError
-from .manifest import MANIFEST_NAME, parse_step_dirname
-from .storage import RemoteStore, StorageUnavailable
+from trainer.errors import CheckpointError, StorageError
+from trainer.run_dir import committed_steps, parse_step_dirname, step_dirname
+from trainer.remote.store import RemoteStore
+from trainer.remote.objects import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +180,7 @@ class CheckpointUploader:
     def _sync(self, root: Path) -> None:
         committed = self.store.committed_steps()
         newest = committed[-1] if committed else -1
-        found = {s: p for p in root.glob("step-*")
-                 if (s := parse_step_dirname(p.name)) is not None and s > newest and (p / MANIFEST_NAME).is_file()}
+        found = {s: root / step_dirname(s) for s in committed_steps(root) if s > newest}
         if found:
             log.info("checkpoints %s are committed locally but not remotely: uploading them", sorted(found))
             with self._cond:

@@ -1,66 +1,15 @@
-"""The `spot-trainer` command line. Errors for people are one line; tracebacks only with --debug."""
+"""The `spot-trainer` group and the run commands: train, run, export, plan, report, presets (ckpt: ckpt.py)."""
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
-import sys
 from pathlib import Path
 
 import click
 
-from .config import list_presets, load_config
-from .errors import ConfigError, SpotTrainerError
-
-
-def _setup_logging(debug: bool) -> None:
-    # warnings and errors only: the run prints its own progress lines; --debug shows everything
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "datasets", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not debug:  # bitsandbytes warns at import on CPU about an optional kernel package
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    if not debug:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        if not os.path.exists("/dev/nvidiactl"):  # no NVIDIA driver: spare users DeepSpeed's detection warning
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import warnings
-
-        warnings.filterwarnings("ignore")
-
-
-def run_cli(fn):
-    """Run a command body: our errors -> one line + their exit code; others -> traceback (a bug)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, debug: bool = False, **kwargs):
-        _setup_logging(debug)
-        try:
-            code = fn(*args, **kwargs)
-        except SpotTrainerError as e:
-            if debug:
-                raise
-            click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-        sys.exit(code or 0)
-
-    return wrapper
-
-
-def config_options(fn):
-    """CONFIG (optional), --set key=value (repeatable), --output-dir, --debug: on every command."""
-    fn = click.option("--debug", is_flag=True, help="Show tracebacks.")(fn)
-    fn = click.option("--output-dir", "output_dir", type=click.Path(file_okay=False), default=None,
-                      help="Output directory (overrides output_dir in the config).")(fn)
-    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                      help="Override a config key, e.g. --set train.max_steps=50 (repeatable).")(fn)
-    fn = click.argument("config", required=False)(fn)
-    return fn
+from trainer.cli.ckpt import ckpt
+from trainer.cli.options import config_options, resolve_run_dir, run_cli
+from trainer.config.loader import list_presets, load_config
+from trainer.errors import ConfigError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,12 +30,12 @@ def train(config, overrides, output_dir, resume):
     """Train (one process, or one rank under `accelerate launch`)."""
     cfg = load_config(config, list(overrides), output_dir)
     if resume not in ("auto", "never"):
-        from .manifest import verify
+        from trainer.checkpoint.manifest import verify
 
         problems = verify(resume)
         if problems:
             raise ConfigError(f"--resume {resume}: not a valid checkpoint ({problems[0]})")
-    from .loop import run_training
+    from trainer.loop import run_training
 
     return run_training(cfg, resume)
 
@@ -97,24 +46,9 @@ def train(config, overrides, output_dir, resume):
 def run(config, overrides, output_dir):
     """Supervise training: restart after crashes and hangs, resume, exit 75 when preempted."""
     cfg = load_config(config, list(overrides), output_dir)
-    from .supervisor import run_supervisor
+    from trainer.spot.supervisor import run_supervisor
 
     return run_supervisor(cfg, config, list(overrides), cfg.output_dir)
-
-
-def resolve_run_dir(target, overrides, output_dir) -> tuple[Path, object]:
-    """A command's positional arg may be a run's output dir (report/export) or a CONFIG; returns (dir, config)."""
-    if target and Path(target).is_dir():
-        snap = Path(target) / "final" / "spot_trainer.json"
-        if snap.exists() and not overrides:
-            import json
-
-            from .config import config_from_dict
-
-            return Path(target), config_from_dict(json.loads(snap.read_text())["config"])
-        return Path(target), load_config(None, list(overrides), str(target))
-    cfg = load_config(target, list(overrides), output_dir)
-    return Path(cfg.output_dir), cfg
 
 
 @main.command()
@@ -126,7 +60,7 @@ def resolve_run_dir(target, overrides, output_dir) -> tuple[Path, object]:
 def export(config, overrides, output_dir, merge, to):
     """Export final/: the adapter as is, or merged into the base model, loadable by transformers."""
     run_dir, cfg = resolve_run_dir(config, overrides, output_dir)
-    from .export import export as do_export
+    from trainer.export import export as do_export
 
     where = do_export(run_dir, to, merge, cfg.checkpoint.s3)
     click.echo(f"exported {'merged model' if merge else 'final/'} to {where}")
@@ -151,7 +85,8 @@ def plan(config, overrides, output_dir, gpu, num_gpus, dataset_tokens, dataset_r
          spot_price_per_hour, prices_path, preemptions_per_day, restart_latency_s, efficiency):
     """Before a run: will it fit on my GPU (memory by component), how long, what will it cost (spot vs on-demand)."""
     cfg = load_config(config, list(overrides), output_dir)
-    from .plan import make_plan, render_plan
+    from trainer.plan.planner import make_plan
+    from trainer.plan.render import render_plan
 
     if dataset_rows is None and dataset_tokens is None and cfg.data.path == "builtin:tasks":
         dataset_rows = cfg.data.builtin.num_train
@@ -171,7 +106,7 @@ def plan(config, overrides, output_dir, gpu, num_gpus, dataset_tokens, dataset_r
 def report(config, overrides, output_dir, price_per_hour, plot_path, no_plot):
     """After a run: wall vs useful time, goodput, restarts by cause, tokens/s, cost, and a loss plot."""
     run_dir, _ = resolve_run_dir(config, overrides, output_dir)
-    from .report import build_report, plot_report, render_report
+    from trainer.report import build_report, plot_report, render_report
 
     click.echo(render_report(build_report(run_dir, price_per_hour)))
     if not no_plot:
@@ -191,8 +126,6 @@ def presets(config, overrides, output_dir):
     for name, desc in list_presets().items():
         click.echo(f"{name:10s} {desc}")
     return 0
-
-from .cli_ckpt import ckpt  # noqa: E402  (kept in its own module: it is a group of its own)
 
 main.add_command(ckpt)
 

@@ -19,12 +19,13 @@ from typing import Optional
 
 from tenacity import wait_exponential, wait_random
 
-from .config import Config
-from .errors import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE
-from .manifest import MANIFEST_NAME, Manifest, parse_step_dirname
-from .metrics import EventLog, read_jsonl
+from trainer.config.schema import Config
+from trainer.errors import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE
+from trainer.checkpoint.manifest import Manifest
+from trainer.errors import CheckpointError
+from trainer.run_dir import RunDir
+from trainer.metrics import EventLog, read_jsonl
 
-HEARTBEAT_NAME = "heartbeat"
 CRASH_LOOP_LIMIT = 3  # failures in a row with no new checkpoint and no new step: stop restarting
 HANG_KILL_AFTER_S = 10.0  # after SIGTERM to a hung trainer, SIGKILL this much later (at most grace_seconds)
 POLL_S = 0.1
@@ -33,34 +34,26 @@ POLL_S = 0.1
 # ---------------------------------------------------------------- what the trainer leaves on disk
 
 
-def newest_checkpoint_step(output_dir: str | os.PathLike) -> Optional[int]:
-    """Step of the newest committed local checkpoint (`checkpoints/step-*/manifest.json` that parses)."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    steps = sorted((s for s in (parse_step_dirname(p.name) for p in root.iterdir()) if s is not None), reverse=True)
-    for step in steps:
-        ckpt = root / f"step-{step:08d}"
-        if (ckpt / MANIFEST_NAME).is_file():
-            try:
-                Manifest.load(ckpt)
-                return step
-            except Exception:  # a damaged manifest is not a checkpoint; look at the one before
-                continue
+def newest_checkpoint_step(output_dir: str | os.PathLike) -> int | None:
+    """Step of the newest committed local checkpoint whose manifest parses (a damaged one is not a checkpoint)."""
+    run = RunDir(output_dir)
+    for step in reversed(run.committed_steps()):
+        try:
+            Manifest.load(run.checkpoint(step))
+            return step
+        except CheckpointError:
+            continue
     return None
 
 
-def read_heartbeat(output_dir: str | os.PathLike) -> Optional[int]:
+def read_heartbeat(output_dir: str | os.PathLike) -> int | None:
     """The step rank 0 last wrote into `<output_dir>/heartbeat`, or None."""
-    try:
-        return int((Path(output_dir) / HEARTBEAT_NAME).read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
+    return RunDir(output_dir).read_heartbeat()
 
 
 def _heartbeat_stamp(output_dir: Path) -> Optional[tuple]:
     try:
-        st = os.stat(output_dir / HEARTBEAT_NAME)
+        st = os.stat(RunDir(output_dir).heartbeat)
     except OSError:
         return None
     return st.st_mtime_ns, st.st_ino, st.st_size
@@ -69,7 +62,7 @@ def _heartbeat_stamp(output_dir: Path) -> Optional[tuple]:
 def _trainer_reported_preempt(output_dir: Path, since: float) -> bool:
     # `accelerate launch` turns a rank's exit 75 into its own exit 1; rank 0's `preempt` event tells the truth.
     return any(e.get("source") == "trainer" and e.get("event") == "preempt" and e.get("time", 0) >= since
-               for e in read_jsonl(output_dir / "events.jsonl"))
+               for e in read_jsonl(RunDir(output_dir).events))
 
 
 # ---------------------------------------------------------------- the child command
@@ -249,7 +242,7 @@ class Supervisor:
     def run(self) -> int:
         """Supervise until done, preempted, a config error, or giving up; returns the exit code."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.events = EventLog(self.output_dir / "events.jsonl", "supervisor")
+        self.events = EventLog(RunDir(self.output_dir).events, "supervisor")
         self._install()
         try:
             return self._supervise()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .errors import ConfigError
+from trainer.errors import ConfigError
 
 GIB = 1024**3
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import click
 
-from .checkpoint import CheckpointStore
-from .config import load_config
-from .errors import ConfigError
-from .manifest import Manifest, verify
+from trainer.checkpoint.store import CheckpointStore
+from trainer.cli.options import config_options, run_cli
+from trainer.config.loader import load_config
+from trainer.errors import ConfigError
+from trainer.checkpoint.manifest import Manifest, verify
 
 
 def _cfg(config, overrides, output_dir):
@@ -21,7 +22,7 @@ def _remote(cfg, uri: str | None):
     uri = uri or cfg.checkpoint.remote
     if not uri:
         return None
-    from .storage import open_store
+    from trainer.remote.store import open_store
 
     return open_store(uri, cfg.checkpoint.s3)
 
@@ -43,9 +44,6 @@ def _fmt_size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
-
-
-from .cli import config_options, run_cli  # noqa: E402
 
 
 @click.group()

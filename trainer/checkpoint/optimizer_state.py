@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .errors import CheckpointError
-from .st_io import write_bytes, write_safetensors
+from trainer.errors import CheckpointError
+from trainer.durable import write_file as write_bytes
+from trainer.checkpoint.stream import write_safetensors
 
 FORMAT_VERSION = 1
 FULL_NAME = "optimizer"

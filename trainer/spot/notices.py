@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Optional
 
-from .preemption import StopSignal
+from trainer.spot.stop import StopSignal
 
 log = logging.getLogger(__name__)
 

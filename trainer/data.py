@@ -29,10 +29,6 @@ class TokenizedData:
     eval: list[dict]
     eval_prompts: list[dict]  # {"prompt": str, "completion": str} for exact-match eval; may be empty
 
-    @property
-    def train_tokens(self) -> int:
-        return sum(len(r["input_ids"]) for r in self.train)
-
 
 # ---------------------------------------------------------------- loading rows
 

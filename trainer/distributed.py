@@ -176,10 +176,6 @@ def make_accelerator(cfg, grad_accum: int):
     return accelerator
 
 
-def is_deepspeed(accelerator) -> bool:
-    return accelerator.distributed_type == "DEEPSPEED"
-
-
 def release(accelerator) -> None:
     """Tear down the process group so the interpreter exits cleanly; drop your model/optimizer refs first.
 

@@ -12,16 +12,17 @@ import torch
 from trainer.config.loader import config_from_dict
 from trainer.errors import ConfigError
 from trainer.checkpoint.manifest import build_manifest, verify, write_manifest
+from trainer.run_dir import FINAL_META, RunDir
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def read_final(output_dir: Path) -> tuple[Path, dict]:
-    final = Path(output_dir) / "final"
+    final = RunDir(output_dir).final
     problems = verify(final)
     if problems:
         raise ConfigError(f"{final}: no finished run to export ({problems[0]}); train to the end first")
-    return final, json.loads((final / "spot_trainer.json").read_text())
+    return final, json.loads((final / FINAL_META).read_text())
 
 
 def _base_dtype(base_path: str) -> torch.dtype:
@@ -61,7 +62,7 @@ def export(output_dir: Path, to: str | None, merge: bool, s3_config=None) -> str
         stage = Path(tmp) / "out"
         if merge and adapter:
             merge_adapter(final, meta, stage)
-            (stage / "spot_trainer.json").write_text(json.dumps({**meta, "merged": True}, indent=1))
+            (stage / FINAL_META).write_text(json.dumps({**meta, "merged": True}, indent=1))
         else:
             shutil.copytree(final, stage)
             (stage / "manifest.json").unlink()

@@ -12,6 +12,7 @@ import torch
 from trainer import speed
 from trainer.config.schema import Config
 from trainer.errors import ConfigError
+from trainer.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def model_config(cfg: Config):
 
 def materialize_builtin(cfg: Config, tokenizer, output_dir: Path) -> Path:
     """Save the built-in model's random init (a function of train.seed) once, so every path loads from disk."""
-    dest = output_dir / "base-model"
+    dest = RunDir(output_dir).base_model
     if (dest / "config.json").exists():
         return dest
     from transformers import LlamaForCausalLM
@@ -100,7 +101,7 @@ def materialize_builtin(cfg: Config, tokenizer, output_dir: Path) -> Path:
 
 
 def base_model_path(cfg: Config, output_dir: Path) -> str:
-    return str(output_dir / "base-model") if is_builtin(cfg) else cfg.model.name_or_path
+    return str(RunDir(output_dir).base_model) if is_builtin(cfg) else cfg.model.name_or_path
 
 
 def _quant_config(cfg: Config, device: torch.device):

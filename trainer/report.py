@@ -10,6 +10,7 @@ from pathlib import Path
 
 from trainer.errors import ConfigError
 from trainer.metrics import read_jsonl
+from trainer.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,13 @@ def _num(rec: dict, key: str) -> float | None:
 def build_report(output_dir: Path, price_per_hour: float | None = None) -> Report:
     """Wall time, useful time, time lost to preemptions and restarts, goodput, throughput and cost of a run."""
     output_dir = Path(output_dir)
-    metrics_path = output_dir / "metrics.jsonl"
+    metrics_path = RunDir(output_dir).metrics
     if not metrics_path.exists():
         raise ConfigError(f"{output_dir}: no metrics.jsonl; give a run's output dir (train.output_dir) "
                           f"after at least one logged step")
     warnings: list[str] = []
     metrics = read_jsonl(metrics_path, warnings)
-    events = sorted(read_jsonl(output_dir / "events.jsonl", warnings), key=lambda e: _num(e, "time") or 0.0)
+    events = sorted(read_jsonl(RunDir(output_dir).events, warnings), key=lambda e: _num(e, "time") or 0.0)
     train = sorted((m for m in metrics if _num(m, "loss") is not None and isinstance(m.get("step"), int)),
                    key=lambda m: m["step"])
     evals = [m for m in metrics if _num(m, "eval_loss") is not None]
@@ -181,7 +182,7 @@ def plot_report(output_dir: Path, png_path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     report = build_report(output_dir)
-    metrics = read_jsonl(Path(output_dir) / "metrics.jsonl", [])
+    metrics = read_jsonl(RunDir(output_dir).metrics, [])
     train = sorted((m for m in metrics if _num(m, "loss") is not None and isinstance(m.get("step"), int)),
                    key=lambda m: m["step"])
     evals = sorted((m for m in metrics if _num(m, "eval_loss") is not None), key=lambda m: m.get("step", 0))

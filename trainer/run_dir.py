@@ -18,6 +18,7 @@ EVENTS_FILE = "events.jsonl"
 HEARTBEAT_FILE = "heartbeat"
 CACHE_DIR = "cache"
 BASE_MODEL_DIR = "base-model"  # the built-in model's random init
+FINAL_META = "spot_trainer.json"  # in final/: method, step, base model and the config of the run
 TMP_PREFIX = ".tmp-"  # a checkpoint being written: checkpoints/.tmp-step-XXXXXXXX/
 
 

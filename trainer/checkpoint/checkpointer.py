@@ -29,7 +29,7 @@ from trainer.errors import CheckpointError, ConfigError
 from trainer.metrics import EventLog, MetricsLog
 from trainer.remote.objects import StorageUnavailable
 from trainer.remote.store import RemoteStore
-from trainer.run_dir import RunDir
+from trainer.run_dir import FINAL_DIR, FINAL_META, METRICS_FILE, RunDir
 from trainer.schedule import warmup_steps
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class Checkpointer:
             model_state.set_rng_state(read_json(path, rng_file.name))
         else:  # another world size: fresh per-rank streams, derived from the step so it is still reproducible
             torch.manual_seed(self.cfg.train.seed + 1000 * saved.step + self.rank)
-        saved_metrics = (path / "metrics.jsonl").read_text() if (path / "metrics.jsonl").exists() else None
+        saved_metrics = (path / METRICS_FILE).read_text() if (path / METRICS_FILE).exists() else None
         self.metrics.rewind(saved_metrics, saved.step)
         self.saved_step = saved.step
         self.say(f"resumed from {path} (step {saved.step}/{fresh.total_steps})")
@@ -214,7 +214,7 @@ class Checkpointer:
                 "kind": t.lr_scheduler, "step": progress.step, "total_steps": progress.total_steps,
                 "warmup_steps": warmup_steps(progress.total_steps, t.warmup_steps, t.warmup_ratio), "base_lr": t.lr}
             snap.text["config.yaml"] = self.cfg.to_yaml()
-            snap.text["metrics.jsonl"] = self.metrics.text()
+            snap.text[METRICS_FILE] = self.metrics.text()
         return snap
 
     # ------------------------------------------------------------------ the writer's and uploader's callbacks
@@ -282,7 +282,7 @@ class Checkpointer:
         shutil.rmtree(tmp, ignore_errors=True)
         self.raw_model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "spot_trainer.json").write_text(json.dumps({
+        (tmp / FINAL_META).write_text(json.dumps({
             "method": self.cfg.model.method, "step": progress.step,
             "base_model": model_lib.base_model_path(self.cfg, self.run.root),
             "config": self.cfg.to_dict()}, indent=1))
@@ -292,7 +292,7 @@ class Checkpointer:
         if self.remote is not None:
             self.wait_uploads(None)
             try:
-                self.remote.upload_dir(final, "final")
+                self.remote.upload_dir(final, FINAL_DIR)
                 self.say(f"final/ uploaded to {self.cfg.checkpoint.remote}")
             except StorageUnavailable as e:
                 log.warning("final/ not uploaded (%s); it is complete locally: `spot-trainer export %s --to %s` "

@@ -15,7 +15,7 @@ import click
 from trainer.config.loader import config_from_dict, load_config
 from trainer.config.schema import Config
 from trainer.errors import SpotTrainerError
-from trainer.run_dir import RunDir
+from trainer.run_dir import FINAL_META, RunDir
 
 def setup_logging(debug: bool) -> None:
     # warnings and errors only: the run prints its own progress lines; --debug shows everything
@@ -69,7 +69,7 @@ def config_options(fn):
 def resolve_run_dir(target, overrides, output_dir) -> tuple[Path, Config]:
     """A command's positional arg may be a run's output dir (report/export) or a CONFIG; returns (dir, config)."""
     if target and Path(target).is_dir():
-        snap = RunDir(target).final / "spot_trainer.json"
+        snap = RunDir(target).final / FINAL_META
         if snap.exists() and not overrides:
             return Path(target), config_from_dict(json.loads(snap.read_text())["config"])
         return Path(target), load_config(None, list(overrides), str(target))

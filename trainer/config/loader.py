@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from importlib import resources
@@ -18,6 +19,11 @@ import yaml
 from trainer.config.schema import Config
 from trainer.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
+# Keys earlier versions accepted: old configs and the config snapshots of old checkpoints still load.
+RETIRED_KEYS = {"data.num_workers": (0, "rows are tokenized in memory before training, there is no loader to "
+                                        "give workers to")}
 PRESET_DIR = Path(str(resources.files("trainer.config") / "presets"))
 DEFAULT_PRESET = "default"
 
@@ -146,6 +152,11 @@ def _build(cls, data: Any, prefix: str):
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
+        if f"{prefix}{key}" in RETIRED_KEYS and key not in names:
+            old_default, why = RETIRED_KEYS[f"{prefix}{key}"]
+            if value != old_default:  # old snapshots (config.yaml in a checkpoint) carry the default: no noise
+                log.warning("config key '%s%s' is no longer used and is ignored: %s", prefix, key, why)
+            continue
         if key not in names:
             near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(names)}"

@@ -78,7 +78,6 @@ class DataConfig:
     max_length: int = 512
     packing: bool = False
     eval_split: float | str | None = 0.05  # fraction of the data, or a file path; None = no eval
-    num_workers: int = 0
     builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
 
 

@@ -53,11 +53,6 @@ class ModelShape:
     params_layer_linear: int  # every nn.Linear inside the decoder layers (what bitsandbytes quantizes)
 
     @property
-    def params_other(self) -> int:
-        """Norms, biases and anything else that is neither embedding nor a decoder linear."""
-        return self.params_total - self.params_embedding - self.params_layer_linear
-
-    @property
     def params_matmul(self) -> int:
         """Parameters that take part in a matrix product per token (everything but the embedding lookup)."""
         return self.params_total - self.vocab_size * self.hidden_size * (0 if self.tie_word_embeddings else 1)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from trainer.errors import CheckpointError, StorageError
-from trainer.run_dir import committed_steps, parse_step_dirname, step_dirname
+from trainer.run_dir import FINAL_DIR, committed_steps, parse_step_dirname, step_dirname
 from trainer.remote.store import RemoteStore
 from trainer.remote.objects import StorageUnavailable
 
@@ -188,7 +188,7 @@ class CheckpointUploader:
                 self._coalesce()
 
     def _upload_final(self, final_dir: Path) -> None:
-        result = self.store.upload_dir(final_dir, "final")
+        result = self.store.upload_dir(final_dir, FINAL_DIR)
         log.info("final model uploaded to %s: %.1f MB in %.1fs", result.remote, result.bytes_uploaded / 1e6,
                  result.seconds)
 

@@ -22,6 +22,7 @@ from trainer.errors import ConfigError
 # The package's own copies (package data), so a non-editable install finds them; the repo's top-level
 # deepspeed_configs/ holds the same files for people to read and copy (a test keeps them identical).
 DEEPSPEED_CONFIG_DIR = Path(str(resources.files("trainer") / "deepspeed_configs"))
+_SOURCE_TREE = Path(__file__).resolve().parents[1]  # the repo in a clone or editable install
 
 
 def world_size_from_env() -> int:
@@ -59,10 +60,10 @@ def resolve_deepspeed_config(name_or_path: str) -> Path:
     """A DeepSpeed JSON by name (deepspeed_configs/<name>.json) or by path."""
     path = Path(name_or_path).expanduser()
     if path.suffix == ".json" or "/" in name_or_path:
-        if not path.is_file() and path.parent.name == "deepspeed_configs" and (DEEPSPEED_CONFIG_DIR / path.name).is_file():
-            # launch/*.yaml name the repo's deepspeed_configs/<x>.json relative to the repo; the CWD may be
-            # elsewhere (or there is no repo: a pip install): the package's identical copy
-            path = DEEPSPEED_CONFIG_DIR / path.name
+        if not path.is_file() and not path.is_absolute() and (_SOURCE_TREE / path).is_file():
+            path = _SOURCE_TREE / path  # launch/*.yaml name repo-relative files; the CWD may be elsewhere
+        elif not path.is_file() and path.parent.name == "deepspeed_configs" and (DEEPSPEED_CONFIG_DIR / path.name).is_file():
+            path = DEEPSPEED_CONFIG_DIR / path.name  # no repo around (a pip install): the package's identical copy
         if not path.is_file():
             raise ConfigError(f"distributed.deepspeed: {name_or_path}: file not found; give a DeepSpeed JSON "
                               f"or one of: {', '.join(deepspeed_config_names())}")

@@ -58,13 +58,14 @@ class Trainer:
         hf_logging.disable_progress_bar()  # our own progress line is enough; keeps logs one line per event
         self._setup_distributed()
         self._setup_output()
+        started = time.monotonic()  # checkpoint.every_minutes counts from here
         remote = open_remote(self.cfg, self.is_main)  # first: a remote with bad credentials fails before any work
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
         self.checkpointer = Checkpointer(self.cfg, self.run, self.acc, self.model, self.optimizer, remote=remote,
                                          events=self.events, metrics=self.metrics, heartbeat=self._heartbeat,
-                                         say=self.say)
+                                         say=self.say, started=started)
         fresh = Progress(world_size=self.world, micro_batch_size=self.cfg.train.micro_batch_size,
                          grad_accum=self.grad_accum, global_batch=self.plan.global_batch, n_rows=len(self.rows),
                          total_steps=self.total_steps, method=self.cfg.model.method)
@@ -259,8 +260,10 @@ class Trainer:
                          f"grad_norm {r.grad_norm:.3f} {rec['tokens_per_second']:.0f} tok/s")
         if cfg.eval.every_steps and p.step % cfg.eval.every_steps == 0 and not last:
             self._evaluate()
-        soon = self.stop.checkpoint_soon  # e.g. an AWS rebalance recommendation: save now, keep training
-        if self.checkpointer.maybe_save(p, last=last, soon=soon) and soon:
+        if self.checkpointer.maybe_save(p, last=last):
+            pass
+        elif self.stop.checkpoint_soon:  # e.g. an AWS rebalance recommendation: save now, keep training
+            self.checkpointer.save(p, "periodic")
             self.stop.checkpoint_taken()
 
     def _finish(self, eval_before: dict) -> None:
@@ -276,16 +279,16 @@ class Trainer:
 
     def _preempted(self, rng: tuple) -> int:
         """Agreed stop: commit the state at the last completed step locally, then upload with the grace left."""
-        step = self.progress.step
+        step, t0 = self.progress.step, time.monotonic()
         self.say(f"stop requested ({self.stop.reason}): emergency checkpoint at step {step}")
-        commit_s = self.checkpointer.emergency(self.progress, rng)
-        if commit_s is None:
+        if not self.checkpointer.emergency(self.progress, rng):
             newest = self.checkpointer.store.committed_steps()
             self.events.emit("train_end", step=step, status="preempted")
             self.say(f"emergency checkpoint at step {step} not written: the disk is full; the run resumes from "
                      f"{f'step {newest[-1]}' if newest else 'the start'}; exiting {EXIT_PREEMPTED} "
                      f"(preempted, resumable)")
             return EXIT_PREEMPTED
+        commit_s = time.monotonic() - t0
         self.events.emit("preempt", step=step, reason=self.stop.reason, stop_to_commit_s=round(commit_s, 3))
         self.checkpointer.wait_uploads(self.stop.grace_left(self.cfg.preemption.grace_seconds))
         self.events.emit("train_end", step=step, status="preempted")

@@ -48,7 +48,8 @@ def open_remote(cfg: Config, is_main: bool) -> RemoteStore | None:
 
 class Checkpointer:
     def __init__(self, cfg: Config, run: RunDir, acc, model, optimizer, *, remote: RemoteStore | None,
-                 events: EventLog, metrics: MetricsLog, heartbeat: Callable[[], None], say: Callable[[str], None]):
+                 events: EventLog, metrics: MetricsLog, heartbeat: Callable[[], None], say: Callable[[str], None],
+                 started: float | None = None):
         self.cfg, self.run, self.acc = cfg, run, acc
         self.model, self.optimizer = model, optimizer
         self.raw_model = acc.unwrap_model(model)
@@ -57,7 +58,7 @@ class Checkpointer:
         self.store = CheckpointStore(run.root)
         self.saved_step = -1  # the newest checkpoint this run wrote or resumed from
         self.disk_full_seen = False
-        self.last_save_time = time.monotonic()
+        self.last_save_time = time.monotonic() if started is None else started  # every_minutes counts from here
         self.uploader = None
         if remote is not None:
             from trainer.remote.uploader import CheckpointUploader
@@ -154,9 +155,9 @@ class Checkpointer:
             return True
         return bool(c.every_minutes) and time.monotonic() - self.last_save_time >= 60 * c.every_minutes
 
-    def maybe_save(self, progress: Progress, *, last: bool = False, soon: bool = False) -> bool:
-        """Save after this step if one is due, it is the last step, or `soon` (a rebalance notice); True if saved."""
-        if not (last or soon or self.due(progress.step)):
+    def maybe_save(self, progress: Progress, *, last: bool = False) -> bool:
+        """Save after this step if one is due or it is the last step; True if it did."""
+        if not (last or self.due(progress.step)):
             return False
         self.save(progress, "final" if last else "periodic")
         return True
@@ -183,9 +184,8 @@ class Checkpointer:
         (self.writer.write_now if sync else self.writer.submit)(snap)
         self.last_save_time = time.monotonic()
 
-    def emergency(self, progress: Progress, rng: tuple) -> float | None:
-        """Commit the state at the last completed step now; seconds it took, or None if the disk is full."""
-        t0 = time.monotonic()
+    def emergency(self, progress: Progress, rng: tuple) -> bool:
+        """Commit the state at the last completed step now; False if the disk is full."""
         try:
             self.save(progress, "emergency", sync=True, rng=rng)
             self.writer.wait()
@@ -196,8 +196,8 @@ class Checkpointer:
                 self.store.abandon(Snapshot(step=progress.step, rank=self.rank, world_size=self.world))
             self.events.emit("checkpoint_failed", step=progress.step, kind="emergency", error=str(e)[:300],
                              pruned=[])
-            return None
-        return time.monotonic() - t0
+            return False
+        return True
 
     def _snapshot(self, progress: Progress, kind: str, rng: tuple | None, copy: bool) -> Snapshot:
         """copy=False (a synchronous write): the live tensors, not copies; nothing changes them until it is done."""

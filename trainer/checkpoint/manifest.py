@@ -63,16 +63,18 @@ class Manifest:
                 raise ValueError(f"unknown format {d.get('format')!r}")
             files = [FileEntry(**f) for f in d.pop("files")]
             return cls(files=files, **d)
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
             raise CheckpointError(f"{where}: not a valid manifest ({e})") from None
 
     @classmethod
     def load(cls, ckpt_dir: str | os.PathLike) -> "Manifest":
         p = Path(ckpt_dir) / MANIFEST_NAME
         try:
-            text = p.read_text()
+            text = p.read_bytes().decode("utf-8")
         except OSError as e:
             raise CheckpointError(f"{p}: cannot read manifest ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{p}: not a valid manifest (not UTF-8 text)") from None
         return cls.from_json(text, where=str(p))
 
 

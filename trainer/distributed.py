@@ -193,3 +193,15 @@ def release(accelerator) -> None:
     accelerator.free_memory()
     gc.collect()
     accelerator.end_training()  # destroys the default process group
+
+
+def agree_int(value: int, accelerator) -> int:
+    """Rank 0's `value` on every rank (one all-reduce MAX; the other ranks pass the smallest int64). No pickling."""
+    import torch.distributed as dist
+
+    if accelerator.num_processes == 1 or not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value if accelerator.is_main_process else -(2**62)], dtype=torch.int64,
+                     device=accelerator.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

@@ -3,6 +3,7 @@
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_STORAGE = 69  # EX_UNAVAILABLE: storage the run needs cannot be used yet (remote down, disk too small); resumable
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request, resumable from the last checkpoint
 
 
@@ -25,4 +26,20 @@ class StorageError(SpotTrainerError):
 
 
 class CheckpointError(SpotTrainerError):
-    """A checkpoint is missing, partial or does not match its manifest."""
+    """A checkpoint is missing, partial, unreadable or does not match its manifest."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """Verified damage: a file's sha256 or size differs from the manifest, a file is missing, or the manifest itself
+    is not a manifest. Such a checkpoint is moved to checkpoints/corrupt/, never deleted."""
+
+
+class UnsupportedCheckpoint(CheckpointError):
+    """Written by a newer version in a format this one cannot read: skipped and kept, never deleted."""
+
+
+class StorageWait(SpotTrainerError):
+    """The run cannot go on without storage it cannot use now (the remote is unreachable while it may hold the run's
+    progress, or the disk is too small for the checkpoint to pull): exit 69, resumable; the supervisor retries later."""
+
+    exit_code = EXIT_STORAGE

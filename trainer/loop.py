@@ -19,12 +19,14 @@ from trainer import model as model_lib
 from trainer.checkpoint import model_state
 from trainer.checkpoint.checkpointer import Checkpointer, open_remote
 from trainer.checkpoint.progress import Progress
+from trainer.checkpoint.resume import guard_start_over
 from trainer.checkpoint.store import CheckpointStore
 from trainer.config.schema import Config
 from trainer.data import prepare_data
 from trainer.errors import EXIT_OK, EXIT_PREEMPTED, ConfigError
 from trainer.metrics import Console, EventLog, MetricsLog
 from trainer.run_dir import RunDir
+from trainer.run_lock import RunLock
 from trainer.schedule import lr_at, warmup_steps
 from trainer.spot.stop import StopSignal, agreed_stop
 
@@ -41,14 +43,15 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: str = "auto"):
-        self.cfg, self.resume = cfg, resume
+    def __init__(self, cfg: Config, resume: str = "auto", archive_existing: bool = False):
+        self.cfg, self.resume, self.archive_existing = cfg, resume, archive_existing
         self.run = RunDir(cfg.output_dir)
         self.stop = StopSignal()
         self.progress = Progress()
         self.checkpointer: Checkpointer | None = None
         self.watcher = None
         self.acc = None
+        self.lock: RunLock | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -60,6 +63,8 @@ class Trainer:
         self._setup_output()
         started = time.monotonic()  # checkpoint.every_minutes counts from here
         remote = open_remote(self.cfg, self.is_main)  # first: a remote with bad credentials fails before any work
+        if self.resume == "never" and self.is_main:  # starting over is explicit: refused over committed work
+            guard_start_over(CheckpointStore(self.run.root), remote, self.archive_existing, self.say)
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
@@ -85,6 +90,7 @@ class Trainer:
     def _setup_output(self) -> None:
         self.run.root.mkdir(parents=True, exist_ok=True)
         if self.is_main:
+            self.lock = RunLock(self.run.root).acquire()  # one trainer per output dir
             CheckpointStore(self.run.root).clean_stale()
         self.metrics = MetricsLog(self.run.metrics, enabled=self.is_main)
         self.events = EventLog(self.run.events, "trainer", enabled=self.is_main)
@@ -298,6 +304,8 @@ class Trainer:
 
     def cleanup(self) -> None:
         self.stop.uninstall()
+        if self.lock is not None:
+            self.lock.release()
         if self.watcher is not None:
             self.watcher.close()
         if self.checkpointer is not None:
@@ -318,8 +326,8 @@ def _memory_gb(device: torch.device) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # Linux: KiB
 
 
-def run_training(cfg: Config, resume: str = "auto") -> int:
-    trainer = Trainer(cfg, resume)
+def run_training(cfg: Config, resume: str = "auto", archive_existing: bool = False) -> int:
+    trainer = Trainer(cfg, resume, archive_existing)
     try:
         trainer.setup()
         return trainer.train()

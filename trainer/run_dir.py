@@ -20,6 +20,11 @@ CACHE_DIR = "cache"
 BASE_MODEL_DIR = "base-model"  # the built-in model's random init
 FINAL_META = "spot_trainer.json"  # in final/: method, step, base model and the config of the run
 TMP_PREFIX = ".tmp-"  # a checkpoint being written: checkpoints/.tmp-step-XXXXXXXX/
+PULL_PREFIX = ".pull-"  # a checkpoint being pulled from the remote (kept across restarts, resumed)
+ARCHIVED_DIR = "archived"  # checkpoints/archived/<run-id>/step-XXXXXXXX: another lineage, moved aside
+CORRUPT_DIR = "corrupt"  # checkpoints/corrupt/step-XXXXXXXX: verified damage, moved aside
+LEGACY_RUN = "legacy"  # archived/ name for checkpoints written before lineage existed (no run id)
+LOCK_FILE = ".lock"  # the output dir's owner: host, pid, start time
 
 
 def step_dirname(step: int) -> str:

@@ -7,10 +7,7 @@ at the end; interval, retention, the background writer and the uploader live in 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,18 +15,19 @@ from pathlib import Path
 import torch
 
 from trainer import model as model_lib
-from trainer.checkpoint import model_state
-from trainer.checkpoint.manifest import build_manifest, write_manifest
+from trainer.checkpoint import model_state, resume
+from trainer.checkpoint.final import write_final
 from trainer.checkpoint.optimizer_state import load_optimizer_state, optimizer_snapshot
 from trainer.checkpoint.progress import Progress
 from trainer.checkpoint.store import CheckpointStore, Snapshot, read_json, read_tensors
 from trainer.checkpoint.writer import CheckpointWriter, out_of_space
 from trainer.config.schema import Config
-from trainer.errors import CheckpointError, ConfigError
+from trainer.distributed import agree_int
+from trainer.errors import CheckpointError, ConfigError, StorageWait
 from trainer.metrics import EventLog, MetricsLog
 from trainer.remote.objects import StorageUnavailable
 from trainer.remote.store import RemoteStore
-from trainer.run_dir import FINAL_DIR, FINAL_META, METRICS_FILE, RunDir
+from trainer.run_dir import FINAL_DIR, MANIFEST_NAME, METRICS_FILE, RunDir
 from trainer.schedule import warmup_steps
 
 log = logging.getLogger(__name__)
@@ -42,7 +40,10 @@ def open_remote(cfg: Config, is_main: bool) -> RemoteStore | None:
     from trainer.remote.store import open_store
 
     remote = open_store(cfg.checkpoint.remote, cfg.checkpoint.s3)
-    remote.check(deadline=remote.deadline(60))  # a typo'd endpoint: within 60 s
+    try:
+        remote.check(deadline=remote.deadline(60))  # a typo'd endpoint: within 60 s
+    except StorageUnavailable as e:  # down, not wrong: resume() waits for it (checkpoint.remote_wait_s)
+        log.warning("cannot reach %s now (%s); checking again before resuming", remote.uri, e)
     return remote
 
 
@@ -56,7 +57,8 @@ class Checkpointer:
         self.rank, self.world, self.is_main = acc.process_index, acc.num_processes, acc.is_main_process
         self.remote, self.events, self.metrics, self.heartbeat, self.say = remote, events, metrics, heartbeat, say
         self.store = CheckpointStore(run.root)
-        self.saved_step = -1  # the newest checkpoint this run wrote or resumed from
+        self.saved_step = -1  # the newest step this run resumed from or handed to the writer (all ranks alike)
+        self.lineage = None  # rank 0: what the next checkpoint records (resume() sets it)
         self.disk_full_seen = False
         self.last_save_time = time.monotonic() if started is None else started  # every_minutes counts from here
         self.uploader = None
@@ -72,52 +74,36 @@ class Checkpointer:
     def resume(self, mode: str, fresh: Progress) -> Progress | None:
         """Load the checkpoint `mode` names (auto | never | a path) into model and optimizer; its Progress or None.
 
+        Rank 0 decides (local, or pulled from the remote on a fresh pod) and every rank loads the same step.
         `fresh` is this run's geometry at step 0; a checkpoint saved with another global batch or other data is
         refused with the setting that would resume it.
         """
-        path = self._find(mode)
+        step = -1  # the step every rank loads; -1: none
+        failure: StorageWait | None = None
+        if self.is_main:
+            try:
+                choice = resume.choose(mode, self.store, self.remote, self.cfg.checkpoint.remote_wait_s, self.say,
+                                       self.heartbeat)
+                resume.keep_one_lineage(self.store, self.remote, choice, self.say)
+                self.lineage = choice.lineage
+                step = choice.manifest.step if choice.manifest else -1
+                path = choice.path
+            except StorageWait as e:
+                failure, step = e, -2
+                self.events.emit("storage_wait", error=str(e)[:300])
+        step = agree_int(step, self.acc)  # the others wait here and follow rank 0
+        if step == -2:
+            raise failure or StorageWait("rank 0 could not reach the checkpoint storage; exiting 69 (resumable)")
         progress = None
-        if path is None:
-            if self.is_main and mode == "never" and self.store.committed_steps():
-                log.warning("--resume never: starting over; older checkpoints in %s stay until retention "
-                            "removes them", self.store.root)
+        if step < 0:
             self.metrics.rewind("", 0)
         else:
+            if not self.is_main:
+                path = Path(mode) if mode not in ("auto", "never") else self.store.path(step)
             progress = self._load(path, fresh)
         if self.uploader is not None:  # committed locally but not remotely (died mid-upload): upload now
             self.uploader.sync_pending(self.store.root)
         return progress
-
-    def _find(self, mode: str) -> Path | None:
-        if mode == "never":
-            return None
-        if mode != "auto":
-            return Path(mode)  # verified by the CLI
-        local = self.store.latest_valid(discard_broken=self.is_main)  # only rank 0 deletes: ranks share the dir
-        local_step = local[0] if local else -1
-        if self.cfg.checkpoint.remote:
-            pulled = self._pull_remote(local_step)
-            if pulled is not None:
-                return pulled
-        return local[1] if local else None
-
-    def _pull_remote(self, local_step: int) -> Path | None:
-        """Rank 0 pulls a newer remote checkpoint (fresh pod); the others wait and use it."""
-        path = None
-        if self.is_main:
-            try:
-                got = self.remote.pull_latest(self.store.root, newer_than=local_step)
-            except StorageUnavailable as e:  # the remote is down: a local checkpoint is better than waiting
-                log.warning("cannot reach %s (%s); resuming from local checkpoints", self.cfg.checkpoint.remote, e)
-                got = None
-            if got is not None:
-                path = got[1]
-                self.say(f"pulled checkpoint step {got[0]} from {self.cfg.checkpoint.remote}")
-        self.acc.wait_for_everyone()
-        if not self.is_main:
-            local = self.store.latest_valid(deep=False)
-            path = local[1] if local and local[0] > local_step else None
-        return path
 
     def _load(self, path: Path, fresh: Progress) -> Progress:
         saved = Progress.from_json(read_json(path, "trainer_state.json"), str(path / "trainer_state.json"))
@@ -185,7 +171,21 @@ class Checkpointer:
         self.last_save_time = time.monotonic()
 
     def emergency(self, progress: Progress, rng: tuple) -> bool:
-        """Commit the state at the last completed step now; False if the disk is full."""
+        """Commit the state at the last completed step now; True only when its manifest is on the disk.
+
+        A background write still running (maybe of this very step) is waited for first; if this step's write did
+        not commit (a full disk), it is written again after retention made room.
+        """
+        try:
+            self.writer.wait()
+        except (CheckpointError, OSError) as e:
+            if not out_of_space(e):
+                raise
+        if agree_int(int(self.is_main and self.committed(progress.step)), self.acc):
+            return True
+        if self.saved_step == progress.step and self.is_main:  # its background write failed: make room first
+            self.store.prune(1, protect=self._uploading())
+        self.saved_step = -1
         try:
             self.save(progress, "emergency", sync=True, rng=rng)
             self.writer.wait()
@@ -197,11 +197,15 @@ class Checkpointer:
             self.events.emit("checkpoint_failed", step=progress.step, kind="emergency", error=str(e)[:300],
                              pruned=[])
             return False
-        return True
+        return bool(agree_int(int(self.is_main and self.committed(progress.step)), self.acc))
+
+    def committed(self, step: int) -> bool:
+        """Rank 0: the checkpoint of `step` is committed on the disk (its manifest exists)."""
+        return (self.store.path(step) / MANIFEST_NAME).is_file()
 
     def _snapshot(self, progress: Progress, kind: str, rng: tuple | None, copy: bool) -> Snapshot:
         """copy=False (a synchronous write): the live tensors, not copies; nothing changes them until it is done."""
-        snap = Snapshot(step=progress.step, rank=self.rank, world_size=self.world, kind=kind)
+        snap = Snapshot(step=progress.step, rank=self.rank, world_size=self.world, kind=kind, lineage=self.lineage)
         tensors, meta = optimizer_snapshot(self.acc, self.model, self.optimizer, copy)  # every rank: ZeRO partitions
         snap.tensors.update(tensors)
         snap.json.update(meta)
@@ -222,10 +226,13 @@ class Checkpointer:
     def _on_commit(self, snap: Snapshot, path: Path, seconds: float) -> None:
         """Rank 0, writer thread: log, hand to the uploader, apply retention."""
         stall = snap.extra.get("stall_s")
-        self.events.emit("checkpoint", step=snap.step, kind=snap.kind, stall_s=stall, commit_s=round(seconds, 3))
+        self.lineage = snap.lineage.after(snap.step)  # the next checkpoint descends from this one
+        self.events.emit("checkpoint", step=snap.step, kind=snap.kind, stall_s=stall, commit_s=round(seconds, 3),
+                         run_id=snap.lineage.run_id, seq=snap.lineage.seq)
         if self.uploader is not None:
             self.uploader.submit(path)
-        self.store.prune(1 if self.disk_full_seen else self.cfg.checkpoint.keep_last, protect=self._uploading())
+        self.store.prune(1 if self.disk_full_seen else self.cfg.checkpoint.keep_last, head=snap.step,
+                         protect=self._uploading())
 
     def _on_failed(self, snap: Snapshot, err: BaseException) -> None:
         """Writer thread, every rank: a checkpoint did not fit on the disk. Training goes on; rank 0 keeps only
@@ -233,7 +240,7 @@ class Checkpointer:
         if not self.is_main:
             return
         self.disk_full_seen = True  # from now on keep only the newest: 2 on the disk at most, while writing
-        freed = self.store.prune(1, protect=self._uploading())
+        freed, _ = self.store.prune(1, protect=self._uploading())
         newest = self.store.committed_steps()
         self.events.emit("checkpoint_failed", step=snap.step, kind=snap.kind, error=str(err)[:300], pruned=freed)
         log.warning("checkpoint at step %d not written: the disk is full (%s); training goes on, the newest "
@@ -277,18 +284,10 @@ class Checkpointer:
 
     def _write_final(self, progress: Progress, tokenizer) -> None:
         """`final/`: adapter or full weights + tokenizer, loadable with transformers/peft, manifest last."""
-        final = self.run.final
-        tmp = self.run.root / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.raw_model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / FINAL_META).write_text(json.dumps({
-            "method": self.cfg.model.method, "step": progress.step,
-            "base_model": model_lib.base_model_path(self.cfg, self.run.root),
-            "config": self.cfg.to_dict()}, indent=1))
-        write_manifest(tmp, build_manifest(tmp, progress.step, world_size=self.world, kind="final"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        meta = {"method": self.cfg.model.method, "step": progress.step,
+                "base_model": model_lib.base_model_path(self.cfg, self.run.root), "config": self.cfg.to_dict()}
+        run_id = self.lineage.run_id if self.lineage else None
+        final = write_final(self.run, self.raw_model, tokenizer, meta, progress.step, self.world, run_id)
         if self.remote is not None:
             self.wait_uploads(None)
             try:

@@ -8,16 +8,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path, PurePosixPath
 
 from trainer.durable import replace_file
-from trainer.errors import CheckpointError
+from trainer.errors import CheckpointError, CorruptCheckpoint, UnsupportedCheckpoint
 from trainer.run_dir import MANIFEST_NAME
 
-FORMAT = "spot-trainer/checkpoint/v1"
+FORMAT_VERSION = 1  # lineage fields were added in v1 with defaults: readers of v1 ignore what they do not know
+FORMAT = f"spot-trainer/checkpoint/v{FORMAT_VERSION}"
+_FORMAT_RE = re.compile(r"spot-trainer/checkpoint/v(\d{1,6})")
+RUN_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # also a directory name under checkpoints/archived/
 _CHUNK = 16 * 1024 * 1024
 
 
@@ -38,44 +42,160 @@ class FileEntry:
 
 
 @dataclass
+class Parent:
+    """The checkpoint a checkpoint descends from (resumed from, or the previous one of the same run)."""
+
+    run_id: str | None  # None: written by a version without lineage
+    step: int
+
+
+@dataclass
 class Manifest:
     step: int
     files: list[FileEntry]
     world_size: int = 1
-    kind: str = "periodic"  # periodic | emergency | final
+    kind: str = "periodic"  # periodic | emergency | final | export
     created_at: float = field(default_factory=time.time)
     versions: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     format: str = FORMAT
+    # lineage (None in checkpoints of earlier versions): the run segment that wrote it, the commit number along
+    # its lineage, and the checkpoint it descends from
+    run_id: str | None = None
+    seq: int | None = None
+    parent: Parent | None = None
+    unknown: dict = field(default_factory=dict)  # fields of a newer version: kept (written back), not used
 
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
+    @property
+    def order(self) -> int:
+        """Position along its lineage: the commit number, or the step for checkpoints without lineage."""
+        return self.seq if self.seq is not None else self.step
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        d = {**self.unknown, **asdict(self)}
+        del d["unknown"]
+        for key in ("run_id", "seq", "parent"):  # checkpoints without lineage stay byte-identical
+            if d[key] is None:
+                del d[key]
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, where: str = "manifest.json") -> "Manifest":
+    def from_json(cls, text: str, where: str = "manifest.json") -> Manifest:
+        """Parse and check every field (a manifest may come from a bucket someone else can write)."""
         try:
             d = json.loads(text)
-            if d.get("format") != FORMAT:
-                raise ValueError(f"unknown format {d.get('format')!r}")
-            files = [FileEntry(**f) for f in d.pop("files")]
-            return cls(files=files, **d)
-        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
-            raise CheckpointError(f"{where}: not a valid manifest ({e})") from None
+        except (ValueError, RecursionError) as e:
+            raise CorruptCheckpoint(f"{where}: not a valid manifest (not JSON: {e})") from None
+        if not isinstance(d, dict):
+            raise CorruptCheckpoint(f"{where}: not a valid manifest (not a JSON object)")
+        fmt = d.get("format")
+        version = _format_version(fmt)
+        if version is None:
+            raise CorruptCheckpoint(f"{where}: not a valid manifest (format {fmt!r})")
+        if version > FORMAT_VERSION:
+            raise UnsupportedCheckpoint(f"{where}: written in format v{version} by a newer spot-trainer; this version "
+                                        f"reads v{FORMAT_VERSION}: upgrade spot-trainer to resume it (kept as it is)")
+        try:
+            return cls._from_dict(d)
+        except (ValueError, TypeError, KeyError) as e:
+            raise CorruptCheckpoint(f"{where}: not a valid manifest ({e})") from None
+
+    @classmethod
+    def _from_dict(cls, d: dict) -> Manifest:
+        known = {f.name for f in fields(cls)} - {"unknown"}
+        files = d["files"]
+        if not isinstance(files, list):
+            raise TypeError("'files' is not a list")
+        entries = []
+        for f in files:
+            if not isinstance(f, dict) or set(f) - {"path", "size", "sha256"}:
+                raise TypeError(f"file entry {f!r} is not {{path, size, sha256}}")
+            entries.append(FileEntry(_safe_rel(f["path"]), _count(f["size"], "size"), _sha256(f["sha256"])))
+        parent = d.get("parent")
+        if parent is not None:
+            if not isinstance(parent, dict):
+                raise TypeError("'parent' is not an object")
+            parent = Parent(_run_id(parent.get("run_id"), allow_none=True), _count(parent.get("step"), "parent step"))
+        return cls(step=_count(d["step"], "step"), files=entries, world_size=_count(d.get("world_size", 1), "world_size"),
+                   kind=_text(d.get("kind", "periodic"), "kind"), created_at=_number(d.get("created_at", 0.0)),
+                   versions=_mapping(d.get("versions", {}), "versions"), extra=_mapping(d.get("extra", {}), "extra"),
+                   format=d["format"], run_id=_run_id(d.get("run_id"), allow_none=True),
+                   seq=None if d.get("seq") is None else _count(d["seq"], "seq"), parent=parent,
+                   unknown={k: v for k, v in d.items() if k not in known})
 
     @classmethod
     def load(cls, ckpt_dir: str | os.PathLike) -> "Manifest":
         p = Path(ckpt_dir) / MANIFEST_NAME
         try:
-            text = p.read_bytes().decode("utf-8")
+            text = _read_text(p)
         except OSError as e:
             raise CheckpointError(f"{p}: cannot read manifest ({e.strerror})") from None
-        except UnicodeDecodeError:
-            raise CheckpointError(f"{p}: not a valid manifest (not UTF-8 text)") from None
         return cls.from_json(text, where=str(p))
+
+
+def _format_version(fmt: object) -> int | None:
+    m = _FORMAT_RE.fullmatch(fmt) if isinstance(fmt, str) else None
+    return int(m.group(1)) if m else None
+
+
+def _safe_rel(path: object) -> str:
+    """A relative '/'-separated path inside the checkpoint: no absolute path, no '..', no empty part."""
+    if not isinstance(path, str) or not path or "\\" in path or "\x00" in path:
+        raise ValueError(f"file path {path!r} is not a relative path")
+    p = PurePosixPath(path)
+    if p.is_absolute() or any(part in ("", ".", "..") for part in path.split("/")):
+        raise ValueError(f"file path {path!r} is unsafe")
+    return path
+
+
+def _count(value: object, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{what} {value!r} is not a non-negative integer")
+    return value
+
+
+def _number(value: object) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"created_at {value!r} is not a number")
+    return float(value)
+
+
+def _text(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} {value!r} is not a string")
+    return value
+
+
+def _mapping(value: object, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} is not an object")
+    return value
+
+
+def _sha256(value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ValueError(f"sha256 {value!r} is not 64 hex digits")
+    return value
+
+
+def _run_id(value: object, allow_none: bool = False) -> str | None:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, str) or not RUN_ID_RE.fullmatch(value):
+        raise ValueError(f"run_id {value!r} is not 1-64 letters, digits, '-' or '_'")
+    return value
+
+
+def new_run_id() -> str:
+    """A fresh run id: new at every fresh start and at every branch (a resume from a checkpoint that was not the
+    newest of its lineage)."""
+    import uuid
+
+    return uuid.uuid4().hex[:12]
 
 
 def library_versions() -> dict:
@@ -131,13 +251,48 @@ def write_manifest(ckpt_dir: str | os.PathLike, manifest: Manifest) -> None:
     replace_file(Path(ckpt_dir) / MANIFEST_NAME, manifest.to_json().encode())
 
 
-def verify(ckpt_dir: str | os.PathLike, deep: bool = True) -> list[str]:
-    """Problems with a checkpoint dir (empty list = valid). `deep` re-hashes every file."""
+@dataclass
+class Verdict:
+    """What checking a checkpoint dir found. Only `corrupt` (verified damage) may move it aside; a read error or a
+    newer format never does."""
+
+    problems: list[str] = field(default_factory=list)
+    corrupt: bool = False  # a file's size or sha256 differs from the manifest, a file is missing, a bad manifest
+    unsupported: bool = False  # a newer version's format
+    uncommitted: bool = False  # no manifest.json: an unfinished write, not a checkpoint
+    manifest: Manifest | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+READ_RETRIES = 3  # a read error (EIO, ESTALE on a network volume) is tried again before it is reported
+
+
+def check(ckpt_dir: str | os.PathLike, deep: bool = True, retry_delay_s: float = 0.5) -> Verdict:
+    """Check a checkpoint dir against its manifest; `deep` re-hashes every file."""
     ckpt_dir = Path(ckpt_dir)
+    for attempt in range(READ_RETRIES):
+        try:
+            return _check(ckpt_dir, deep)
+        except OSError as e:  # not a verdict about the checkpoint: the disk could not be read now
+            if attempt == READ_RETRIES - 1:
+                return Verdict([f"{ckpt_dir}: cannot read ({e.strerror or e}); tried {READ_RETRIES} times, kept "
+                                f"as it is"])
+            time.sleep(retry_delay_s * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _check(ckpt_dir: Path, deep: bool) -> Verdict:
+    if not (ckpt_dir / MANIFEST_NAME).is_file():
+        return Verdict([f"{ckpt_dir}: no {MANIFEST_NAME} (not committed)"], uncommitted=True)
     try:
-        m = Manifest.load(ckpt_dir)
-    except CheckpointError as e:
-        return [str(e)]
+        m = Manifest.from_json(_read_text(ckpt_dir / MANIFEST_NAME), where=str(ckpt_dir / MANIFEST_NAME))
+    except UnsupportedCheckpoint as e:
+        return Verdict([str(e)], unsupported=True)
+    except CorruptCheckpoint as e:
+        return Verdict([str(e)], corrupt=True)
     problems, to_hash = [], []
     for f in m.files:
         p = ckpt_dir / f.path
@@ -147,7 +302,20 @@ def verify(ckpt_dir: str | os.PathLike, deep: bool = True) -> list[str]:
             problems.append(f"{p}: size {p.stat().st_size} != {f.size} in manifest")
         elif deep:
             to_hash.append((p, f.sha256))
-    for (p, want), got in zip(to_hash, _hash_all([p for p, _ in to_hash])):
+    for (p, want), got in zip(to_hash, _hash_all([p for p, _ in to_hash]), strict=True):
         if got != want:
             problems.append(f"{p}: sha256 does not match the manifest")
-    return problems
+    return Verdict(problems, corrupt=bool(problems), manifest=m)
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()  # OSError: a read error, retried by check()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CorruptCheckpoint(f"{path}: not a valid manifest (not UTF-8 text)") from None
+
+
+def verify(ckpt_dir: str | os.PathLike, deep: bool = True) -> list[str]:
+    """Problems with a checkpoint dir (empty list = valid). `deep` re-hashes every file."""
+    return check(ckpt_dir, deep).problems

@@ -20,18 +20,22 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from trainer.checkpoint.manifest import build_manifest, verify, write_manifest
+from trainer.checkpoint import lineage
+from trainer.checkpoint.lineage import Lineage
+from trainer.checkpoint.manifest import Manifest, Verdict, build_manifest, check, write_manifest
 from trainer.checkpoint.stream import write_safetensors
 from trainer.durable import fsync_dir, write_file
 from trainer.errors import CheckpointError
 from trainer.run_dir import (
+    ARCHIVED_DIR,
     CHECKPOINTS_DIR,
+    CORRUPT_DIR,
+    LEGACY_RUN,
     MANIFEST_NAME,
     TMP_PREFIX,
     committed_steps,
     parse_step_dirname,
     step_dirname,
-    step_dirs,
 )
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,7 @@ class Snapshot:
     json: dict[str, object] = field(default_factory=dict)
     text: dict[str, str] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    lineage: Lineage | None = None  # rank 0: what the manifest records about the run this checkpoint belongs to
     created: float = field(default_factory=time.monotonic)
 
 
@@ -82,23 +87,76 @@ class CheckpointStore:
         """Steps whose dir has a manifest (not verified)."""
         return committed_steps(self.root)
 
-    def latest_valid(self, deep: bool = True, warn: Callable[[str], None] = log.warning,
-                     discard_broken: bool = False) -> tuple[int, Path] | None:
-        """The newest checkpoint whose manifest verifies; newer broken ones are skipped with a warning.
+    def manifests(self) -> tuple[dict[int, Manifest], dict[int, Verdict]]:
+        """(step -> manifest of every committed checkpoint whose manifest reads, step -> verdict of those that don't)."""
+        good, bad = {}, {}
+        for step in self.committed_steps():
+            try:
+                good[step] = Manifest.load(self.path(step))
+            except CheckpointError:
+                bad[step] = check(self.path(step), deep=False)  # corrupt, a newer format, or a read error
+        return good, bad
 
-        discard_broken (rank 0 of a resuming run): also delete them, so the run writes that step again instead
-        of keeping a broken copy that looks committed (which would be uploaded, and counted by retention).
+    def latest_valid(self, deep: bool = True, warn: Callable[[str], None] = log.warning,
+                     quarantine: bool = False) -> tuple[int, Path] | None:
+        """The newest checkpoint (committed last) that verifies; others on the way are skipped with a warning.
+
+        quarantine (rank 0 of a resuming run): a checkpoint with verified damage moves to checkpoints/corrupt/, so
+        the run writes that step again instead of keeping a broken copy that looks committed. A read error or a
+        newer format is never a reason to move or delete anything: those stay where they are.
         """
-        for step in sorted(step_dirs(self.root), reverse=True):
-            problems = verify(self.path(step), deep=deep)
-            if not problems:
+        good, bad = self.manifests()
+        for step, verdict in sorted(bad.items()):
+            self._skipped(step, verdict, warn, quarantine)
+        order = sorted(good, key=lambda s: (good[s].created_at, good[s].order, s), reverse=True)
+        for step in order:
+            verdict = check(self.path(step), deep=deep)
+            if verdict.ok:
                 return step, self.path(step)
-            warn(f"skipping checkpoint {self.path(step)}: {problems[0]}"
-                 + (f" (+{len(problems) - 1} more problems)" if len(problems) > 1 else "")
-                 + ("; deleted" if discard_broken else ""))
-            if discard_broken:
-                self.discard(step)
+            self._skipped(step, verdict, warn, quarantine)
         return None
+
+    def _skipped(self, step: int, verdict: Verdict, warn: Callable[[str], None], quarantine: bool) -> None:
+        moved = ""
+        if verdict.corrupt and quarantine:
+            moved = f"; moved to {self.quarantine(step)}"
+        more = f" (+{len(verdict.problems) - 1} more problems)" if len(verdict.problems) > 1 else ""
+        warn(f"skipping checkpoint {self.path(step)}: {verdict.problems[0]}{more}{moved}")
+
+    def quarantine(self, step: int) -> Path:
+        """Move a checkpoint with verified damage to checkpoints/corrupt/ (kept for a person to look at)."""
+        return self._move_aside(step, self.root / CORRUPT_DIR)
+
+    def archive(self, step: int, run_id: str | None = None) -> Path:
+        """Move a committed checkpoint of another lineage to checkpoints/archived/<run-id>/ (never deleted)."""
+        if run_id is None:
+            try:
+                run_id = Manifest.load(self.path(step)).run_id
+            except CheckpointError:
+                pass
+        return self._move_aside(step, self.root / ARCHIVED_DIR / (run_id or LEGACY_RUN))
+
+    def _move_aside(self, step: int, where: Path) -> Path:
+        where.mkdir(parents=True, exist_ok=True)
+        dest, n = where / step_dirname(step), 1
+        while dest.exists():  # the same step moved aside before: keep both
+            dest, n = where / f"{step_dirname(step)}.{n}", n + 1
+        os.replace(self.path(step), dest)
+        fsync_dir(where)
+        fsync_dir(self.root)
+        return dest
+
+    def archived(self) -> dict[str, dict[str, Path]]:
+        """run id -> dir name -> path of every archived checkpoint."""
+        root = self.root / ARCHIVED_DIR
+        if not root.is_dir():
+            return {}
+        return {r.name: {d.name: d for d in sorted(r.iterdir()) if d.is_dir()} for r in sorted(root.iterdir())
+                if r.is_dir()}
+
+    def corrupt(self) -> list[Path]:
+        root = self.root / CORRUPT_DIR
+        return sorted(d for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
 
     def discard(self, step: int) -> None:
         """Delete one checkpoint dir, uncommitting it first (manifest), so a crash mid-delete never leaves a
@@ -112,15 +170,22 @@ class CheckpointStore:
             for p in self.root.glob(f"{TMP_PREFIX}step-*"):
                 shutil.rmtree(p, ignore_errors=True)
 
-    def prune(self, keep_last: int | None, protect: set[int] = frozenset()) -> list[int]:
-        """Delete committed checkpoints beyond the newest `keep_last`; never the newest one."""
+    def prune(self, keep_last: int | None, head: int | None = None,
+              protect: set[int] = frozenset()) -> tuple[list[int], list[int]]:
+        """(deleted, archived): keep the newest `keep_last` of the lineage of `head` (default: the checkpoint
+        committed last), never `head` itself nor a protected step; checkpoints of other lineages are archived."""
         if not keep_last:
-            return []
-        steps = self.committed_steps()
-        doomed = [s for s in steps[:-max(keep_last, 1)] if s not in protect]
-        for s in doomed:
+            return [], []
+        good, _ = self.manifests()  # unreadable ones are never touched here
+        head = lineage.newest(good) if head is None or head not in good else head
+        if head is None:
+            return [], []
+        delete, archive = lineage.retention(good, head, keep_last, protect)
+        for s in archive:
+            self.archive(s, good[s].run_id)
+        for s in delete:
             self.discard(s)
-        return doomed
+        return delete, archive
 
     # ------------------------------------------------------------ writing
 
@@ -177,11 +242,15 @@ class CheckpointStore:
             except (OSError, ValueError, AttributeError):
                 pass
             m.unlink()
+        lin = snap.lineage
         manifest = build_manifest(tmp, snap.step, known=known, world_size=snap.world_size, kind=snap.kind,
-                                  extra=snap.extra)
+                                  extra=snap.extra, run_id=lin.run_id if lin else None, seq=lin.seq if lin else None,
+                                  parent=lin.parent if lin else None)
         write_manifest(tmp, manifest)
         final = self.path(snap.step)
-        if final.exists():  # a broken leftover of the same step (a valid one is never rewritten)
+        if (final / MANIFEST_NAME).exists():  # a committed checkpoint of the same step from another lineage
+            log.warning("checkpoint %s exists from another lineage; moved to %s", final, self.archive(snap.step))
+        elif final.exists():  # an uncommitted leftover: it never counted
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(self.root)

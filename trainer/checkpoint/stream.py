@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import struct
-from pathlib import Path
 
 import torch
 

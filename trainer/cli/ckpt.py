@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -10,8 +11,10 @@ import click
 from trainer.checkpoint.store import CheckpointStore
 from trainer.cli.options import config_options, run_cli
 from trainer.config.loader import load_config
-from trainer.errors import ConfigError
-from trainer.checkpoint.manifest import Manifest, verify
+from trainer.errors import ConfigError, CorruptCheckpoint
+from trainer.run_dir import ARCHIVED_DIR, LEGACY_RUN
+from trainer.checkpoint import lineage
+from trainer.checkpoint.manifest import check, verify
 
 
 def _cfg(config, overrides, output_dir):
@@ -57,32 +60,56 @@ def ckpt():
 @click.option("--deep/--shallow", default=False, help="Re-hash local files to verify them.")
 @run_cli
 def list_cmd(config, overrides, output_dir, remote_uri, deep):
-    """Step, time, size, where (local/remote/both) and whether it verifies."""
+    """Step, time, size, kind, where (local/remote/both), lineage (run, seq, parent) and whether it verifies;
+    then the archived (other lineages) and corrupt (moved aside) ones."""
     cfg = _cfg(config, overrides, output_dir)
     store = CheckpointStore(cfg.output_dir)
+    good, bad = store.manifests()
     rows: dict[int, dict] = {}
-    for step in store.committed_steps():
-        m = Manifest.load(store.path(step))
-        ok = not verify(store.path(step), deep=deep)
-        rows[step] = {"time": m.created_at, "size": m.total_bytes, "local": True, "remote": False,
-                      "verified": ("yes" if deep else "manifest") if ok else "NO", "kind": m.kind}
+    for step, m in good.items():
+        ok = check(store.path(step), deep=deep).ok
+        rows[step] = {"m": m, "local": True, "remote": False,
+                      "verified": ("yes" if deep else "manifest") if ok else "NO"}
+    for step, verdict in bad.items():
+        click.echo(f"step {step}: {verdict.problems[0]}", err=True)
     remote = _remote(cfg, remote_uri)
+    remote_archived: dict = {}
     if remote is not None:
-        for step in remote.committed_steps():
-            m = remote.get_manifest(step)
-            r = rows.setdefault(step, {"time": m.created_at, "size": m.total_bytes, "local": False,
-                                       "verified": "remote", "kind": m.kind})
+        manifests, problems = remote.committed()
+        for step, m in manifests.items():
+            r = rows.setdefault(step, {"m": m, "local": False, "verified": "remote"})
             r["remote"] = True
-    if not rows:
+            if r["m"] != m:  # not the same checkpoint: show both
+                r["verified"] += " (remote differs)"
+        for problem in problems:
+            click.echo(f"remote: {problem}", err=True)
+        remote_archived = remote.archived()
+    archived, corrupt = store.archived(), store.corrupt()
+    if not (rows or archived or corrupt or remote_archived):
         click.echo(f"no checkpoints in {store.root}" + (f" or {remote_uri or cfg.checkpoint.remote}" if remote else ""))
         return 0
-    click.echo(f"{'step':>8}  {'time (UTC)':19}  {'size':>10}  {'kind':9}  {'where':6}  verified")
-    for step in sorted(rows):
-        r = rows[step]
-        where = "both" if r["local"] and r["remote"] else ("local" if r["local"] else "remote")
-        ts = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["time"]))
-        click.echo(f"{step:>8}  {ts}  {_fmt_size(r['size']):>10}  {r['kind']:9}  {where:6}  {r['verified']}")
+    if rows:
+        head = lineage.newest({s: r["m"] for s, r in rows.items()})
+        click.echo(f"{'step':>8}  {'time (UTC)':19}  {'size':>10}  {'kind':9}  {'where':6}  {'run':12}  {'seq':>5}  "
+                   f"{'parent':20}  verified")
+        for step in sorted(rows, key=lambda s: (rows[s]["m"].order, s)):
+            r, m = rows[step], rows[step]["m"]
+            where = "both" if r["local"] and r["remote"] else ("local" if r["local"] else "remote")
+            parent = f"{m.parent.run_id or LEGACY_RUN}@{m.parent.step}" if m.parent else "-"
+            mark = "  <- newest" if step == head else ""
+            click.echo(f"{step:>8}  {_ts(m.created_at)}  {_fmt_size(m.total_bytes):>10}  {m.kind:9}  {where:6}  "
+                       f"{m.run_id or LEGACY_RUN:12}  {m.order:>5}  {parent:20}  {r['verified']}{mark}")
+    for run_id, dirs in archived.items():
+        click.echo(f"archived (run {run_id}, another lineage): {', '.join(dirs)} in {store.root / 'archived' / run_id}")
+    for run_id, steps in remote_archived.items():
+        click.echo(f"archived remotely (run {run_id}): steps {', '.join(map(str, sorted(steps)))}")
+    for path in corrupt:
+        click.echo(f"corrupt (moved aside, kept): {path}")
     return 0
+
+
+def _ts(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
 
 
 @ckpt.command("verify")
@@ -108,19 +135,32 @@ def verify_cmd(config, overrides, output_dir, step):
 @config_options
 @click.option("--keep-last", type=int, default=None, help="Keep this many (default: checkpoint.keep_last).")
 @click.option("--remote/--no-remote", "also_remote", default=False, help="Also prune the remote.")
+@click.option("--archived", "archived", is_flag=True,
+              help="Delete the archived checkpoints (other lineages, under checkpoints/archived/) instead.")
 @run_cli
-def prune_cmd(config, overrides, output_dir, keep_last, also_remote):
-    """Delete all but the newest N checkpoints (never the newest)."""
+def prune_cmd(config, overrides, output_dir, keep_last, also_remote, archived):
+    """Keep the newest N checkpoints of the current lineage (never the newest); others are archived, not deleted.
+    With --archived: delete the archived ones (the only way anything archived goes away)."""
     cfg = _cfg(config, overrides, output_dir)
+    store = CheckpointStore(cfg.output_dir)
+    if archived:
+        gone = [f"{run_id}/{name}" for run_id, dirs in store.archived().items() for name in dirs]
+        shutil.rmtree(store.root / ARCHIVED_DIR, ignore_errors=True)
+        click.echo(f"local: deleted {len(gone)} archived checkpoint(s)" + (f": {', '.join(gone)}" if gone else ""))
+        if also_remote:
+            remote_gone = _required_remote(cfg, "ckpt prune --archived --remote").delete_archived()
+            click.echo(f"remote: deleted {len(remote_gone)} archived checkpoint(s)"
+                       + (f": {', '.join(remote_gone)}" if remote_gone else ""))
+        return 0
     keep = keep_last if keep_last is not None else cfg.checkpoint.keep_last
     if not keep or keep < 1:
         raise ConfigError("--keep-last: must be >= 1")
-    gone = CheckpointStore(cfg.output_dir).prune(keep)
-    click.echo(_deleted("local", gone))
+    gone, moved = store.prune(keep)
+    click.echo(_deleted("local", gone) + (f"; archived {len(moved)} of another lineage: {moved}" if moved else ""))
     if also_remote:
         remote = _required_remote(cfg, "ckpt prune --remote")
-        doomed = remote.prune(keep)  # also removes abandoned partial uploads
-        click.echo(_deleted("remote", doomed))
+        doomed, moved = remote.prune(keep)  # also removes abandoned partial uploads
+        click.echo(_deleted("remote", doomed) + (f"; archived {len(moved)} of another lineage: {moved}" if moved else ""))
     return 0
 
 
@@ -134,15 +174,29 @@ def pull_cmd(config, overrides, output_dir, step):
     remote = _required_remote(cfg, "ckpt pull")
     store = CheckpointStore(cfg.output_dir)
     store.root.mkdir(parents=True, exist_ok=True)
-    if step is None:
-        got = remote.pull_latest(store.root, newer_than=None)
-        if got is None:
-            raise ConfigError(f"{cfg.checkpoint.remote}: no committed checkpoint")
-        step, path = got
+    manifests, problems = remote.committed()
+    for problem in problems:
+        click.echo(f"remote: {problem}", err=True)
+    if step is not None:
+        if step not in manifests:
+            raise ConfigError(f"{remote.uri}: no committed checkpoint at step {step} (have: "
+                              f"{', '.join(map(str, sorted(manifests))) or 'none'})")
+        candidates = [step]
     else:
-        path = remote.download_checkpoint(step, store.root)
-    click.echo(f"pulled step {step} -> {path}")
-    return 0
+        candidates = sorted(manifests, key=lambda s: (manifests[s].created_at, manifests[s].order, s), reverse=True)
+        if not candidates:
+            raise ConfigError(f"{remote.uri}: no committed checkpoint")
+    for s in candidates:
+        try:
+            path = remote.pull(s, store.root, manifest=manifests[s])
+        except CorruptCheckpoint as e:
+            if step is not None:
+                raise
+            click.echo(f"step {s}: unusable ({e}); trying the previous one", err=True)
+            continue
+        click.echo(f"pulled step {s} -> {path}")
+        return 0
+    raise ConfigError(f"{remote.uri}: no committed checkpoint could be pulled")
 
 
 @ckpt.command("push")

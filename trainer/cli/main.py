@@ -24,11 +24,17 @@ def main():
 @main.command()
 @config_options
 @click.option("--resume", default="auto", show_default=True, metavar="auto|never|PATH",
-              help="auto: newest verified checkpoint (local or remote); never: start over; PATH: that checkpoint.")
+              help="auto: newest verified checkpoint (local or remote); never: start over (refused over committed "
+                   "checkpoints unless --archive-existing); PATH: that checkpoint (later ones are archived).")
+@click.option("--archive-existing", is_flag=True,
+              help="With --resume never: move existing checkpoints (local and remote) to checkpoints/archived/.")
 @run_cli
-def train(config, overrides, output_dir, resume):
+def train(config, overrides, output_dir, resume, archive_existing):
     """Train (one process, or one rank under `accelerate launch`)."""
     cfg = load_config(config, list(overrides), output_dir)
+    if archive_existing and resume != "never":
+        raise ConfigError("--archive-existing goes with --resume never (starting over); with --resume auto the "
+                          "existing checkpoints are resumed")
     if resume not in ("auto", "never"):
         from trainer.checkpoint.manifest import verify
 
@@ -37,7 +43,7 @@ def train(config, overrides, output_dir, resume):
             raise ConfigError(f"--resume {resume}: not a valid checkpoint ({problems[0]})")
     from trainer.loop import run_training
 
-    return run_training(cfg, resume)
+    return run_training(cfg, resume, archive_existing)
 
 
 @main.command()
@@ -56,13 +62,14 @@ def run(config, overrides, output_dir):
 @click.option("--merge", is_flag=True, help="Merge the adapter into the base model's weights (LoRA/QLoRA).")
 @click.option("--to", "to", default=None, metavar="DIR|s3://...|file://...",
               help="Where to write it (default: <output_dir>/export).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --to DIR that is not an earlier export of this run.")
 @run_cli
-def export(config, overrides, output_dir, merge, to):
+def export(config, overrides, output_dir, merge, to, overwrite):
     """Export final/: the adapter as is, or merged into the base model, loadable by transformers."""
     run_dir, cfg = resolve_run_dir(config, overrides, output_dir)
     from trainer.export import export as do_export
 
-    where = do_export(run_dir, to, merge, cfg.checkpoint.s3)
+    where = do_export(run_dir, to, merge, cfg.checkpoint.s3, overwrite=overwrite)
     click.echo(f"exported {'merged model' if merge else 'final/'} to {where}")
     return 0
 

@@ -123,7 +123,8 @@ class S3Config:
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
     max_attempts: int = 8
-    deadline_s: float = 900.0  # total time one upload may take, retries included
+    deadline_s: float = 900.0  # time one operation may take, retries included; a transfer gets more for its size
+    min_throughput_mb_s: float = 1.0  # a transfer of N MB may also take N / this many seconds (a slow link still gets there)
 
 
 @dataclass
@@ -133,6 +134,7 @@ class CheckpointConfig:
     keep_last: int | None = 3  # local retention; the newest committed checkpoint is never deleted
     remote: str | None = None  # s3://bucket/prefix or file:///path
     remote_keep_last: int | None = None  # None: same as keep_last
+    remote_wait_s: float = 600.0  # at start, how long to wait for an unreachable remote before exiting 69 (resumable)
     s3: S3Config = field(default_factory=S3Config)
 
 

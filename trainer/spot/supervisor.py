@@ -20,7 +20,7 @@ from typing import Optional
 from tenacity import wait_exponential, wait_random
 
 from trainer.config.schema import Config
-from trainer.errors import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE
+from trainer.errors import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_STORAGE, EXIT_USAGE
 from trainer.checkpoint.manifest import Manifest
 from trainer.errors import CheckpointError
 from trainer.run_dir import RunDir
@@ -59,9 +59,9 @@ def _heartbeat_stamp(output_dir: Path) -> Optional[tuple]:
     return st.st_mtime_ns, st.st_ino, st.st_size
 
 
-def _trainer_reported_preempt(output_dir: Path, since: float) -> bool:
-    # `accelerate launch` turns a rank's exit 75 into its own exit 1; rank 0's `preempt` event tells the truth.
-    return any(e.get("source") == "trainer" and e.get("event") == "preempt" and e.get("time", 0) >= since
+def _trainer_reported(output_dir: Path, event: str, since: float) -> bool:
+    # `accelerate launch` turns a rank's exit 75 (or 69) into its own exit 1; rank 0's event tells the truth.
+    return any(e.get("source") == "trainer" and e.get("event") == event and e.get("time", 0) >= since
                for e in read_jsonl(RunDir(output_dir).events))
 
 
@@ -104,7 +104,7 @@ def child_command(cfg: Config, config_source: Optional[str], overrides: list[str
 @dataclass
 class AttemptResult:
     code: int  # exit status; negative = killed by that signal
-    reason: str  # done | preempted | crash | config_error | hang | killed
+    reason: str  # done | preempted | storage_wait | crash | config_error | hang | killed
     last_step: Optional[int]  # heartbeat step written during this attempt
     runtime_s: float
 
@@ -227,8 +227,10 @@ class Supervisor:
             reason = "hang"
         elif code == EXIT_OK:
             reason = "done"
-        elif code == EXIT_PREEMPTED or _trainer_reported_preempt(self.output_dir, start_wall):
+        elif code == EXIT_PREEMPTED or _trainer_reported(self.output_dir, "preempt", start_wall):
             reason = "preempted"
+        elif code == EXIT_STORAGE or _trainer_reported(self.output_dir, "storage_wait", start_wall):
+            reason = "storage_wait"
         elif code == EXIT_USAGE:
             reason = "config_error"
         elif killed or code < 0:
@@ -295,7 +297,11 @@ class Supervisor:
             ckpt = newest_checkpoint_step(self.output_dir)
             progressed = _or_minus_1(ckpt) > best_ckpt or _or_minus_1(r.last_step) > best_step
             best_ckpt, best_step = max(best_ckpt, _or_minus_1(ckpt)), max(best_step, _or_minus_1(r.last_step))
-            failures_without_progress = 0 if progressed else failures_without_progress + 1
+            if r.reason == "storage_wait":  # the remote or the disk is not usable yet: not the trainer's failure
+                self._emit("storage_wait", "the trainer is waiting for its checkpoint storage (exit 69); trying "
+                           "again after the backoff", attempt=attempt)
+            else:
+                failures_without_progress = 0 if progressed else failures_without_progress + 1
             if failures_without_progress >= CRASH_LOOP_LIMIT:
                 msg = (f"crash loop: {failures_without_progress} failures in a row without a new checkpoint or "
                        f"step (last: {r.reason}, code {r.code}); see the trainer output above")

@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from trainer.config.loader import config_from_dict  # noqa: E402
 from trainer.distributed import (
-    # noqa: E402     deepspeed_config,
+    deepspeed_config,
     mixed_precision,
     resolve_deepspeed_config,
     resolve_grad_accum,

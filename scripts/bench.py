@@ -116,28 +116,28 @@ def write_data(data_dir: Path, n_var: int, n_fixed: int) -> dict:
 # ---------------------------------------------------------------- FLOPs
 
 
-def model_numbers(shape: str) -> dict:
-    s = SHAPES[shape]
-    h, L, H, KV, I = (s["hidden_size"], s["num_hidden_layers"], s["num_attention_heads"],
-                      s["num_key_value_heads"], s["intermediate_size"])
-    d = h // H
-    layer = h * H * d + 2 * h * KV * d + H * d * h + 3 * h * I
-    lora = L * sum(LORA["r"] * (i + o) for i, o in [(h, H * d), (h, KV * d), (h, KV * d), (H * d, h)])
-    return {"matmul_params": L * layer + h * VOCAB, "layer_params": layer, "layers": L, "lora_params": lora,
-            "q_dim": H * d}
+def model_shape(shape: str):
+    """The trainer.plan ModelShape of a bench shape (a Llama decoder, untied lm_head)."""
+    import types
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from trainer.plan.shape import llama_shape
+
+    return llama_shape(types.SimpleNamespace(vocab_size=VOCAB, tie_word_embeddings=False, **SHAPES[shape]), shape)
 
 
 def flops_per_token(shape: str, mean_sq_over_mean: float, ckpt_fraction: float) -> dict:
-    """Per real token. Frozen base: forward 2N + input gradients 2N (no weight gradients); adapters 6P;
-    causal attention forward 2*L_doc*d per layer per token, backward 2x; recompute adds 2N + attention forward
-    on checkpointed layers (hardware FLOPs only)."""
-    m = model_numbers(shape)
-    n, p = m["matmul_params"], m["lora_params"]
-    attn_fwd = 2 * mean_sq_over_mean * m["q_dim"] * m["layers"]
-    model = 4 * n + 6 * p + 3 * attn_fwd
-    layers_n = m["layer_params"] * m["layers"]
-    hardware = model + ckpt_fraction * (2 * layers_n + attn_fwd)
-    return {"model": model, "hardware": hardware}
+    """Per real token, trainer.plan.flops's count (plan's too) for QLoRA r16 on q/k/v/o: frozen base 4N, adapters
+    6P, causal attention over documents of E[len^2]/E[len] tokens (forward 2x, backward 2x that); hardware FLOPs
+    add the recompute of the checkpointed fraction of the decoder layers."""
+    model = model_shape(shape)  # puts the repo on sys.path
+    from trainer.plan.flops import shape_flops
+    from trainer.plan.memory import TrainingSetup
+
+    setup = TrainingSetup(method="qlora", lora_r=LORA["r"], lora_targets=tuple(TARGETS))
+    f = shape_flops(model, setup, attention_len=mean_sq_over_mean, ckpt_fraction=ckpt_fraction)
+    return {"model": f.model, "hardware": f.hardware}
 
 
 # ---------------------------------------------------------------- the seed recipe (HF Trainer)

@@ -8,7 +8,6 @@ GPU, a supported architecture), off elsewhere. On the CPU every "auto" is off, s
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +19,8 @@ GIB = 1024**3
 # Architectures whose attention is plain causal self-attention (no sliding window, no softcap, no sinks):
 # per-document flash attention computes exactly what the per-document mask computes for them.
 VARLEN_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
-# Activation bytes that each un-checkpointed decoder layer holds per token are estimated below; measured peaks
-# (bench/README.md) came in under the estimate, the factor keeps a margin for allocator rounding.
+# Activation bytes that each un-checkpointed decoder layer holds per token come from trainer.plan.memory (the
+# model `spot-trainer plan` uses); the factor keeps a margin for allocator rounding.
 SAFETY = 1.15
 
 
@@ -74,7 +73,8 @@ def use_varlen(cfg, device: torch.device, get_model_config) -> bool:
         return False
     model_config = get_model_config()
     ok = (getattr(model_config, "model_type", None) in VARLEN_MODEL_TYPES
-          and not getattr(model_config, "sliding_window", None) and not getattr(model_config, "use_sliding_window", False)
+          and not getattr(model_config, "sliding_window", None)
+          and not getattr(model_config, "use_sliding_window", False)
           and not getattr(model_config, "attention_dropout", 0.0))
     if not ok:
         if want == "varlen":
@@ -229,7 +229,7 @@ class CheckpointPlan:
     layers: int  # decoder layers that recompute their activations in backward
     total: int
     tokens: int  # tokens per micro-batch the plan was made for
-    layer_bytes_per_token: int
+    layer_bytes_per_token: float  # trainer.plan.memory.layer_activation_bytes of the run's setup
     budget_bytes: int
 
     def describe(self) -> str:
@@ -238,50 +238,60 @@ class CheckpointPlan:
                 f"{self.budget_bytes / GIB:.1f} GiB)")
 
 
-def layer_bytes_per_token(model_config, lora_targets, lora_dropout: float, liger: bool, method: str) -> int:
-    """Activation bytes one decoder layer keeps per token for backward (bf16), LoRA or full fine-tuning.
+def layer_bytes_per_token(model_config, lora_targets, lora_dropout: float, liger: bool, method: str) -> float:
+    """Activation bytes one un-checkpointed decoder layer keeps per token on the GPU path: the memory model's
+    layer_activation_bytes for a bf16 run whose packed rows attend per document, QLoRA without the fp32 upcast."""
+    from trainer.plan.memory import TrainingSetup, layer_activation_bytes, llama_shape
 
-    Counted for a Llama-style layer: saved norm inputs, q/k/v and output for attention, the MLP's gate and up
-    (plus silu(gate) and the down_proj input without Liger's SwiGLU), and for each LoRA target its dropout mask
-    and dropped-out input. Frozen bf16 linears save nothing for weight gradients; 4-bit ones keep their input.
-    """
-    h = model_config.hidden_size
-    heads = model_config.num_attention_heads
-    hd = getattr(model_config, "head_dim", None) or h // heads
-    kv = getattr(model_config, "num_key_value_heads", heads) * hd
-    q = heads * hd
-    i = model_config.intermediate_size
-    norms = 2 * (2 * h) if liger else 2 * (8 * h)  # HF's RMSNorm keeps fp32 copies
-    attn = 2 * (q + 2 * kv) + 2 * q  # q, k, v after rotary + the output (also o_proj's input)
-    mlp = 4 * i if liger else 6 * i
-    if method == "full":  # every linear's input is saved for its weight gradient
-        return norms + attn + mlp + 2 * (h + i) + 2 * i
-    ins = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": q, "gate_proj": h, "up_proj": h, "down_proj": i}
-    targets = list(ins) if lora_targets == "all-linear" else [t for t in lora_targets if t in ins]
-    if lora_dropout > 0:
-        lora = sum(3 * ins[t] for t in targets)  # bool mask + bf16 dropped-out copy per target
-    else:
-        lora = 2 * ins["down_proj"] * ("down_proj" in targets)  # the only target input not saved anyway
-    # 4-bit linears: the H100 peak (~150 KiB/token/layer for Llama-3-8B without dropout, bench/README.md) implies
-    # their inputs are kept too: the normed input of q/k/v and of gate/up, and the down_proj input
-    kbit = 2 * h + 2 * h + 2 * i if method == "qlora" else 0
-    return norms + attn + mlp + lora + kbit
+    setup = TrainingSetup(method=method, lora_targets=lora_targets if isinstance(lora_targets, str)
+                          else tuple(lora_targets), lora_dropout=lora_dropout, liger=liger, repeat_kv=False,
+                          upcast_non_quantized=False)
+    return layer_activation_bytes(llama_shape(model_config), setup)
 
 
-def plan_checkpointing(n_layers: int, tokens: int, per_token_layer: int, budget_bytes: int, fixed_bytes: int,
-                       hidden: int) -> CheckpointPlan:
+def plan_checkpointing(n_layers: int, tokens: int, per_token_layer: float, budget_bytes: int, fixed_bytes: int,
+                       hidden: int, input_bytes: int = 2) -> CheckpointPlan:
     """The fewest checkpointed layers whose activations fit `budget_bytes` after `fixed_bytes`."""
     per_layer = int(per_token_layer * tokens * SAFETY)
-    # every checkpointed layer keeps its input (bf16 hidden); one layer's activations are rebuilt at a time
+    # every checkpointed layer keeps its input (hidden x input_bytes); one layer's activations are rebuilt at a time
     room = budget_bytes - fixed_bytes - per_layer
     best = n_layers
     for ckpt in range(n_layers + 1):
         plain = n_layers - ckpt
-        need = plain * per_layer + ckpt * tokens * hidden * 2
+        need = plain * per_layer + ckpt * tokens * hidden * input_bytes
         if need <= room:
             best = ckpt
             break
     return CheckpointPlan(best, n_layers, tokens, per_token_layer, budget_bytes)
+
+
+def run_setup(cfg, model_config, *, liger: bool, upcast_kbit: bool, varlen: bool, no_bf16: bool = False,
+              num_gpus: int = 1):
+    """(ModelShape, TrainingSetup) of this run for trainer.plan.memory: the Config -> setup rule that
+    `spot-trainer plan` uses, told what this process turned on (Liger, the fp32 upcast, per-document attention)."""
+    from trainer.plan.memory import shape_from_config
+    from trainer.plan.run_setup import setup_from_config
+
+    shape = shape_from_config(model_config, cfg.model.name_or_path)
+    setup = setup_from_config(cfg, num_gpus, liger=liger, upcast_kbit=upcast_kbit,
+                              repeat_kv=not (cfg.data.packing and varlen), no_bf16=no_bf16)
+    return shape, setup
+
+
+def plan_checkpoint_layers(shape, setup, *, free_bytes: int, reserved_bytes: int, allocated_bytes: int,
+                           n_layers: int | None = None, budget_gb: float | None = None) -> CheckpointPlan:
+    """The fewest checkpointed layers for `setup`, from the GPU's memory given as numbers (free on the device,
+    reserved and allocated by this process), so it plans the same on a CPU. Per layer and everything else
+    come from trainer.plan.memory, as in `spot-trainer plan`; the weights and adapters are in `allocated_bytes`."""
+    from trainer.plan.memory import checkpointed_layer_bytes, layer_activation_bytes, layer_independent_bytes
+
+    tokens = setup.micro_batch_size * setup.seq_len
+    per_token = layer_activation_bytes(shape, setup)
+    usable = free_bytes + reserved_bytes - int(0.5 * GIB)  # what this process can hold in all
+    budget = usable if budget_gb is None else min(usable, int(budget_gb * GIB))
+    fixed = allocated_bytes + int(layer_independent_bytes(shape, setup)) + int(0.06 * budget)
+    return plan_checkpointing(n_layers or shape.num_layers, tokens, per_token, budget, fixed, shape.hidden_size,
+                              input_bytes=checkpointed_layer_bytes(shape, setup) // shape.hidden_size)
 
 
 def decoder_layers(model) -> list:
@@ -305,25 +315,15 @@ def set_checkpoint_layers(model, n: int, gc_kwargs: dict) -> None:
 
 def auto_checkpoint_plan(model, cfg, device: torch.device, liger: bool) -> CheckpointPlan:
     """Plan from the memory free now (or `model.memory_budget_gb`), for max_length x micro_batch_size tokens."""
-    m = cfg.model
-    config = model.config
-    layers = decoder_layers(model)
-    tokens = cfg.data.max_length * cfg.train.micro_batch_size
-    per_token = layer_bytes_per_token(config, cfg.lora.target_modules, cfg.lora.dropout, liger, m.method)
+    from trainer.distributed import world_size_from_env
+
+    varlen = getattr(model.config, "_attn_implementation", None) in (VARLEN, "flash_attention_2")
+    shape, setup = run_setup(cfg, model.config, liger=liger, upcast_kbit=upcast_kbit(cfg, device), varlen=varlen,
+                             no_bf16=not torch.cuda.is_bf16_supported(), num_gpus=world_size_from_env())
     free, _ = torch.cuda.mem_get_info(device)
-    allocated = torch.cuda.memory_allocated(device)
-    usable = free + torch.cuda.memory_reserved(device) - int(0.5 * GIB)  # what this process can hold in all
-    budget = usable if m.memory_budget_gb is None else min(usable, int(m.memory_budget_gb * GIB))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    opt_bytes = {"adamw": 8, "paged_adamw": 8}.get(cfg.train.optimizer, 2)
-    h, vocab = config.hidden_size, config.vocab_size
-    # logits: Liger's fused loss works in chunks of ~tokens / (vocab / hidden) rows, fp32, with their gradient;
-    # otherwise bf16 logits, their fp32 copy and its gradient
-    chunk = 1 << max(0, math.ceil(math.log2(max(1, tokens // max(1, vocab // h)))))
-    loss = tokens * h * 4 + 2 * chunk * vocab * 4 if liger else tokens * vocab * 10
-    mlp_transient = 3 * 2 * config.intermediate_size * tokens  # gate/up/product of the layer being computed
-    fixed = allocated + trainable * (4 + opt_bytes) + loss + mlp_transient + int(0.06 * budget)
-    return plan_checkpointing(len(layers), tokens, per_token, budget, fixed, h)
+    return plan_checkpoint_layers(shape, setup, free_bytes=free, reserved_bytes=torch.cuda.memory_reserved(device),
+                                  allocated_bytes=torch.cuda.memory_allocated(device),
+                                  n_layers=len(decoder_layers(model)), budget_gb=cfg.model.memory_budget_gb)
 
 
 def resolve_checkpoint_layers(cfg, device: torch.device) -> int | str | None:

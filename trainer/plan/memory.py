@@ -2,15 +2,17 @@
 
 Every number is bytes. The activation terms count what autograd saves in a Hugging Face Llama-style decoder
 (RMSNorm, gated SiLU MLP, rotary attention through SDPA/flash, no s^2 term; `eager` adds it) and were checked
-tensor by tensor against `torch.autograd.graph.saved_tensors_hooks` (tests/test_plan.py).
+tensor by tensor against `torch.autograd.graph.saved_tensors_hooks` (tests/unit/plan/test_planner.py). The same
+functions size `spot-trainer plan`'s table and `model.checkpoint_layers: auto` (trainer.speed) on a GPU.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 
-from trainer.errors import ConfigError
+# the shapes live in trainer.plan.shape; re-exported, since the memory model's callers import them from here
+from trainer.plan.shape import LinearShape, ModelShape, llama_shape, shape_from_config, target_linears  # noqa: F401
 
 GIB = 1024**3
 
@@ -25,37 +27,6 @@ OPTIMIZER_STATE_BYTES = {"adamw_8bit": 2.0 + 8 / 2048, "paged_adamw_8bit": 2.0 +
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)
 ALLOCATOR_SLACK = 0.08
 DEEPSPEED_BUFFER_BYTES = int(4.5 * 2e8 * 2)  # DeepSpeed's rule of thumb: 4.5 x bucket (2e8 bf16) with overlap_comm
-
-
-@dataclass(frozen=True)
-class LinearShape:
-    name: str  # relative to the decoder layer, e.g. "self_attn.q_proj"
-    in_features: int
-    out_features: int
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the memory model needs to know about an architecture."""
-
-    name: str
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    tie_word_embeddings: bool
-    layer_linears: tuple[LinearShape, ...]  # the nn.Linear layers of one decoder layer
-    params_total: int
-    params_embedding: int  # input embeddings plus an untied lm_head
-    params_layer_linear: int  # every nn.Linear inside the decoder layers (what bitsandbytes quantizes)
-
-    @property
-    def params_matmul(self) -> int:
-        """Parameters that take part in a matrix product per token (everything but the embedding lookup)."""
-        return self.params_total - self.vocab_size * self.hidden_size * (0 if self.tie_word_embeddings else 1)
 
 
 @dataclass(frozen=True)
@@ -87,6 +58,14 @@ class TrainingSetup:
     upcast_non_quantized: bool = True  # QLoRA: embeddings, lm_head and norms in fp32 (prepare_model_for_kbit_training)
     adapter_bytes: int = 4  # LoRA adapters train in fp32
     dropout_mask_bytes: int = 1  # CUDA dropout keeps a bool mask; CPU keeps one of the input dtype
+    # Liger kernels (trainer.speed.apply_liger): RMSNorm keeps its input and an fp32 rstd per row, SwiGLU keeps
+    # gate and up only, and the fused linear cross-entropy never builds the full-vocabulary logits
+    liger: bool = False
+    # QLoRA: the 4-bit linears keep their (compute-dtype) input for backward. bitsandbytes releases that saved
+    # it (MatMul4Bit's ctx.tensors = (A, B)) do; 0.50.2 keeps only the weight (ctx.tensors = (None, B)), and
+    # an H200 measurement of the bf16-frozen path agrees (off). trainer.speed's first estimate had it on, from
+    # an H100 peak taken in eval mode with the full logits (bench/README.md, run 1).
+    kbit_keeps_input: bool = False
 
     @property
     def amp(self) -> bool:
@@ -136,84 +115,7 @@ class MemoryEstimate:
         return self.peak_bytes / GIB
 
 
-# ---------------------------------------------------------------- shapes
-
-
-def shape_from_config(config, name: str = "model") -> ModelShape:
-    """Count parameters exactly by building the model on the meta device (no memory, no weights)."""
-    import torch
-    from torch import nn
-    from transformers import AutoModelForCausalLM
-
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except Exception:  # an architecture transformers cannot build here: count a Llama-style layer instead
-        return _llama_shape(config, name)
-    layers = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len)
-    linears = tuple(LinearShape(n, m.in_features, m.out_features)
-                    for n, m in layers[0].named_modules() if isinstance(m, nn.Linear))
-    total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
-    embedding = sum(p.numel() for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters())
-    out = model.get_output_embeddings()
-    tied = out is not None and out.weight is model.get_input_embeddings().weight
-    if out is not None and not tied:
-        embedding += out.weight.numel()
-    layer_linear = sum(p.numel() for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)
-                       for p in m.parameters())
-    return _shape(config, name, linears, total, embedding, layer_linear, tied)
-
-
-def _dims(config) -> tuple[int, int, int, int, int, int, int]:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    h = text.hidden_size
-    heads = text.num_attention_heads
-    kv = getattr(text, "num_key_value_heads", None) or heads
-    d = getattr(text, "head_dim", None) or h // heads
-    inter = getattr(text, "intermediate_size", None) or 4 * h
-    return h, text.num_hidden_layers, heads, kv, d, inter, text.vocab_size
-
-
-def _shape(config, name, linears, total, embedding, layer_linear, tied) -> ModelShape:
-    h, layers, heads, kv, d, inter, vocab = _dims(config)
-    return ModelShape(name=name, hidden_size=h, num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=d,
-                      intermediate_size=inter, vocab_size=vocab, tie_word_embeddings=tied,
-                      layer_linears=linears, params_total=total, params_embedding=embedding,
-                      params_layer_linear=layer_linear)
-
-
-def _llama_shape(config, name: str) -> ModelShape:
-    h, layers, heads, kv, d, inter, vocab = _dims(config)
-    linears = (LinearShape("self_attn.q_proj", h, heads * d), LinearShape("self_attn.k_proj", h, kv * d),
-               LinearShape("self_attn.v_proj", h, kv * d), LinearShape("self_attn.o_proj", heads * d, h),
-               LinearShape("mlp.gate_proj", h, inter), LinearShape("mlp.up_proj", h, inter),
-               LinearShape("mlp.down_proj", inter, h))
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    layer_linear = layers * sum(lin.in_features * lin.out_features for lin in linears)
-    embedding = vocab * h * (1 if tied else 2)
-    total = layer_linear + embedding + layers * 2 * h + h
-    return _shape(config, name, linears, total, embedding, layer_linear, tied)
-
-
 # ---------------------------------------------------------------- parameters
-
-
-def target_linears(shape: ModelShape, targets: str | tuple[str, ...] | list[str]) -> list[LinearShape]:
-    """The decoder linears that LoRA adapts, matched as peft does (all-linear, suffix names, or a regex)."""
-    if targets == "all-linear":
-        return list(shape.layer_linears)
-    if isinstance(targets, str):
-        pattern = re.compile(targets)
-        found = [lin for lin in shape.layer_linears
-                 if pattern.fullmatch(lin.name) or pattern.fullmatch(f"model.layers.0.{lin.name}")]
-    else:
-        found = [lin for lin in shape.layer_linears
-                 if any(lin.name == t or lin.name.endswith("." + t) for t in targets)]
-    if not found:
-        names = ", ".join(lin.name.rsplit(".", 1)[-1] for lin in shape.layer_linears)
-        raise ConfigError(f"lora.target_modules {targets!r}: matches no linear layer of {shape.name}; "
-                          f"its linear layers are {names} (or use all-linear)")
-    return found
 
 
 def lora_params(shape: ModelShape, setup: TrainingSetup) -> int:
@@ -249,16 +151,23 @@ def layer_activation_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
 
     Per token; b = compute bytes, r = residual-stream bytes (4 when embeddings are fp32), h = hidden,
     I = intermediate, a/kv = query/kv heads of size d:
-      each RMSNorm: 4h (its fp32 input) + 4 (rsqrt) [+ r*h normalized input when its weight trains]
+      each RMSNorm: 4h (its fp32 input) + 4 (rsqrt) [+ r*h normalized input when its weight trains];
+        Liger's: r*h (its input) + 4 (fp32 rstd)
       attention (SDPA/flash): b*(a*d + 2*kv'*d + a*d) for q, k, v, out + 4a (logsumexp), kv' = a when k/v heads
         are repeated for a padded batch; o_proj's input is a view of out. eager adds (4+b)*a*s (fp32 softmax
         and its cast) and a contiguous copy of out.
       MLP: 3*b*I (gate out, SiLU out, up out) [+ b*I, down's input, when down's weight trains]; 3*r*I for
-        QLoRA, whose 4-bit linears return their input's dtype
+        QLoRA, whose 4-bit linears return their input's dtype; Liger's SwiGLU keeps gate and up only (2 of 3)
       full fine-tuning: the two norm outputs as linear inputs, b*h each
+      QLoRA with kbit_keeps_input: each distinct input of the 4-bit linears (attention's and the MLP's normed
+        input, r*h each, and down's input), o_proj's being attention's saved output already
       LoRA, per adapted linear with input width n: dropout mask*n; lora_A's input, which is the fp32 dropout
         output (4n), or its bf16 autocast copy (b*n); lora_A's output (4r or b*r) for lora_B. Without dropout
-        and without casts, adapters on one input share it.
+        and without casts, adapters on one input share it (so do QLoRA's under autocast on a bf16 input: peft's
+        4-bit LoRA layer skips its fp32 cast then).
+    Measured on an H200 (torch 2.11, transformers 5.17, peft 0.21, bitsandbytes 0.50.2, liger-kernel 0.8.5;
+    allocated bytes after the forward, 4 minus 2 layers of an 8B-shaped Llama, 4096 tokens): LoRA and QLoRA,
+    with and without Liger and dropout, bf16-frozen and fp32-upcast QLoRA, within 0.4% of this count.
     """
     s, b, h, inter = setup.seq_len, setup.compute_bytes, shape.hidden_size, shape.intermediate_size
     rb = setup.residual_bytes
@@ -266,50 +175,84 @@ def layer_activation_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
     full = setup.method == "full"
     eager = setup.attention == "eager"
     kv_width = ad if (setup.repeat_kv or eager) else kvd
-    total = 2 * (4 * h + 4 + (rb * h if full else 0))
+    norm = rb * h + 4 if setup.liger else 4 * h + 4 + (rb * h if full else 0)
+    total = 2 * norm
     total += b * (2 * ad + 2 * kv_width) + 4 * shape.num_heads
     if eager:
         total += (4 + b) * shape.num_heads * s + (b * ad if full else 0)
     # bitsandbytes casts a 4-bit linear's output back to its input's dtype: fp32 residual -> fp32 MLP tensors
     mb = rb if setup.method == "qlora" else b
-    total += 3 * mb * inter
+    total += (2 if setup.liger else 3) * mb * inter
     if full:
         return total + 2 * b * h + b * inter
+
+    def width(source: str) -> int:
+        return inter if source == "mlp_act" else h
+
+    def input_bytes(source: str) -> int:
+        return rb if source in ("attn_in", "mlp_in") else (mb if source == "mlp_act" else b)
+
+    kept = set()  # inputs held for the 4-bit linears' backward
+    if setup.method == "qlora" and setup.kbit_keeps_input:
+        kept = {_input_of(lin, shape) for lin in shape.layer_linears} - {"attn_out"}  # out: saved by SDPA
+        total += sum(input_bytes(source) * width(source) for source in kept)
     ab = b if setup.amp else setup.adapter_bytes  # what lora_A saves: autocast re-casts its input to bf16
     shared_inputs = set()
     for lin in target_linears(shape, setup.lora_targets):
         n, source = lin.in_features, _input_of(lin, shape)
-        x_bytes = rb if source in ("attn_in", "mlp_in") else (mb if source == "mlp_act" else b)
         if setup.lora_dropout > 0:
             total += setup.dropout_mask_bytes * n + ab * n
-        elif setup.amp or x_bytes != setup.adapter_bytes:
+        elif setup.amp and setup.method == "qlora" and input_bytes(source) == b:
+            shared_inputs.add(source)  # peft's 4-bit LoRA layer skips its fp32 cast under autocast: x itself
+        elif setup.amp or input_bytes(source) != setup.adapter_bytes:
             total += ab * n  # a cast of its own per adapter
         else:
-            shared_inputs.add((source, x_bytes * (inter if source == "mlp_act" else h)))
+            shared_inputs.add(source)
         total += ab * setup.lora_r
-    return total + sum(nbytes for source, nbytes in shared_inputs if source != "attn_out")  # out: saved by SDPA
+    shared_inputs -= kept | {"attn_out"}  # out: saved by SDPA
+    return total + sum(input_bytes(source) * width(source) for source in shared_inputs)
 
 
 def _input_of(lin: LinearShape, shape: ModelShape) -> str:
-    if "attn" in lin.name and lin.out_features == shape.hidden_size:
+    """Which tensor a decoder linear reads: attention's or the MLP's normed input, attention's output (the last
+    attention linear back to hidden: o_proj, even where q_proj is hidden x hidden too), or the MLP activation."""
+    attn = [x for x in shape.layer_linears if "attn" in x.name]
+    if lin in attn and lin == next((x for x in reversed(attn) if x.out_features == shape.hidden_size), None):
         return "attn_out"
     if lin.in_features == shape.intermediate_size and lin.in_features != shape.hidden_size:
         return "mlp_act"
     return "attn_in" if "attn" in lin.name else "mlp_in"
 
 
+def head_activation_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
+    """Bytes saved per token outside the decoder layers: the final norm, what the loss keeps, labels and positions.
+
+    Unfused loss: the final RMSNorm as in a layer [+ its normalized input and lm_head's input when they train]
+    and cross-entropy's fp32 log-softmax (4 B per vocabulary entry). Liger: its RMSNorm, and the fused linear
+    cross-entropy's fp32 gradient of its input (4h), computed in the forward chunk by chunk.
+    """
+    b, h, rb = setup.compute_bytes, shape.hidden_size, setup.residual_bytes
+    if setup.liger:
+        return rb * h + 4 + 4 * h + 16
+    full = setup.method == "full"
+    final_norm = 4 * h + 4 + ((rb + b) * h if full else 0)  # normalized input and lm_head's input when they train
+    log_softmax = 4 * shape.vocab_size  # cross-entropy keeps its fp32 log-softmax output
+    return final_norm + log_softmax + 16  # 16: labels and position ids (int64)
+
+
 def saved_activation_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
     """Everything autograd holds at the end of the forward pass, micro-batch and sequence included."""
     tokens = setup.micro_batch_size * setup.seq_len
-    b, h, rb = setup.compute_bytes, shape.hidden_size, setup.residual_bytes
-    full = setup.method == "full"
     if setup.gradient_checkpointing:
-        layers = shape.num_layers * rb * h  # each layer's input; the rest is recomputed in backward
+        layers = shape.num_layers * checkpointed_layer_bytes(shape, setup)  # the rest is recomputed in backward
     else:
         layers = shape.num_layers * layer_activation_bytes(shape, setup)
-    final_norm = 4 * h + 4 + ((rb + b) * h if full else 0)  # normalized input and lm_head's input when they train
-    log_softmax = 4 * shape.vocab_size  # cross-entropy keeps its fp32 log-softmax output
-    return tokens * (layers + final_norm + log_softmax + 16)  # 16: labels and position ids (int64)
+    return tokens * (layers + head_activation_bytes(shape, setup))
+
+
+def checkpointed_layer_bytes(shape: ModelShape, setup: TrainingSetup) -> int:
+    """Per token, what a checkpointed decoder layer keeps: its input (the residual stream)."""
+    return setup.residual_bytes * shape.hidden_size
 
 
 def logits_dtype_bytes(setup: TrainingSetup) -> int:
@@ -317,13 +260,21 @@ def logits_dtype_bytes(setup: TrainingSetup) -> int:
     return 4 if setup.amp else setup.weight_bytes
 
 
+def liger_loss_chunk(tokens: int, vocab_size: int, hidden_size: int) -> int:
+    """Rows per chunk of Liger's fused linear cross-entropy: a power of two near tokens / (vocab / hidden)."""
+    return 1 << max(0, math.ceil(math.log2(max(1, tokens // max(1, vocab_size // hidden_size)))))
+
+
 def logits_working_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
     """Loss working set beyond the saved log-softmax, at the start of backward (unfused HF loss).
 
     The model output keeps the logits (2 or 4 B per token and vocab entry); log-softmax backward holds the
     incoming gradient and its result (4 + 4); the saved log-softmax (4) is counted with the activations.
+    Liger's fused loss instead holds one chunk's fp32 logits and their gradient, in the forward.
     """
     tokens = setup.micro_batch_size * setup.seq_len
+    if setup.liger:
+        return 2 * liger_loss_chunk(tokens, shape.vocab_size, shape.hidden_size) * shape.vocab_size * 4
     return tokens * shape.vocab_size * (logits_dtype_bytes(setup) + 8)
 
 
@@ -339,25 +290,60 @@ def backward_working_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
 # ---------------------------------------------------------------- the estimate
 
 
-def estimate_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
-    """Peak bytes on one GPU: the larger of the forward/backward peak and the optimizer-step peak."""
-    notes: list[str] = []
+@dataclass(frozen=True)
+class StateBytes:
+    """What one GPU keeps for the whole run, and the host for ZeRO offload; per_param: optimizer-state bytes per
+    trainable param, train_bytes: bytes per trainable weight, shards: ZeRO-2 partitions."""
+
+    trainable: int
+    train_bytes: int
+    per_param: float
+    shards: int
+    weights: float
+    adapters: float
+    master: float
+    grads: float
+    optim: float
+    cpu: float
+
+
+def state_bytes(shape: ModelShape, setup: TrainingSetup) -> StateBytes:
     full = setup.method == "full"
     trainable, train_bytes, per_param, master_per_param = _trainable_state(shape, setup)
     zero = setup.deepspeed in ("zero2", "zero2_offload")
     shards = setup.num_gpus if zero else 1
-    offload = setup.deepspeed == "zero2_offload"
-
-    weights = weight_bytes(shape, setup)
-    adapters = 0.0 if full else trainable * train_bytes
     master = trainable * master_per_param / shards
     grads = trainable * train_bytes / shards
     optim = trainable * per_param / shards
     cpu = 0.0
-    if offload:
+    if setup.deepspeed == "zero2_offload":
         cpu = trainable * (per_param + 4 + 4)  # whole node: optimizer state, fp32 master and fp32 gradients
-        notes.append("ZeRO-2 offload: optimizer state, fp32 master weights and fp32 gradients live in CPU RAM")
         optim, master, grads = 0.0, 0.0, 0.0  # gradients stream to the host bucket by bucket
+    return StateBytes(trainable, train_bytes, per_param, shards, weight_bytes(shape, setup),
+                      0.0 if full else trainable * train_bytes, master, grads, optim, cpu)
+
+
+def layer_independent_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
+    """The forward/backward peak less the weights, the adapters and what the decoder layers save: gradients,
+    optimizer state, ZeRO's master copy, autocast copies, the activations outside the layers, and the larger of
+    the loss's working set and one layer's gradients in flight (its recompute not included). trainer.speed
+    plans checkpoint_layers with this plus the per-layer bytes of layer_activation_bytes."""
+    st = state_bytes(shape, setup)
+    tokens = setup.micro_batch_size * setup.seq_len
+    plain = replace(setup, gradient_checkpointing=False)
+    return (st.grads + st.optim + st.master + autocast_copy_bytes(shape, setup, st.trainable)
+            + tokens * head_activation_bytes(shape, setup)
+            + max(logits_working_bytes(shape, setup), backward_working_bytes(shape, plain)))
+
+
+def estimate_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
+    """Peak bytes on one GPU: the larger of the forward/backward peak and the optimizer-step peak."""
+    notes: list[str] = []
+    st = state_bytes(shape, setup)
+    trainable, train_bytes, per_param, shards = st.trainable, st.train_bytes, st.per_param, st.shards
+    weights, adapters, master, grads, optim, cpu = st.weights, st.adapters, st.master, st.grads, st.optim, st.cpu
+    if setup.deepspeed == "zero2_offload":
+        notes.append("ZeRO-2 offload: optimizer state, fp32 master weights and fp32 gradients live in CPU RAM")
     if setup.optimizer.startswith("paged"):
         notes.append("paged optimizer: its state can spill to CPU RAM under pressure (slower, not an OOM)")
 
@@ -385,7 +371,8 @@ def estimate_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
         Component("autocast copies", casts, "bf16 copies of fp32 weights, kept for backward" if casts else ""),
         Component("activations", saved, "layer inputs (gradient checkpointing)" if setup.gradient_checkpointing
                   else "saved for backward"),
-        Component("logits + loss", logits, "fp32 cross-entropy over the vocabulary"),
+        Component("logits + loss", logits, "Liger fused cross-entropy, one chunk of rows" if setup.liger
+                  else "fp32 cross-entropy over the vocabulary"),
         Component("backward working set", backward, "one layer recomputed" if setup.gradient_checkpointing
                   else "gradients in flight"),
         Component("deepspeed buffers", ds_buffers, "ZeRO buckets" if ds_buffers else ""),

@@ -5,7 +5,10 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from common import TINY, run_cli
+from tests.harness.common import TINY, run_cli
+
+# the quick pass (-m 'not slow') keeps test_train_own_jsonl_data_with_lora: one real training run
+pytestmark = pytest.mark.e2e
 
 
 def test_train_own_jsonl_data_with_lora(tmp_path):
@@ -29,8 +32,8 @@ eval:
   max_new_tokens: 8
 """)
     out = tmp_path / "run"
-    p = run_cli("train", str(cfg), overrides=[o for o in TINY if not o.startswith(("train.max_steps", "eval.", "data.max_length"))],
-                output_dir=out)
+    overrides = [o for o in TINY if not o.startswith(("train.max_steps", "eval.", "data.max_length"))]
+    p = run_cli("train", str(cfg), overrides=overrides, output_dir=out)
     assert "step 6/6" in p.stdout
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]
@@ -46,6 +49,7 @@ eval:
     assert model(input_ids=__import__("torch").tensor([[1, 5, 6]])).logits.shape[-1] == 101
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,needle", [
     (["train", "--set", "train.max_stepz=3"], "unknown config key 'train.max_stepz'; did you mean 'train.max_steps'?"),
     (["train", "nope.yaml"], "nope.yaml: file not found"),
@@ -61,6 +65,7 @@ def test_user_errors_are_one_line_exit_2(tmp_path, args, needle):
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
+@pytest.mark.slow
 def test_wrong_format_for_data_names_fields(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"question": "q", "answer": "a"}\n')
@@ -69,6 +74,7 @@ def test_wrong_format_for_data_names_fields(tmp_path):
     assert p.returncode == 2 and "needs field(s) instruction, output" in p.stderr and "question" in p.stderr
 
 
+@pytest.mark.slow
 def test_presets_and_resolved_config():
     p = run_cli("presets")
     assert {"default", "lora", "qlora", "full"} <= {line.split()[0] for line in p.stdout.splitlines()}
@@ -76,6 +82,7 @@ def test_presets_and_resolved_config():
     assert "method: qlora" in p.stdout and "max_steps: 9" in p.stdout
 
 
+@pytest.mark.slow
 def test_ckpt_list_and_verify(tmp_path):
     run_cli("train", overrides=TINY + ["train.max_steps=8"], output_dir=tmp_path)
     p = run_cli("ckpt", "list", output_dir=tmp_path)
@@ -86,13 +93,17 @@ def test_ckpt_list_and_verify(tmp_path):
     assert p.returncode == 1 and "step 8: " in p.stdout and "size" in p.stdout
 
 
+@pytest.mark.slow
 def test_ckpt_push_list_remote_pull_prune(tmp_path):
     out, remote = tmp_path / "run", f"file://{tmp_path / 'bucket'}"
     run_cli("train", overrides=TINY + ["train.max_steps=8"], output_dir=out)
     assert "nothing to push" not in run_cli("ckpt", "push", overrides=[f"checkpoint.remote={remote}"],
                                             output_dir=out).stdout
     p = run_cli("ckpt", "list", "--remote", remote, output_dir=out)
-    assert [line.split()[-2] for line in p.stdout.splitlines()[1:]] == ["both", "both"]
+    # step, date, time, size (2 words), kind, where, run, seq, parent, verified
+    rows = [line.split() for line in p.stdout.splitlines()[1:]]
+    assert [r[6] for r in rows] == ["both", "both"] and [r[8] for r in rows] == ["1", "2"]
+    assert rows[1][9] == f"{rows[0][7]}@4" and p.stdout.rstrip().endswith("<- newest")
     # a fresh machine: pull the newest into an empty output dir
     fresh = tmp_path / "fresh"
     p = run_cli("ckpt", "pull", overrides=[f"checkpoint.remote={remote}"], output_dir=fresh)

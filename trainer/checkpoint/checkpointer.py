@@ -85,6 +85,7 @@ class Checkpointer:
                 choice = resume.choose(mode, self.store, self.remote, self.cfg.checkpoint.remote_wait_s, self.say,
                                        self.heartbeat)
                 resume.keep_one_lineage(self.store, self.remote, choice, self.say)
+                self.store.clean_stale(pulls=True)
                 self.lineage = choice.lineage
                 step = choice.manifest.step if choice.manifest else -1
                 path = choice.path

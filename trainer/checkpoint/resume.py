@@ -68,10 +68,12 @@ def guard_start_over(store: CheckpointStore, remote: RemoteStore | None, archive
                           f"(moves them to checkpoints/archived/), or use another --output-dir")
     for step in local:
         store.archive(step)
-    for step in remote_steps:
-        manifest = remote.get_manifest(step)
-        if manifest is not None:
+    if remote_steps:
+        manifests, problems = remote.committed(deadline=remote.deadline(60))
+        for step, manifest in sorted(manifests.items()):
             remote.archive_checkpoint(step, manifest)
+        for problem in problems:  # unreadable or of a newer format: left where they are
+            log.warning("--archive-existing: not moved: %s", problem)
     say(f"--archive-existing: moved {where} checkpoint(s) to checkpoints/archived/; starting over")
 
 

@@ -31,6 +31,7 @@ from trainer.run_dir import (
     CHECKPOINTS_DIR,
     CORRUPT_DIR,
     LEGACY_RUN,
+    PULL_PREFIX,
     MANIFEST_NAME,
     TMP_PREFIX,
     committed_steps,
@@ -164,11 +165,13 @@ class CheckpointStore:
         (self.path(step) / MANIFEST_NAME).unlink(missing_ok=True)
         shutil.rmtree(self.path(step), ignore_errors=True)
 
-    def clean_stale(self) -> None:
-        """Remove temp dirs left by a process that died mid-write (they never counted)."""
+    def clean_stale(self, pulls: bool = False) -> None:
+        """Remove temp dirs left by a process that died mid-write (they never counted); with `pulls`, also the
+        partial downloads kept for a retry (once the run has resumed, they are of no use)."""
         if self.root.is_dir():
-            for p in self.root.glob(f"{TMP_PREFIX}step-*"):
-                shutil.rmtree(p, ignore_errors=True)
+            for pattern in (f"{TMP_PREFIX}step-*", f"{PULL_PREFIX}step-*") if pulls else (f"{TMP_PREFIX}step-*",):
+                for p in self.root.glob(pattern):
+                    shutil.rmtree(p, ignore_errors=True)
 
     def prune(self, keep_last: int | None, head: int | None = None,
               protect: set[int] = frozenset()) -> tuple[list[int], list[int]]:

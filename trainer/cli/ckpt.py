@@ -11,7 +11,7 @@ import click
 from trainer.checkpoint.store import CheckpointStore
 from trainer.cli.options import config_options, run_cli
 from trainer.config.loader import load_config
-from trainer.errors import ConfigError, CorruptCheckpoint
+from trainer.errors import CheckpointError, ConfigError
 from trainer.run_dir import ARCHIVED_DIR, LEGACY_RUN
 from trainer.checkpoint import lineage
 from trainer.checkpoint.manifest import check, verify
@@ -189,7 +189,7 @@ def pull_cmd(config, overrides, output_dir, step):
     for s in candidates:
         try:
             path = remote.pull(s, store.root, manifest=manifests[s])
-        except CorruptCheckpoint as e:
+        except CheckpointError as e:  # corrupt, or a local write error: the previous one may do
             if step is not None:
                 raise
             click.echo(f"step {s}: unusable ({e}); trying the previous one", err=True)

@@ -7,15 +7,28 @@ one-line message for a person (`explain`).
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Protocol
 
-from trainer.errors import SpotTrainerError, StorageError
+from trainer.errors import SpotTrainerError, StorageError, StorageWait
 
 
 class StorageUnavailable(SpotTrainerError):
     """The store kept failing with retryable errors until the deadline, or the call was aborted."""
+
+
+class InsufficientSpace(StorageWait):
+    """A pull does not fit on the local disk (checked before downloading, or the disk filled up meanwhile): exit 69,
+    resumable once there is room; nothing was deleted."""
+
+    def __init__(self, message: str, needed: int, free: int):
+        super().__init__(message)
+        self.needed, self.free = needed, free
 
 
 class Missing(Exception):
@@ -41,12 +54,16 @@ class ObjectStore(Protocol):
     def write(self, rel: str, data: bytes, sha256: str) -> None:
         """Write a small object whole (a reader sees all of it or nothing)."""
 
+    def copy(self, src_rel: str, dst_rel: str) -> None:
+        """Copy an object inside the store (server-side where there is one), keeping its recorded sha256."""
+
     def delete(self, rels: list[str]) -> None: ...
 
     def put_files(self, items: list[tuple[Path, str, str]], wait: Callable) -> None:
-        """Upload (local path, rel, sha256) items; `wait(futures)` enforces the deadline and abort."""
+        """Upload (local path, rel, sha256) items; `wait([(rel, future), ...])` enforces deadlines and abort."""
 
-    def get_files(self, items: list[tuple[str, Path]], wait: Callable) -> None: ...
+    def get_files(self, items: list[tuple[str, Path]], wait: Callable) -> None:
+        """Download (rel, local path) items, each replacing its path whole; `wait` as for put_files."""
 
     def is_transient(self, e: BaseException) -> bool: ...
 
@@ -56,6 +73,39 @@ class ObjectStore(Protocol):
         """A one-line StorageError for errors that retrying cannot fix; None for the others."""
 
     def close(self) -> None: ...
+
+
+class DaemonPool:
+    """An executor with daemon threads: a transfer abandoned on a stalled socket or mount (deadline, abort) must not
+    hold the process at exit, as ThreadPoolExecutor's threads would."""
+
+    def __init__(self, max_workers: int):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name="storage-transfer", daemon=True)
+                         for _ in range(max_workers)]
+        for t in self._threads:
+            t.start()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args, kwargs = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as e:  # handed to the waiter through the future
+                    future.set_exception(e)
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args, kwargs))
+        return future
+
+    def shutdown(self, wait: bool = True) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        end = time.monotonic() + 1.0
+        for t in self._threads if wait else ():
+            t.join(timeout=max(0.0, end - time.monotonic()))  # bounded: a stalled one dies with the process
 
 
 def transient_os_error(e: BaseException) -> bool:

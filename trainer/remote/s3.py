@@ -7,11 +7,8 @@ own chain (environment, profile, instance role); none is ever read from our conf
 from __future__ import annotations
 
 import os
-import queue
 import threading
-import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 
 import boto3
@@ -22,7 +19,7 @@ from s3transfer.manager import TransferManager
 
 from trainer.config.schema import S3Config
 from trainer.errors import StorageError
-from trainer.remote.objects import one_line, transient_os_error
+from trainer.remote.objects import DaemonPool, one_line, transient_os_error
 
 _TRANSIENT_CODES = {"RequestTimeout", "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
                     "InternalError", "ServiceUnavailable", "OperationAborted",
@@ -54,39 +51,6 @@ def _is_transient(e: BaseException) -> bool:
 _SOURCES = {"env": "env", "shared-credentials-file": "profile", "config-file": "profile",
             "iam-role": "instance role", "container-role": "container role", "assume-role": "assume-role profile",
             "assume-role-with-web-identity": "web identity", "sso": "SSO", "custom-process": "credential_process"}
-
-
-class _DaemonPool:
-    """Executor for s3transfer with daemon threads: a transfer abandoned on a stalled socket (deadline, abort)
-    must not hold the process at exit for read_timeout x max_attempts, as ThreadPoolExecutor's threads would."""
-
-    def __init__(self, max_workers: int):
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._work, name="s3-transfer", daemon=True)
-                         for _ in range(max_workers)]
-        for t in self._threads:
-            t.start()
-
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            future, fn, args, kwargs = job
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn(*args, **kwargs))
-                except BaseException as e:  # handed to s3transfer through the future
-                    future.set_exception(e)
-
-    def submit(self, fn, *args, **kwargs) -> Future:
-        future: Future = Future()
-        self._jobs.put((future, fn, args, kwargs))
-        return future
-
-    def shutdown(self, wait: bool = True) -> None:
-        for _ in self._threads:
-            self._jobs.put(None)
-        end = time.monotonic() + 1.0
-        for t in self._threads if wait else ():
-            t.join(timeout=max(0.0, end - time.monotonic()))  # bounded: a stalled one dies with the process
 
 
 class S3Objects:
@@ -123,7 +87,7 @@ class S3Objects:
         part = cfg.part_size_mb * 1024 * 1024
         self.transfers = TransferManager(self.client, TransferConfig(
             multipart_threshold=part, multipart_chunksize=part, max_concurrency=cfg.max_concurrency),
-            executor_cls=_DaemonPool)
+            executor_cls=DaemonPool)
 
     def _key(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel
@@ -154,6 +118,11 @@ class S3Objects:
 
     def write(self, rel: str, data: bytes, sha256: str) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data, Metadata={"sha256": sha256})
+
+    def copy(self, src_rel: str, dst_rel: str) -> None:
+        """Server-side copy (multipart above part_size_mb); the sha256 metadata goes with it."""
+        self.transfers.copy({"Bucket": self.bucket, "Key": self._key(src_rel)}, self.bucket,
+                            self._key(dst_rel)).result()
 
     def delete(self, rels: list[str]) -> None:
         for rel in rels:  # one by one: GCS has no multi-object delete

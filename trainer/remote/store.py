@@ -1,7 +1,9 @@
-"""Remote checkpoint storage: `s3://bucket/prefix` (boto3) or `file:///abs/path`, same layout as local.
+"""Remote checkpoint storage: `s3://bucket/prefix` (boto3) or `file:///abs/path`, same layout as local (layout.py).
 
 A remote checkpoint is committed when `checkpoints/step-XXXXXXXX/manifest.json` exists: it is uploaded last
-and deleted first. Every operation is bounded by a deadline; transient errors are retried until then.
+and deleted first. Committed work is never overwritten or deleted for another lineage's sake: retention keeps the
+newest of the current lineage and archives the others (archive.py); an upload over a different checkpoint of the
+same step archives that one first. Pulls are in pull.py; deadlines and retries in calls.py.
 """
 
 from __future__ import annotations
@@ -9,25 +11,23 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from urllib.parse import urlparse
 
-import tenacity
-
+from trainer.checkpoint import lineage
 from trainer.checkpoint.manifest import FileEntry, Manifest, sha256_file
 from trainer.config.schema import S3Config
-from trainer.errors import CheckpointError, ConfigError
-from trainer.remote.objects import CallTimeout, Missing, ObjectStore, StorageUnavailable, one_line
-from trainer.durable import fsync_dir, write_file
-from trainer.run_dir import CHECKPOINTS_DIR, MANIFEST_NAME, parse_step_dirname, step_dirname
+from trainer.errors import CheckpointError, ConfigError, CorruptCheckpoint, UnsupportedCheckpoint
+from trainer.remote.archive import Archiver
+from trainer.remote.calls import Budget, Calls
+from trainer.remote.layout import Listing, ckpt_rel, manifest_rel, parse_listing
+from trainer.remote.objects import ObjectStore
+from trainer.remote.pull import Puller, same_checkpoint
+from trainer.run_dir import CHECKPOINTS_DIR, MANIFEST_NAME, parse_step_dirname
 
 log = logging.getLogger(__name__)
-_POLL_S = 0.05
 
 
 @dataclass
@@ -41,7 +41,7 @@ class UploadResult:
     files_skipped: int
 
 
-def open_store(uri: str, s3: S3Config | None = None) -> "RemoteStore":
+def open_store(uri: str, s3: S3Config | None = None) -> RemoteStore:
     """A RemoteStore for `s3://bucket/prefix` or `file:///abs/path`; credentials come from boto3's chain."""
     s3 = s3 or S3Config()
     parsed = urlparse(uri)
@@ -50,67 +50,84 @@ def open_store(uri: str, s3: S3Config | None = None) -> "RemoteStore":
             raise ConfigError(f"checkpoint.remote {uri!r}: give a bucket, e.g. s3://my-bucket/runs/exp1")
         from trainer.remote.s3 import S3Objects  # boto3 is imported only for an s3:// remote
 
-        return RemoteStore(uri, S3Objects(uri, parsed.netloc, parsed.path.strip("/"), s3), s3.deadline_s)
-    if parsed.scheme == "file":
+        objects: ObjectStore = S3Objects(uri, parsed.netloc, parsed.path.strip("/"), s3)
+    elif parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
             raise ConfigError(f"checkpoint.remote {uri!r}: use an absolute path, e.g. file:///mnt/ckpts/exp1")
         from trainer.remote.files import FileObjects
 
-        return RemoteStore(uri, FileObjects(Path(parsed.path)), s3.deadline_s)
-    raise ConfigError(f"checkpoint.remote {uri!r}: must start with s3:// or file://")
-
-
-
-# ---------------------------------------------------------------- checkpoints over objects
-
-
-def _safe_rel(path: str, where: str) -> str:
-    p = PurePosixPath(path)
-    if p.is_absolute() or ".." in p.parts or not p.parts:
-        raise CheckpointError(f"{where}: manifest lists an unsafe path {path!r}")
-    return path
+        objects = FileObjects(Path(parsed.path))
+    else:
+        raise ConfigError(f"checkpoint.remote {uri!r}: must start with s3:// or file://")
+    return RemoteStore(uri, objects, s3.deadline_s, s3.min_throughput_mb_s)
 
 
 class RemoteStore:
     """Committed checkpoints under a remote root; every operation retries transient errors until its deadline.
 
-    Deadlines are absolute `time.monotonic()` values; None means now + checkpoint.s3.deadline_s.
+    Deadlines are absolute `time.monotonic()` values; None means now + checkpoint.s3.deadline_s, plus the time a
+    transfer's size takes at checkpoint.s3.min_throughput_mb_s.
     """
 
-    def __init__(self, uri: str, objects: ObjectStore, deadline_s: float):
-        self.uri, self.objects, self.deadline_s = uri.rstrip("/"), objects, deadline_s
-        self._abort = threading.Event()
+    def __init__(self, uri: str, objects: ObjectStore, deadline_s: float, min_throughput_mb_s: float = 1.0):
+        self.uri, self.objects = uri.rstrip("/"), objects
+        self.calls = Calls(self.uri, objects, deadline_s, min_throughput_mb_s)
+        self._archiver = Archiver(self.uri, objects, self.calls)
+        self._puller = Puller(self.uri, objects, self.calls)
+        self._warned: set[str] = set()
 
     def __repr__(self) -> str:
         return f"RemoteStore({self.uri!r})"
 
+    @property
+    def deadline_s(self) -> float:
+        return self.calls.deadline_s
+
     def deadline(self, seconds: float | None = None) -> float:
         """The monotonic time `seconds` from now (default: checkpoint.s3.deadline_s)."""
-        return time.monotonic() + (self.deadline_s if seconds is None else seconds)
+        return self.calls.deadline(seconds)
 
     def check(self, write: bool = True, deadline: float | None = None) -> None:
         """Fail fast with StorageError on wrong credentials, a missing bucket or (write=True) no write access."""
         probe = f".spot-trainer-probe-{os.getpid()}"
 
-        def attempt(dl: float) -> None:
-            self._call(self.objects.list, probe, deadline=dl)
+        def attempt(b: Budget) -> None:
+            self.calls.call(self.objects.list, probe, deadline=b.at)
             if write:
-                self._call(self.objects.write, probe, b"ok\n", sha256_bytes(b"ok\n"), deadline=dl)
-                self._call(self.objects.delete, [probe], deadline=dl)
-        self._retry("access check", attempt, deadline)
+                self.calls.call(self.objects.write, probe, b"ok\n", sha256_bytes(b"ok\n"), deadline=b.at)
+                self.calls.call(self.objects.delete, [probe], deadline=b.at)
+        self.calls.retry("access check", attempt, deadline)
+
+    # ---------------------------------------------------------------- what is there
 
     def committed_steps(self, deadline: float | None = None) -> list[int]:
-        """Steps whose checkpoints/step-XXXXXXXX/manifest.json exists remotely, oldest first."""
-        return sorted(self._scan(deadline)[0])
+        """Steps whose checkpoints/step-XXXXXXXX/manifest.json exists remotely (not read), oldest first."""
+        return sorted(self._scan(deadline).committed)
+
+    def committed(self, deadline: float | None = None) -> tuple[dict[int, Manifest], list[str]]:
+        """(step -> validated manifest of every committed checkpoint, one line per checkpoint whose manifest is
+        corrupt or in a newer format: those are left out here, and nothing deletes or archives them)."""
+        return self._manifests(self._scan(deadline).committed, deadline)
+
+    def archived(self, deadline: float | None = None) -> dict[str, dict[int, Manifest]]:
+        """run id ('legacy' for checkpoints without one) -> step -> manifest of the archived checkpoints."""
+        return self._archiver.archived(self._scan(deadline), deadline)
 
     def get_manifest(self, step: int, deadline: float | None = None) -> Manifest | None:
         """The remote manifest of `step`; None if not committed; CheckpointError if unreadable."""
-        rel = f"{CHECKPOINTS_DIR}/{step_dirname(step)}/{MANIFEST_NAME}"
-        raw = self._retry(f"read of {rel}", lambda dl: self._call(self.objects.read, rel, deadline=dl), deadline)
+        rel = manifest_rel(ckpt_rel(step))
+        raw = self.calls.retry(f"read of {rel}", lambda b: self.calls.call(self.objects.read, rel, deadline=b.at),
+                               deadline)
         return None if raw is None else Manifest.from_json(raw.decode("utf-8", "replace"), where=f"{self.uri}/{rel}")
 
+    # ---------------------------------------------------------------- uploads
+
     def upload_checkpoint(self, local_dir: Path, deadline: float | None = None) -> UploadResult:
-        """Upload a locally committed checkpoint: changed files (in parallel) first, manifest.json last."""
+        """Upload a locally committed checkpoint: changed files (in parallel) first, manifest.json last.
+
+        A different checkpoint committed remotely at that step is archived first (or moved to corrupt/ when its
+        manifest does not read), unless it is an earlier write of this same checkpoint (same run id and step).
+        """
         local_dir = Path(local_dir)
         step = parse_step_dirname(local_dir.name)
         if step is None:
@@ -119,12 +136,13 @@ class RemoteStore:
         if manifest.step != step:
             raise CheckpointError(f"{local_dir}: manifest says step {manifest.step}; not uploaded")
         raw = (local_dir / MANIFEST_NAME).read_bytes()
-        result = self._upload(local_dir, f"{CHECKPOINTS_DIR}/{local_dir.name}", manifest.files, raw, deadline)
+        result = self._upload(local_dir, ckpt_rel(step), manifest.files, raw, deadline,
+                              lambda remote, b: self._make_room(step, remote, manifest, b))
         result.step = step
         return result
 
     def upload_dir(self, local_dir: Path, remote_rel: str, deadline: float | None = None) -> UploadResult:
-        """Upload a directory (e.g. final/) under remote_rel; its manifest.json, if any, lists the files and goes last."""
+        """Upload a dir (e.g. final/) under remote_rel; its manifest.json, if any, lists the files and goes last."""
         local_dir = Path(local_dir)
         if (local_dir / MANIFEST_NAME).is_file():
             files, raw = Manifest.load(local_dir).files, (local_dir / MANIFEST_NAME).read_bytes()
@@ -132,210 +150,235 @@ class RemoteStore:
             files = [FileEntry(p.relative_to(local_dir).as_posix(), p.stat().st_size, sha256_file(p))
                      for p in sorted(local_dir.rglob("*")) if p.is_file()]
             raw = None
-        return self._upload(local_dir, remote_rel.strip("/"), files, raw, deadline)
+        return self._upload(local_dir, remote_rel.strip("/"), files, raw, deadline, None)
 
-    def download_checkpoint(self, step: int, dest_root: Path, deadline: float | None = None) -> Path:
-        """Download and verify `step` into dest_root/step-XXXXXXXX (replacing it); CheckpointError names a bad object."""
-        name, dest_root = step_dirname(step), Path(dest_root)
-        tmp, final = dest_root / f".tmp-{name}-{os.getpid()}", dest_root / name
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            raw = self._retry(f"download of {CHECKPOINTS_DIR}/{name}",
-                              lambda dl: self._download(step, tmp, dl), deadline)
-            write_file(tmp / MANIFEST_NAME, raw)  # last: the local copy is committed only when complete
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_dir(dest_root)
-            return final
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    def pull_latest(self, dest_root: Path, newer_than: int | None = None,
-                    deadline: float | None = None) -> tuple[int, Path] | None:
-        """Download the newest remote checkpoint newer than `newer_than`, skipping (with a warning) bad ones."""
-        for step in reversed(self.committed_steps(deadline)):
-            if newer_than is not None and step <= newer_than:
-                break
-            try:
-                return step, self.download_checkpoint(step, dest_root, deadline)
-            except CheckpointError as e:
-                log.warning("remote checkpoint step %d is unusable (%s); falling back to the previous one", step, e)
-        return None
+    # ---------------------------------------------------------------- retention and moving aside
 
     def delete_checkpoint(self, step: int, deadline: float | None = None) -> None:
         """Uncommit (delete manifest.json) first, then delete the files."""
-        rel = f"{CHECKPOINTS_DIR}/{step_dirname(step)}"
+        rel = ckpt_rel(step)
 
-        def attempt(dl: float) -> None:
-            self._call(self.objects.delete, [f"{rel}/{MANIFEST_NAME}"], deadline=dl)
-            self._call(self.objects.delete, sorted(self._call(self.objects.list, f"{rel}/", deadline=dl)), deadline=dl)
-        self._retry(f"delete of {rel}", attempt, deadline)
+        def attempt(b: Budget) -> None:
+            self.calls.call(self.objects.delete, [manifest_rel(rel)], deadline=b.at)
+            self.calls.call(self.objects.delete, sorted(self.calls.call(self.objects.list, f"{rel}/", deadline=b.at)),
+                            deadline=b.at)
+        self.calls.retry(f"delete of {rel}", attempt, deadline)
 
-    def prune(self, keep_last: int, deadline: float | None = None) -> list[int]:
-        """Delete all but the newest `keep_last` committed checkpoints, and partial uploads older than the newest."""
-        committed, dirs = self._scan(deadline)
-        if not committed:
-            return []
-        keep = set(sorted(committed)[-max(1, keep_last):])
-        doomed = sorted(s for s in dirs if s not in keep and s < max(committed))
-        for step in doomed:
-            self.delete_checkpoint(step, deadline)
-        return doomed
+    def prune(self, keep_last: int, head: int | None = None, protect=frozenset(),
+              deadline: float | None = None) -> tuple[list[int], list[int]]:
+        """(deleted, archived): keep the newest `keep_last` of the lineage of `head` (default: the checkpoint
+        committed last); never `head`, never a protected step. Checkpoints of other lineages are archived, never
+        deleted; partial uploads (no manifest) older than the head are deleted."""
+        if not keep_last:  # 0/None: keep everything, as local retention does
+            return [], []
+        listing = self._scan(deadline)
+        manifests, problems = self._manifests(listing.committed, deadline)
+        self._warn_once(problems)
+        head = lineage.newest(manifests) if head is None else head
+        if head not in manifests:
+            if head is not None:
+                log.warning("%s: remote retention skipped: step %s is not committed there", self.uri, head)
+            return [], []
+        protect = set(protect)
+        delete, archive = lineage.retention(manifests, head, keep_last, protect)
+        partial = [s for s in listing.dirs - listing.committed if s < head and s not in protect]
+        archived = [s for s in archive if self._archive_listed(s, manifests[s], deadline)]
+        deleted = [s for s in delete if self._delete_listed(s, manifests[s], deadline)]
+        for s in partial:
+            self.delete_checkpoint(s, deadline)
+        return sorted(deleted + partial), archived
+
+    def archive_checkpoint(self, step: int, manifest: Manifest, deadline: float | None = None) -> str:
+        """Move the committed checkpoint `step` (whose manifest is `manifest`) to
+        checkpoints/archived/<run id or 'legacy'>/step-XXXXXXXX/ (files first, manifest last, then the source is
+        uncommitted and deleted); the archived dir's URI."""
+        rel, first = ckpt_rel(step), None
+
+        def attempt(b: Budget) -> str:
+            nonlocal first
+            if first is None:  # on a retry the source may already be uncommitted: keep what the first try read
+                raw = self.calls.call(self.objects.read, manifest_rel(rel), deadline=b.at)
+                if raw is None:
+                    raise CheckpointError(f"{self.uri}/{rel}: not committed remotely; nothing to archive")
+                found = Manifest.from_json(raw.decode("utf-8", "replace"), where=f"{self.uri}/{manifest_rel(rel)}")
+                if found != manifest:
+                    raise CheckpointError(f"{self.uri}/{rel}: not the checkpoint that was listed (it changed since); "
+                                          f"not archived: list the remote again")
+                first = raw
+            return self._archiver.archive(step, manifest, first, b)
+        dst = self.calls.retry(f"archive of {rel}", attempt, deadline)
+        log.info("remote checkpoint step %d (run %s) archived to %s/%s", step, manifest.run_id or "legacy", self.uri,
+                 dst)
+        return f"{self.uri}/{dst}"
+
+    def delete_archived(self, run_id: str | None = None, deadline: float | None = None) -> list[str]:
+        """Delete the archived checkpoints (of one run id, or all; 'legacy' for those without one); their URIs.
+        One in a newer version's format is kept."""
+        return self._archiver.delete_archived(self._scan(deadline), run_id, deadline)
+
+    # ---------------------------------------------------------------- pulls
+
+    def pull(self, step: int, dest_root: Path, manifest: Manifest | None = None,
+             deadline: float | None = None) -> Path:
+        """Download, verify and commit `step` as dest_root/step-XXXXXXXX, resuming an earlier partial pull
+        (trainer/remote/pull.py says which error means what)."""
+        return self._puller.pull(step, dest_root, manifest, deadline)
+
+    def pull_newest(self, dest_root: Path, newer_than: Manifest | None = None,
+                    deadline: float | None = None) -> tuple[int, Path] | None:
+        """Pull the checkpoint committed last (committed after `newer_than`), falling back with a warning to the
+        previous one when one is unusable; None if there is none."""
+        manifests, problems = self.committed(deadline)
+        for p in problems:
+            log.warning("remote checkpoint skipped: %s", p)
+        floor = None if newer_than is None else _newness(newer_than.step, newer_than)
+        steps = [s for s in _newest_first(manifests) if floor is None or _newness(s, manifests[s]) > floor]
+        return self._pull_first(steps, manifests, dest_root, deadline)
+
+    def pull_latest(self, dest_root: Path, newer_than: int | None = None,
+                    deadline: float | None = None) -> tuple[int, Path] | None:
+        """Compatible form of pull_newest for callers that know a step: candidates above `newer_than`."""
+        manifests, problems = self.committed(deadline)
+        for p in problems:
+            log.warning("remote checkpoint skipped: %s", p)
+        steps = [s for s in _newest_first(manifests) if newer_than is None or s > newer_than]
+        return self._pull_first(steps, manifests, dest_root, deadline)
+
+    def download_checkpoint(self, step: int, dest_root: Path, deadline: float | None = None) -> Path:
+        """Compatible form of pull()."""
+        return self.pull(step, dest_root, deadline=deadline)
 
     def abort(self) -> None:
         """Make running and later operations stop at once with StorageUnavailable (used at shutdown)."""
-        self._abort.set()
+        self.calls.abort()
 
     def close(self) -> None:
         self.objects.close()
 
     # ---------------------------------------------------------------- internals
 
-    def _scan(self, deadline: float | None) -> tuple[set[int], set[int]]:
-        """(committed steps, every step dir with any object) under checkpoints/."""
-        keys = self._retry("listing of checkpoints",
-                           lambda dl: self._call(self.objects.list, f"{CHECKPOINTS_DIR}/", deadline=dl), deadline)
-        committed, dirs = set(), set()
-        for key in keys:
-            parts = key.split("/")
-            step = parse_step_dirname(parts[1]) if len(parts) >= 3 else None
-            if step is not None:
-                dirs.add(step)
-                if len(parts) == 3 and parts[2] == MANIFEST_NAME:
-                    committed.add(step)
-        return committed, dirs
+    def _pull_first(self, steps: list[int], manifests: dict[int, Manifest], dest_root: Path,
+                    deadline: float | None) -> tuple[int, Path] | None:
+        for step in steps:
+            try:
+                return step, self.pull(step, dest_root, manifests[step], deadline)
+            except CheckpointError as e:  # corrupt remotely, or this machine cannot write it: the previous one
+                log.warning("remote checkpoint step %d is unusable (%s); falling back to the previous one", step, e)
+        return None
+
+    def _scan(self, deadline: float | None) -> Listing:
+        keys = self.calls.retry("listing of checkpoints", lambda b: self.calls.call(
+            self.objects.list, f"{CHECKPOINTS_DIR}/", deadline=b.at), deadline)
+        return parse_listing(keys)
+
+    def _manifests(self, steps, deadline: float | None) -> tuple[dict[int, Manifest], list[str]]:
+        out, problems = {}, []
+        for step in sorted(steps):
+            try:
+                m = self.get_manifest(step, deadline)
+            except CheckpointError as e:  # corrupt, or a newer format: reported, never touched
+                problems.append(str(e))
+                continue
+            if m is not None and m.step != step:
+                problems.append(f"{self.uri}/{manifest_rel(ckpt_rel(step))}: not a valid manifest (says step "
+                                f"{m.step})")
+            elif m is not None:
+                out[step] = m
+        return out, problems
+
+    def _warn_once(self, problems: list[str]) -> None:
+        for p in problems:
+            if p not in self._warned:
+                self._warned.add(p)
+                log.warning("remote checkpoint left as it is: %s", p)
+
+    def _archive_listed(self, step: int, manifest: Manifest, deadline: float | None) -> bool:
+        try:
+            self.archive_checkpoint(step, manifest, deadline)
+            return True
+        except CheckpointError as e:  # changed since it was listed: the next retention looks again
+            log.warning("remote retention: %s", e)
+            return False
+
+    def _delete_listed(self, step: int, manifest: Manifest, deadline: float | None) -> bool:
+        """Delete `step` only if it is still the checkpoint that was listed."""
+        try:
+            if self.get_manifest(step, deadline) != manifest:
+                return False
+        except CheckpointError:
+            return False
+        self.delete_checkpoint(step, deadline)
+        return True
+
+    def _make_room(self, step: int, raw: bytes, local: Manifest, b: Budget) -> None:
+        """Before uploading `local` at `step`: set aside the different checkpoint committed there with `raw`."""
+        rel = ckpt_rel(step)
+        try:
+            remote = Manifest.from_json(raw.decode("utf-8", "replace"), where=f"{self.uri}/{manifest_rel(rel)}")
+        except UnsupportedCheckpoint:
+            raise CheckpointError(f"{self.uri}/{rel}: holds a checkpoint in a newer spot-trainer's format; step "
+                                  f"{step} not uploaded over it: upgrade spot-trainer, or move it aside") from None
+        except CorruptCheckpoint as e:
+            dst = self._archiver.quarantine(step, raw, b)
+            log.warning("%s; moved to %s/%s before uploading step %d", e, self.uri, dst, step)
+            return
+        if same_checkpoint(remote, local):  # an earlier write of this checkpoint: uncommit, then replace its files
+            self.calls.call(self.objects.delete, [manifest_rel(rel)], deadline=b.at)
+            return
+        dst = self._archiver.archive(step, remote, raw, b)
+        log.info("remote step %d held run %s's checkpoint; archived to %s/%s before uploading run %s's", step,
+                 remote.run_id or "legacy", self.uri, dst, local.run_id or "legacy")
 
     def _upload(self, local_dir: Path, rel: str, files: list[FileEntry], manifest_raw: bytes | None,
-                deadline: float | None) -> UploadResult:
+                deadline: float | None, make_room) -> UploadResult:
         start, sent = time.monotonic(), None
-        man_rel = f"{rel}/{MANIFEST_NAME}"
+        man_rel = manifest_rel(rel)
 
-        def attempt(dl: float) -> None:
+        def attempt(b: Budget) -> None:
             nonlocal sent
             for f in files:  # the local copy may have been pruned or damaged since it was committed
-                p = local_dir / _safe_rel(f.path, str(local_dir))
+                p = local_dir / f.path
                 if not p.is_file() or p.stat().st_size != f.size:
                     raise CheckpointError(f"{p}: missing or not the size its manifest says; not uploaded")
             if manifest_raw is not None:
-                remote = self._call(self.objects.read, man_rel, deadline=dl)
+                remote = self.calls.call(self.objects.read, man_rel, deadline=b.at)
                 if remote == manifest_raw:
                     sent = [] if sent is None else sent
                     return
-                if remote is not None:  # a different upload of this step: uncommit before replacing its files
-                    self._call(self.objects.delete, [man_rel], deadline=dl)
-            present = self._call(self.objects.list, f"{rel}/", deadline=dl)
+                if remote is not None and make_room is not None:
+                    make_room(remote, b)
+                elif remote is not None:  # a different upload of this dir: uncommit before replacing its files
+                    self.calls.call(self.objects.delete, [man_rel], deadline=b.at)
+            present = self.calls.call(self.objects.list, f"{rel}/", deadline=b.at)
             todo = [f for f in files if present.get(f"{rel}/{f.path}") != f.size
-                    or self._call(self.objects.sha256, f"{rel}/{f.path}", deadline=dl) != f.sha256]
+                    or self.calls.call(self.objects.sha256, f"{rel}/{f.path}", deadline=b.at) != f.sha256]
             sent = todo if sent is None else sent
-            self.objects.put_files([(local_dir / f.path, f"{rel}/{f.path}", f.sha256) for f in todo],
-                                   lambda futures: self._wait(futures, dl))
+            try:
+                self.calls.transfer(lambda wait: self.objects.put_files(
+                    [(local_dir / f.path, f"{rel}/{f.path}", f.sha256) for f in todo], wait),
+                    [(f"{rel}/{f.path}", f.size) for f in todo], b)
+            except OSError as e:
+                if e.filename is None or not Path(os.path.abspath(os.fsdecode(e.filename))).is_relative_to(
+                        os.path.abspath(local_dir)):
+                    raise  # the remote side (a mounted directory): retried if transient
+                raise CheckpointError(f"{os.fsdecode(e.filename)}: cannot read it ({e.strerror or e}); "
+                                      f"not uploaded") from None
             if manifest_raw is not None:
-                self._call(self.objects.write, man_rel, manifest_raw, sha256_bytes(manifest_raw), deadline=dl)
+                self.calls.call(self.objects.write, man_rel, manifest_raw, sha256_bytes(manifest_raw), deadline=b.at)
 
-        self._retry(f"upload of {rel}", attempt, deadline)
+        self.calls.retry(f"upload of {rel}", attempt, deadline)
         return UploadResult(remote=f"{self.uri}/{rel}", step=None, seconds=time.monotonic() - start,
                             bytes_uploaded=sum(f.size for f in sent), bytes_total=sum(f.size for f in files),
                             files_uploaded=len(sent), files_skipped=len(files) - len(sent))
 
-    def _download(self, step: int, tmp: Path, dl: float) -> bytes:
-        rel = f"{CHECKPOINTS_DIR}/{step_dirname(step)}"
-        where = f"{self.uri}/{rel}"
-        raw = self._call(self.objects.read, f"{rel}/{MANIFEST_NAME}", deadline=dl)
-        if raw is None:
-            raise CheckpointError(f"{where}/{MANIFEST_NAME}: missing (the checkpoint is not committed remotely)")
-        manifest = Manifest.from_json(raw.decode("utf-8", "replace"), where=f"{where}/{MANIFEST_NAME}")
-        if manifest.step != step:
-            raise CheckpointError(f"{where}/{MANIFEST_NAME}: says step {manifest.step}")
-        todo = []
-        for f in manifest.files:
-            p = tmp / _safe_rel(f.path, where)
-            if not (p.is_file() and p.stat().st_size == f.size and sha256_file(p) == f.sha256):  # kept from a retry
-                p.parent.mkdir(parents=True, exist_ok=True)
-                todo.append(f)
-        try:
-            self.objects.get_files([(f"{rel}/{f.path}", tmp / f.path) for f in todo], lambda fs: self._wait(fs, dl))
-        except Missing as e:
-            raise CheckpointError(f"{self.uri}/{e.args[0]}: missing from the remote checkpoint") from None
-        for f in todo:
-            p = tmp / f.path
-            if p.stat().st_size != f.size or sha256_file(p) != f.sha256:
-                raise CheckpointError(f"{where}/{f.path}: sha256 does not match the manifest (corrupt object)")
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-        return raw
 
-    def _check(self, deadline: float) -> None:
-        if self._abort.is_set():
-            raise StorageUnavailable(f"{self.uri}: aborted (shutting down)")
-        if time.monotonic() >= deadline:
-            raise CallTimeout("no answer before the deadline")
+def _newness(step: int, m: Manifest) -> tuple:
+    """Order of commit, as lineage.newest has it: time, then commit number, then step."""
+    return m.created_at, m.order, step
 
-    def _call(self, fn: Callable, *args, deadline: float):
-        """Run one store call in a daemon thread, so a stalled socket cannot hold the caller past the deadline."""
-        box: dict = {}
-        done = threading.Event()
 
-        def run() -> None:
-            try:
-                box["value"] = fn(*args)
-            except BaseException as e:  # handed to the caller
-                box["error"] = e
-            finally:
-                done.set()
-        threading.Thread(target=run, name="storage-call", daemon=True).start()
-        while not done.wait(_POLL_S):
-            self._check(deadline)
-        if "error" in box:
-            raise box["error"]
-        return box.get("value")
-
-    def _wait(self, futures: list, deadline: float) -> None:
-        """Wait for (rel, transfer future) pairs; the first failure, the deadline or abort cancels the rest."""
-        pending = list(futures)
-        try:
-            while True:
-                self._check(deadline)
-                for item in [x for x in pending if x[1].done()]:
-                    pending.remove(item)
-                    try:
-                        item[1].result()
-                    except Exception as e:
-                        if self.objects.is_missing(e):
-                            raise Missing(item[0]) from None
-                        raise
-                if not pending:
-                    return
-                time.sleep(_POLL_S)
-        finally:
-            for _, f in pending:
-                f.cancel()
-
-    def _retry(self, what: str, attempt: Callable[[float], object], deadline: float | None):
-        deadline = self.deadline() if deadline is None else deadline
-        start = time.monotonic()
-
-        def stop(rs: tenacity.RetryCallState) -> bool:
-            return self._abort.is_set() or time.monotonic() + (rs.upcoming_sleep or 0) >= deadline
-
-        def warn(rs: tenacity.RetryCallState) -> None:
-            log.warning("%s: %s failed (%s); retrying in %.1fs", self.uri, what, one_line(rs.outcome.exception()),
-                        rs.upcoming_sleep)
-        try:
-            for a in tenacity.Retrying(retry=tenacity.retry_if_exception(self.objects.is_transient), stop=stop,
-                                       wait=tenacity.wait_random_exponential(multiplier=0.5, max=30),
-                                       before_sleep=warn, sleep=self._abort.wait, reraise=True):
-                with a:
-                    return attempt(deadline)
-        except Exception as e:
-            fatal = self.objects.explain(e)
-            if fatal is not None:
-                raise fatal from None
-            if self.objects.is_transient(e):
-                raise StorageUnavailable(f"{self.uri}: {what} gave up after {time.monotonic() - start:.1f}s "
-                                         f"of retries ({one_line(e)})") from None
-            raise
+def _newest_first(manifests: dict[int, Manifest]) -> list[int]:
+    return sorted(manifests, key=lambda s: _newness(s, manifests[s]), reverse=True)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -1,21 +1,25 @@
 """Background upload of committed checkpoints, so training never waits for the network.
 
-One thread uploads in step order, then applies remote retention. A non-retryable StorageError is kept and
-raised by the next submit()/wait(); a checkpoint whose upload ran out of time stays local and is tried
-again with the next submit() (or by sync_pending() on the next start).
+One thread uploads the newest queued checkpoint first (an emergency checkpoint before everything: it is the newest
+and the one a preemption must not lose), then applies remote retention with the newest uploaded checkpoint as the
+head. Older queued ones follow, unless retention would drop them right away. A non-retryable StorageError is kept
+and raised by the next submit()/wait(); a checkpoint whose upload ran out of time stays local and is tried again
+with the next submit() (or by sync_pending() on the next start).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+from trainer.checkpoint import lineage
+from trainer.checkpoint.manifest import Manifest
 from trainer.errors import CheckpointError, StorageError
-from trainer.run_dir import FINAL_DIR, committed_steps, parse_step_dirname, step_dirname
-from trainer.remote.store import RemoteStore
 from trainer.remote.objects import StorageUnavailable
+from trainer.remote.store import RemoteStore
+from trainer.run_dir import committed_steps, parse_step_dirname, step_dirname
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +33,28 @@ def _step(ckpt_dir: Path) -> int:
     return step
 
 
+def _rank(ckpt_dir: Path, step: int) -> tuple[tuple[int, int], bool]:
+    """((position along the lineage, step), is an emergency checkpoint) from its manifest."""
+    try:
+        m = Manifest.load(ckpt_dir)
+    except CheckpointError:  # its upload will say what is wrong
+        return (step, step), False
+    return (m.order, step), m.kind == "emergency"
+
+
 class CheckpointUploader:
     """Uploads submitted checkpoint dirs in a daemon thread and keeps the newest `keep_last` remotely."""
 
     def __init__(self, store: RemoteStore, keep_last: int | None = None, on_uploaded: OnUploaded | None = None):
         self.store, self.keep_last, self.on_uploaded = store, keep_last, on_uploaded
         self._cond = threading.Condition()
-        self._queue: dict[int, Path] = {}  # step -> dir, uploaded oldest first
+        self._queue: dict[int, Path] = {}  # step -> dir, uploaded newest first
         self._parked: dict[int, Path] = {}  # ran out of time; queued again by the next submit()
+        self._rank: dict[int, tuple[int, int]] = {}  # step -> (order, step) of every checkpoint seen
+        self._emergency: set[int] = set()
+        self._remote: set[int] = set()  # steps of this run's lineage committed remotely (uploaded, or found by sync)
+        self._head: int | None = None  # the newest of those: the head remote retention keeps the lineage of
         self._sync_root: Path | None = None
-        self._final: Path | None = None  # uploaded after the queued checkpoints
         self._in_flight: int | None = None
         self._fatal: StorageError | None = None
         self._closing = False
@@ -68,22 +84,20 @@ class CheckpointUploader:
         self.raise_if_failed()
         ckpt_dir = Path(ckpt_dir)
         step = _step(ckpt_dir)
+        rank, emergency = _rank(ckpt_dir, step)
         with self._cond:
             self._queue.update(self._parked)
             self._parked.clear()
             self._queue[step] = ckpt_dir
+            self._rank[step] = rank
+            if emergency:
+                self._emergency.add(step)
             self._coalesce()
             self._cond.notify_all()
 
-    def submit_final(self, final_dir: Path) -> None:
-        """Queue `final/` for upload to <remote>/final after the queued checkpoints; returns at once."""
-        self.raise_if_failed()
-        with self._cond:
-            self._final = Path(final_dir)
-            self._cond.notify_all()
-
     def sync_pending(self, local_ckpt_root: Path) -> None:
-        """Queue (in the background) local committed checkpoints newer than the newest remote one."""
+        """Queue (in the background) the local committed checkpoints of the current lineage that the remote does
+        not hold with the same manifest."""
         with self._cond:
             self._sync_root = Path(local_ckpt_root)
             self._cond.notify_all()
@@ -118,24 +132,29 @@ class CheckpointUploader:
     # ---------------------------------------------------------------- the thread
 
     def _idle(self) -> bool:
-        return not self._queue and self._in_flight is None and self._sync_root is None and self._final is None
+        return not self._queue and self._in_flight is None and self._sync_root is None
+
+    def _key(self, step: int) -> tuple[int, int]:
+        return self._rank.get(step, (step, step))
 
     def _coalesce(self) -> None:
-        # Retention would delete older ones right after upload: when the network falls behind, skip them.
-        if self.keep_last:
-            for step in sorted(self._queue)[:-self.keep_last]:
-                log.info("checkpoint step %d: upload skipped, newer checkpoints are queued", step)
-                del self._queue[step]
+        # Retention keeps the newest keep_last of the lineage: a queued checkpoint older than that many newer ones
+        # (queued, in flight or already remote) would be deleted right after its upload, so it is skipped.
+        if not self.keep_last:
+            return
+        known = set(self._queue) | self._remote | ({self._in_flight} if self._in_flight is not None else set())
+        keep = set(sorted(known, key=self._key)[-self.keep_last:])
+        for step in sorted(s for s in self._queue if s not in keep):
+            log.info("checkpoint step %d: upload skipped, newer checkpoints are queued or uploaded", step)
+            del self._queue[step]
 
     def _next_job(self) -> tuple[str, Callable, Path]:
-        """(what, function, argument) to run next: a pending sync, then checkpoints oldest first, then final/."""
+        """(what, function, argument) to run next: a pending sync, then the newest queued checkpoint."""
         if self._sync_root is not None:
             return "sync of local checkpoints", self._sync, self._sync_root
-        if self._queue:
-            step = min(self._queue)
-            self._in_flight = step
-            return f"checkpoint step {step}", self._upload, self._queue.pop(step)
-        return "final/", self._upload_final, self._final
+        step = max(self._queue, key=lambda s: (s in self._emergency, self._key(s)))
+        self._in_flight = step
+        return f"checkpoint step {step}", self._upload, self._queue.pop(step)
 
     def _run(self) -> None:
         while True:
@@ -150,8 +169,6 @@ class CheckpointUploader:
                 with self._cond:  # idle only now, so wait() cannot return before the job is done
                     if fn == self._sync:
                         self._sync_root = None
-                    if fn == self._upload_final and self._final == arg:
-                        self._final = None
                     self._in_flight = None
                     self._cond.notify_all()
 
@@ -178,19 +195,37 @@ class CheckpointUploader:
             log.exception("%s: unexpected upload error", what)
 
     def _sync(self, root: Path) -> None:
-        committed = self.store.committed_steps()
-        newest = committed[-1] if committed else -1
-        found = {s: root / step_dirname(s) for s in committed_steps(root) if s > newest}
-        if found:
-            log.info("checkpoints %s are committed locally but not remotely: uploading them", sorted(found))
-            with self._cond:
-                self._queue.update({s: p for s, p in found.items() if s not in self._queue})
-                self._coalesce()
+        local: dict[int, Manifest] = {}
+        for step in committed_steps(root):
+            try:
+                local[step] = Manifest.load(root / step_dirname(step))
+            except CheckpointError as e:
+                log.warning("checkpoint step %d: not uploaded (%s)", step, e)
+        if not local:
+            return
+        mine = lineage.members(lineage.newest(local), local)
+        remote, _ = self.store.committed()
+        missing = sorted(s for s in mine if remote.get(s) != local[s])
+        with self._cond:
+            for s in mine:
+                self._rank[s] = (local[s].order, s)
+                if local[s].kind == "emergency":
+                    self._emergency.add(s)
+            for s in mine:
+                if s not in missing:
+                    self._found_remote(s)
+            self._queue.update({s: root / step_dirname(s) for s in missing
+                                if s not in self._queue and s != self._in_flight})
+            self._coalesce()
+        if missing:
+            log.info("checkpoints %s are committed locally but not remotely (or differently there): uploading them, "
+                     "newest first", missing)
 
-    def _upload_final(self, final_dir: Path) -> None:
-        result = self.store.upload_dir(final_dir, FINAL_DIR)
-        log.info("final model uploaded to %s: %.1f MB in %.1fs", result.remote, result.bytes_uploaded / 1e6,
-                 result.seconds)
+    def _found_remote(self, step: int) -> None:
+        """`step` is now committed remotely with this run's manifest (call with the lock held)."""
+        self._remote.add(step)
+        if self._head is None or self._key(step) > self._key(self._head):
+            self._head = step
 
     def _upload(self, ckpt_dir: Path) -> None:
         step = _step(ckpt_dir)
@@ -200,12 +235,23 @@ class CheckpointUploader:
         result = self.store.upload_checkpoint(ckpt_dir)
         log.info("checkpoint step %d uploaded to %s: %.1f MB in %.1f s (%d files were already there)", step,
                  result.remote, result.bytes_uploaded / 1e6, result.seconds, result.files_skipped)
+        with self._cond:
+            self._found_remote(step)
+            head, protect = self._head, set(self._queue) | set(self._parked)
         if self.on_uploaded is not None:
             try:
                 self.on_uploaded(step, result.seconds, result.bytes_uploaded)
             except Exception:
                 log.exception("on_uploaded callback failed for step %d", step)
         if self.keep_last:
-            deleted = self.store.prune(self.keep_last)
+            try:
+                deleted, archived = self.store.prune(self.keep_last, head=head, protect=protect)
+            except StorageUnavailable as e:  # the upload itself is done: retention runs again after the next one
+                log.warning("remote retention after step %d postponed: %s", step, e)
+                return
+            with self._cond:
+                self._remote -= set(deleted) | set(archived)
             if deleted:
                 log.info("remote retention: deleted checkpoints %s", deleted)
+            if archived:
+                log.info("remote retention: archived checkpoints %s of another lineage", archived)

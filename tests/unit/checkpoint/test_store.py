@@ -1,10 +1,15 @@
-import json
+"""The local checkpoint store: commit protocol (manifest last, rename), verification, pruning, stale temp dirs."""
 
+import errno
+import json
+import time
+
+import pytest
 import torch
 
-from trainer.checkpoint.store import CheckpointStore, Snapshot
-from trainer.checkpoint.writer import CheckpointWriter
 from trainer.checkpoint.manifest import Manifest, verify
+from trainer.checkpoint.store import CheckpointStore, Snapshot
+from trainer.errors import CheckpointError
 
 
 def _snap(step, rank=0, world=1, **kw):
@@ -46,7 +51,7 @@ def test_corrupt_newest_is_skipped_with_warning(tmp_path):
     warnings = []
     assert store.latest_valid(warn=warnings.append) == (2, store.path(2))
     assert any("step-00000003" in w and "sha256" in w for w in warnings)
-    assert any("step-00000004" in w for w in warnings)
+    assert (store.root / "step-00000004").is_dir()  # not committed: not a candidate, and left alone
 
 
 def test_prune_keeps_newest_and_protected(tmp_path):
@@ -54,9 +59,9 @@ def test_prune_keeps_newest_and_protected(tmp_path):
     for s in range(1, 6):
         store.write_rank_files(_snap(s))
         store.commit(_snap(s))
-    assert store.prune(2, protect={2}) == [1, 3]
+    assert store.prune(2, protect={2}) == ([1, 3], [])  # (deleted, archived)
     assert store.committed_steps() == [2, 4, 5]
-    assert store.prune(0) == []  # 0/None: keep everything
+    assert store.prune(0) == ([], [])  # 0/None: keep everything
     store.prune(1)
     assert store.committed_steps() == [5]
 
@@ -67,54 +72,6 @@ def test_stale_tmp_dirs_are_cleaned(tmp_path):
     assert store.tmp_path(9).exists()
     store.clean_stale()
     assert not store.tmp_path(9).exists() and store.committed_steps() == []
-
-
-def test_background_writer_commits_in_order_and_reports(tmp_path):
-    store = CheckpointStore(tmp_path)
-    seen = []
-    w = CheckpointWriter(store, 0, lambda snap, path, secs: seen.append((snap.step, path.name)))
-    for s in (2, 4, 6):
-        w.submit(_snap(s))
-    w.wait()
-    w.close()
-    assert seen == [(2, "step-00000002"), (4, "step-00000004"), (6, "step-00000006")]
-    assert json.loads((store.path(6) / "state-rank0.json").read_text()) == {"step": 6}
-
-
-def test_streaming_safetensors_reads_back_with_safetensors_and_hash_matches_the_file(tmp_path):
-    import hashlib
-
-    import pytest
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from trainer.checkpoint.stream import write_safetensors
-
-    g = torch.Generator().manual_seed(0)
-    flat = torch.randn(1000, generator=g)
-    tensors = {
-        "bf16": torch.randn(3, 5, generator=g).to(torch.bfloat16),
-        "f32": torch.randn(7, generator=g),
-        "f16": torch.randn(2, 2, generator=g).half(),
-        "i64": torch.arange(5),
-        "bool": torch.tensor([True, False, True]),
-        "scalar": torch.tensor(3.5),
-        "empty": torch.zeros(0, 4),
-        "narrow": flat.narrow(0, 137, 101),  # a view with a storage offset, as ZeRO's partitions are
-        "transposed": torch.randn(4, 6, generator=g).t(),  # not contiguous
-    }
-    size, digest = write_safetensors(tmp_path / "x.safetensors", tensors, metadata={"format": "pt", "k": "v"})
-    raw = (tmp_path / "x.safetensors").read_bytes()
-    assert size == len(raw) and digest == hashlib.sha256(raw).hexdigest()
-    back = load_file(str(tmp_path / "x.safetensors"))
-    assert set(back) == set(tensors)
-    for k, t in tensors.items():
-        assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t), k
-    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
-        assert f.metadata() == {"format": "pt", "k": "v"}
-        assert torch.equal(f.get_slice("narrow")[10:20], flat[147:157])
-    with pytest.raises(TypeError, match="complex"):
-        write_safetensors(tmp_path / "y.safetensors", {"c": torch.zeros(2, dtype=torch.complex64)})
 
 
 def test_commit_takes_hashes_from_the_ranks_and_still_checks_sizes(tmp_path):
@@ -136,3 +93,30 @@ def test_commit_takes_hashes_from_the_ranks_and_still_checks_sizes(tmp_path):
     with pytest.raises(CheckpointError, match="w-rank0.safetensors"):
         store.commit(_snap(6), timeout=5)
     assert 6 not in store.committed_steps()
+
+
+def _weights_only_snap(step, rank=0, world=1):
+    """A snapshot of one 256-element tensor and no JSON (the disk-full tests' size)."""
+    s = Snapshot(step=step, rank=rank, world_size=world)
+    s.tensors[f"w-rank{rank}.safetensors"] = {"w": torch.full((256,), float(step))}
+    return s
+
+
+def test_a_rank_that_cannot_write_fails_the_commit_at_once(tmp_path, monkeypatch):
+    import trainer.checkpoint.store as ck
+
+    store = CheckpointStore(tmp_path)
+    store.write_rank_files(_weights_only_snap(5, rank=0, world=2))
+
+    def full(path, tensors, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(ck, "write_safetensors", full)
+    with pytest.raises(OSError):
+        store.write_rank_files(_weights_only_snap(5, rank=1, world=2))
+    t0 = time.monotonic()
+    with pytest.raises(CheckpointError, match="rank 1 could not write.*No space left"):
+        store.commit(_weights_only_snap(5, rank=0, world=2), timeout=60)
+    assert time.monotonic() - t0 < 5  # not the 60 s a missing marker would cost
+    store.abandon(_weights_only_snap(5, rank=0, world=2), timeout=1)
+    assert not store.tmp_path(5).exists() and store.committed_steps() == []

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 
 import pytest
-from conftest import make_checkpoint
 
+from tests.harness.remotes import make_checkpoint
+from trainer.checkpoint.manifest import Manifest, write_manifest
 from trainer.config.schema import S3Config
 from trainer.errors import CheckpointError, StorageError
-from trainer.checkpoint.manifest import Manifest
 from trainer.remote.objects import StorageUnavailable
 from trainer.remote.store import open_store
 from trainer.remote.uploader import CheckpointUploader
@@ -38,7 +39,7 @@ def _stalled_store(endpoint: str, deadline_s: float):
                                                   deadline_s=deadline_s))
 
 
-def test_uploads_in_order_and_reports_each(store, tmp_path):
+def test_uploads_and_reports_each(store, tmp_path):  # the order: test_g_newest_queued_checkpoint_goes_first
     reported = []
     uploader = CheckpointUploader(store, on_uploaded=lambda *a: reported.append(a))
     c10, c20 = make_checkpoint(tmp_path, 10), make_checkpoint(tmp_path, 20)
@@ -47,24 +48,56 @@ def test_uploads_in_order_and_reports_each(store, tmp_path):
 
     assert uploader.wait(timeout=30)
     assert store.committed_steps() == [10, 20]
-    assert [r[0] for r in reported] == [10, 20]
-    assert [r[2] for r in reported] == [Manifest.load(c10).total_bytes, Manifest.load(c20).total_bytes]
+    assert {r[0]: r[2] for r in reported} == {10: Manifest.load(c10).total_bytes, 20: Manifest.load(c20).total_bytes}
+    assert len(reported) == 2
     assert all(seconds > 0 for _, seconds, _ in reported)
     assert uploader.in_flight is None and uploader.pending_steps == [] and uploader.last_error is None
     assert uploader.close(timeout=5)
 
 
-def test_final_dir_is_uploaded_after_the_checkpoints(store, remote, tmp_path):
+def test_final_dir_uploaded_beside_the_uploader_survives_its_retention(store, remote, tmp_path):
+    # The trainer uploads final/ itself (RemoteStore.upload_dir, after uploader.wait()); retention and archiving
+    # of checkpoints never touch it.
     uploader = CheckpointUploader(store, keep_last=1)
     uploader.submit(make_checkpoint(tmp_path / "checkpoints", 10))
-    final = make_checkpoint(tmp_path, 10, sizes={"adapter_model.safetensors": 500})
-    uploader.submit_final(final)
-
     assert uploader.wait(timeout=30)
-    assert store.committed_steps() == [10]
+    store.upload_dir(make_checkpoint(tmp_path, 10, sizes={"adapter_model.safetensors": 500}), "final")
+    uploader.submit(make_checkpoint(tmp_path / "checkpoints", 20))
+    assert uploader.wait(timeout=30)
+
+    assert store.committed_steps() == [20]
     assert [k for k in remote.keys() if k.startswith("final/")] == ["final/adapter_model.safetensors",
                                                                    "final/manifest.json"]
     uploader.close()
+
+
+def test_g_newest_queued_checkpoint_goes_first(store, tmp_path):
+    uploaded, gate = [], threading.Event()
+    upload = store.upload_checkpoint
+
+    def held(ckpt_dir, deadline=None):  # the first upload takes a while: the others queue behind it
+        if not uploaded:
+            gate.wait(30)
+        uploaded.append(int(ckpt_dir.name[5:]))
+        return upload(ckpt_dir, deadline)
+    store.upload_checkpoint = held
+    uploader = CheckpointUploader(store)
+    uploader.submit(make_checkpoint(tmp_path, 10))
+    while uploader.in_flight != 10:
+        time.sleep(0.01)
+    for step in (20, 30, 40):
+        uploader.submit(make_checkpoint(tmp_path, step))
+    emergency = make_checkpoint(tmp_path, 45)  # the preemption's: its upload must not wait behind 20, 30, 40
+    m = Manifest.load(emergency)
+    m.kind = "emergency"
+    write_manifest(emergency, m)
+    uploader.submit(emergency)
+    gate.set()
+
+    assert uploader.wait(timeout=30)
+    assert uploaded == [10, 45, 40, 30, 20]
+    assert store.committed_steps() == [10, 20, 30, 40, 45]
+    uploader.close(timeout=5)
 
 
 def test_remote_retention_keeps_the_newest(store, remote, tmp_path):
@@ -123,6 +156,7 @@ def test_non_retryable_error_is_raised_at_the_next_check(s3_server, aws_env, tmp
     uploader.close(timeout=10)
 
 
+@pytest.mark.slow  # a server of its own, killed and restarted
 def test_outage_keeps_checkpoint_local_and_retries_with_the_next(own_s3_server, aws_env, tmp_path, caplog):
     server = own_s3_server
     bucket = server.bucket()
@@ -130,7 +164,7 @@ def test_outage_keeps_checkpoint_local_and_retries_with_the_next(own_s3_server, 
     uploader = CheckpointUploader(store, keep_last=3)
     server.kill()
 
-    with caplog.at_level(logging.WARNING, logger="trainer.uploader"):
+    with caplog.at_level(logging.WARNING, logger="trainer.remote.uploader"):
         uploader.submit(make_checkpoint(tmp_path, 10))
         assert uploader.wait(timeout=30)
     assert isinstance(uploader.last_error, StorageUnavailable)

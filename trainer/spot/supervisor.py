@@ -297,10 +297,7 @@ class Supervisor:
             ckpt = newest_checkpoint_step(self.output_dir)
             progressed = _or_minus_1(ckpt) > best_ckpt or _or_minus_1(r.last_step) > best_step
             best_ckpt, best_step = max(best_ckpt, _or_minus_1(ckpt)), max(best_step, _or_minus_1(r.last_step))
-            if r.reason == "storage_wait":  # the remote or the disk is not usable yet: not the trainer's failure
-                self._emit("storage_wait", "the trainer is waiting for its checkpoint storage (exit 69); trying "
-                           "again after the backoff", attempt=attempt)
-            else:
+            if r.reason != "storage_wait":  # the remote or the disk not usable yet is not the trainer's failure
                 failures_without_progress = 0 if progressed else failures_without_progress + 1
             if failures_without_progress >= CRASH_LOOP_LIMIT:
                 msg = (f"crash loop: {failures_without_progress} failures in a row without a new checkpoint or "
@@ -313,6 +310,9 @@ class Supervisor:
                 self._emit("give_up", msg, reason=msg)
                 return EXIT_FAILED
 
+            if r.reason == "storage_wait":
+                self._emit("storage_wait", "the trainer is waiting for its checkpoint storage (exit 69); trying "
+                           "again after the backoff", attempt=attempt)
             backoff = min(float(s.backoff_max_s),
                           self._wait(SimpleNamespace(attempt_number=max(1, failures_without_progress + 1))))
             resumed_from = ckpt if ckpt is not None else 0

@@ -137,6 +137,8 @@ Q4 = ("q_proj", "k_proj", "v_proj", "o_proj")
 # 2026-12-01: torch.cuda.memory_allocated after a bf16-autocast forward with labels, minus before, for 4 and for
 # 2 decoder layers of an 8B-shaped Llama (hidden 4096, MLP 14336, 32/8 heads), one row of 4096 tokens (SDPA, no
 # mask), adapters r16 in fp32, model.train(); (4 - 2) / 2 / tokens = bytes per token per layer. One process a case.
+# The figures are from bench/results/h200-layer-bytes-2026-12-01.json, produced by
+# `python scripts/measure_layer_bytes.py --out bench/results/h200-layer-bytes-2026-12-01.json`.
 # (case, method, targets, dropout, liger, fp32 upcast, measured; the speed formula before one source said)
 H200_LAYERS = [
     ("lora-qkvo-dropout", "lora", Q4, 0.05, False, True, 188888),  # old speed formula: 221184

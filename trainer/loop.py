@@ -304,8 +304,6 @@ class Trainer:
 
     def cleanup(self) -> None:
         self.stop.uninstall()
-        if self.lock is not None:
-            self.lock.release()
         if self.watcher is not None:
             self.watcher.close()
         if self.checkpointer is not None:
@@ -318,6 +316,8 @@ class Trainer:
             if self.checkpointer is not None:
                 self.checkpointer.model = self.checkpointer.raw_model = self.checkpointer.optimizer = None
             release(self.acc)
+        if self.lock is not None:  # last: the writer may commit and prune until closed above
+            self.lock.release()
 
 
 def _memory_gb(device: torch.device) -> float:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from trainer.durable import replace_file
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, StorageWait
 from trainer.run_dir import LOCK_FILE
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,11 @@ def _alive(pid: int, start: int | None) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:  # a zombie (killed, not reaped: no init in the container) holds nothing
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    except (OSError, IndexError):
         pass
     return start is None or _start_time(pid) in (None, start)
 
@@ -71,6 +76,10 @@ class RunLock:
             elif holder.get("host") != self.me["host"] and time.monotonic() < end:
                 time.sleep(min(RENEW_S / 2, max(0.1, end - time.monotonic())))  # maybe a dead pod's: wait the lease
                 continue
+            elif holder.get("host") != self.me["host"]:
+                # another pod still renews it: the preempted one finishing its emergency upload, or a live one;
+                # either way not a config error: exit 69 and let the supervisor try again after a backoff
+                raise StorageWait(self._busy(holder) + "; exiting 69 to try again later")
             else:
                 raise ConfigError(self._busy(holder))
         self._thread = threading.Thread(target=self._renew, name="run-lock", daemon=True)
@@ -88,13 +97,17 @@ class RunLock:
     # ------------------------------------------------------------------ internals
 
     def _read(self) -> dict | None:
-        try:
-            data = json.loads(self.path.read_text())
-            return data if isinstance(data, dict) else {}
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {}  # torn or foreign: treated as stale below (no pid to be alive)
+        for attempt in range(3):
+            try:
+                data = json.loads(self.path.read_text())
+                return data if isinstance(data, dict) else {}
+            except FileNotFoundError:
+                return None
+            except ValueError:
+                return {}  # not ours to read (torn by a crash mid-write, or foreign): stale below
+            except OSError:  # EIO/ESTALE on a network volume: unknown, not stale; try again
+                time.sleep(0.2 * (attempt + 1))
+        raise StorageWait(f"{self.path}: cannot be read (network volume?); exiting 69 to try again later")
 
     def _write(self) -> None:
         replace_file(self.path, json.dumps({**self.me, "renewed": time.time()}).encode())

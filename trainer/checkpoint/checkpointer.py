@@ -78,12 +78,16 @@ class Checkpointer:
         `fresh` is this run's geometry at step 0; a checkpoint saved with another global batch or other data is
         refused with the setting that would resume it.
         """
-        step = -1  # the step every rank loads; -1: none
-        failure: StorageWait | None = None
+        step = -1  # the step every rank loads; -1: none, -2: waiting for storage, -3: rank 0 failed
+        failure: BaseException | None = None
         if self.is_main:
             try:
                 choice = resume.choose(mode, self.store, self.remote, self.cfg.checkpoint.remote_wait_s, self.say,
                                        self.heartbeat)
+                if choice.path is not None:  # refused before anything is moved aside: nothing touched
+                    saved = Progress.from_json(read_json(choice.path, "trainer_state.json"),
+                                               str(choice.path / "trainer_state.json"))
+                    self._check_compatible(choice.path, saved, fresh)
                 resume.keep_one_lineage(self.store, self.remote, choice, self.say)
                 self.store.clean_stale(pulls=True)
                 self.lineage = choice.lineage
@@ -92,9 +96,13 @@ class Checkpointer:
             except StorageWait as e:
                 failure, step = e, -2
                 self.events.emit("storage_wait", error=str(e)[:300])
+            except BaseException as e:  # every rank must leave the collective below, whatever rank 0 met
+                failure, step = e, -3
         step = agree_int(step, self.acc)  # the others wait here and follow rank 0
         if step == -2:
             raise failure or StorageWait("rank 0 could not reach the checkpoint storage; exiting 69 (resumable)")
+        if step == -3:
+            raise failure or CheckpointError("rank 0 could not choose a checkpoint to resume; see its output")
         progress = None
         if step < 0:
             self.metrics.rewind("", 0)

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 def write_final(run: RunDir, model, tokenizer, meta: dict, step: int, world_size: int, run_id: str | None) -> Path:
     """Save `model` (adapter or full weights) + tokenizer + `meta` (spot_trainer.json) as `final/`."""
     tmp, old = run.root / ".final.tmp", run.root / ".final.old"
+    if old.exists() and not run.final.exists():  # killed between the two renames last time: put it back first
+        os.replace(old, run.final)
+        fsync_dir(run.root)
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)

@@ -31,10 +31,52 @@ class Lineage:
 
 
 def newest(manifests: Mapping[int, Manifest]) -> int | None:
-    """The step of the checkpoint committed last (time, then commit number): the head of the current lineage."""
+    """The step of the head of the current lineage: a checkpoint no other one here descends from (ancestry decides
+    first, so a pod with a fast clock cannot make an ancestor look newer), the tip committed last among several."""
     if not manifests:
         return None
-    return max(manifests, key=lambda s: (manifests[s].created_at, manifests[s].order, s))
+    tips = [s for s in manifests if not any(s != o and s in members(o, manifests) for o in manifests)]
+    return max(tips or manifests, key=lambda s: (manifests[s].created_at, manifests[s].order, s))
+
+
+def recency(manifests: Mapping[int, Manifest]) -> list[int]:
+    """Steps newest first: the current lineage from its head back, then the other lineages the same way."""
+    left, out = dict(manifests), []
+    while left:
+        head = newest(left)
+        line = sorted(members(head, left), key=lambda s: (left[s].order, s), reverse=True)
+        out += line
+        for s in line:
+            del left[s]
+    return out
+
+
+def descends(a: Manifest, b: Manifest, pool: Mapping[int, Manifest]) -> bool:
+    """`a` is on the lineage of `b` (b descends from a, or is a), following parents through `pool`."""
+    run, limit, seen = b.run_id, b.step, set()
+    while run not in seen:
+        if run == a.run_id and a.step <= limit:
+            return True
+        seen.add(run)
+        segment = [m for m in (*pool.values(), b) if m.run_id == run and m.step <= limit]
+        if not segment:
+            return False
+        parent = min(segment, key=lambda m: m.step).parent
+        if parent is None:
+            return False
+        run, limit = parent.run_id, parent.step
+    return False
+
+
+def is_newer(a: Manifest, b: Manifest, pool: Mapping[int, Manifest]) -> bool:
+    """`a` is newer work than `b`: it descends from b; or neither descends from the other and it was committed later."""
+    if a == b:
+        return False
+    if descends(b, a, pool):
+        return True
+    if descends(a, b, pool):
+        return False
+    return (a.created_at, a.order) > (b.created_at, b.order)
 
 
 def members(head: int, manifests: Mapping[int, Manifest]) -> set[int]:

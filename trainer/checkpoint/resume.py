@@ -19,7 +19,7 @@ from trainer.checkpoint import lineage
 from trainer.checkpoint.lineage import Lineage
 from trainer.checkpoint.manifest import Manifest, Parent, new_run_id
 from trainer.checkpoint.store import CheckpointStore
-from trainer.errors import CheckpointError, ConfigError, StorageWait
+from trainer.errors import CheckpointError, ConfigError, CorruptCheckpoint, StorageWait, UnsupportedCheckpoint
 from trainer.remote.objects import StorageUnavailable
 from trainer.remote.store import RemoteStore
 
@@ -56,7 +56,9 @@ def guard_start_over(store: CheckpointStore, remote: RemoteStore | None, archive
         try:
             remote_steps = remote.committed_steps(deadline=remote.deadline(60))
         except StorageUnavailable as e:
-            log.warning("--resume never: cannot list %s (%s); starting without its checkpoints", remote.uri, e)
+            raise StorageWait(f"--resume never: cannot list {remote.uri} ({e}), which may hold committed checkpoints "
+                              f"that starting over would later archive; exiting 69 to try again when it answers "
+                              f"(or unset checkpoint.remote)") from None
     if not (local or remote_steps):
         return
     where = " and ".join(x for x in (f"{len(local)} in {store.root}" if local else "",
@@ -111,21 +113,21 @@ def choose(mode: str, store: CheckpointStore, remote: RemoteStore | None, remote
                               f"try again later") from None
         except StorageWait:
             raise  # not enough disk for it: the message says how much
-        except CheckpointError as e:
+        except (CorruptCheckpoint, UnsupportedCheckpoint) as e:  # a fact about the remote copy: the previous one
             log.warning("remote checkpoint step %d is unusable (%s); trying the previous one", step, e)
             continue
+        except (CheckpointError, OSError) as e:  # a problem on this machine: the newer checkpoint is still good
+            raise StorageWait(f"{remote.uri}: the newer checkpoint step {step} could not be pulled here ({e}); "
+                              f"training does not go back to an older one over it; exiting 69 to try again later "
+                              f"(fix the local problem, or use --resume PATH to choose)") from None
         say(f"pulled checkpoint step {step} from {remote.uri}")
         return resumed(path, remote_manifests[step], branch=False)
     return resumed(local[1], local_manifest, branch=False) if local else fresh()
 
 
 def _newer_first(remote: dict[int, Manifest], local: Manifest | None) -> list[int]:
-    """Remote checkpoints committed after the local one, newest first."""
-    def key(m: Manifest) -> tuple:
-        return m.created_at, m.order
-
-    steps = sorted(remote, key=lambda s: (*key(remote[s]), s), reverse=True)
-    return [s for s in steps if local is None or key(remote[s]) > key(local)]
+    """Remote checkpoints that are newer work than the local one, newest first."""
+    return [s for s in lineage.recency(remote) if local is None or lineage.is_newer(remote[s], local, remote)]
 
 
 def _wait_for_remote(remote: RemoteStore, wait_s: float, beat: Callable[[], None]) -> dict[int, Manifest] | None:
@@ -177,5 +179,5 @@ def keep_one_lineage(store: CheckpointStore, remote: RemoteStore | None, choice:
             return
         on_remote = lineage.members(head, {**remote_manifests, head: choice.manifest})
         for s, m in sorted(remote_manifests.items()):
-            if s not in on_remote and not (s == head and m == choice.manifest):
+            if s not in on_remote or (s == head and m != choice.manifest):
                 remote.archive_checkpoint(s, m)

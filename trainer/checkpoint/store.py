@@ -109,8 +109,7 @@ class CheckpointStore:
         good, bad = self.manifests()
         for step, verdict in sorted(bad.items()):
             self._skipped(step, verdict, warn, quarantine)
-        order = sorted(good, key=lambda s: (good[s].created_at, good[s].order, s), reverse=True)
-        for step in order:
+        for step in lineage.recency(good):
             verdict = check(self.path(step), deep=deep)
             if verdict.ok:
                 return step, self.path(step)

@@ -34,11 +34,10 @@ class Archiver:
         for n in range(1000):
             dst = archived_rel(key, name if n == 0 else f"{name}.{n}")
             there = self._read(manifest_rel(dst), budget)
-            if there is None or there == raw or _same(there, manifest):  # free, done before, or a rewrite of it
-                if there is not None and there != raw:  # an earlier version of this same checkpoint: replaced
-                    self._delete_dir(dst, budget)
+            if there is None or there == raw:  # free, or this very move done before (interrupted): finish it
                 self.move(ckpt_rel(step), dst, raw, budget)
                 return dst
+            # another archived copy (even of the same run and step): kept, the next name is tried
         raise CheckpointError(f"{self.uri}/{archived_rel(key, name)}: 1000 archived copies of this step; not "
                               f"archived: delete some with `spot-trainer ckpt prune --archived`")
 
@@ -129,10 +128,3 @@ class Archiver:
     def _delete_tree(self, rel: str, budget: Budget) -> None:
         rest = self.calls.call(self.objects.list, f"{rel}/", deadline=budget.at)
         self.calls.call(self.objects.delete, sorted(rest), deadline=budget.at)
-
-
-def _same(raw: bytes, manifest: Manifest) -> bool:
-    try:
-        return same_checkpoint(Manifest.from_json(raw.decode("utf-8", "replace")), manifest)
-    except CheckpointError:
-        return False

@@ -27,7 +27,7 @@ def pack_rows(rows: list[dict], max_length: int, seed: int) -> list[dict]:
     for i in order:
         r = rows[int(i)]
         n = len(r["input_ids"])
-        for b, free in enumerate(space):
+        for b, free in enumerate(space):  # noqa: B007  (b is the bin found, used after the loop)
             if free >= n:
                 break
         else:
@@ -71,10 +71,12 @@ class BatchPlan:
         if pos.offset + self.global_batch > self.n_rows:
             pos = Position(pos.epoch + 1, 0)
         order = self._order(pos.epoch)
-        step = order[pos.offset: pos.offset + self.global_batch]
+        step = order[pos.offset : pos.offset + self.global_batch]
         per_micro = self.micro_batch * self.world_size
-        micro = [step[m * per_micro + rank * self.micro_batch: m * per_micro + (rank + 1) * self.micro_batch]
-                 for m in range(self.grad_accum)]
+        micro = [
+            step[m * per_micro + rank * self.micro_batch : m * per_micro + (rank + 1) * self.micro_batch]
+            for m in range(self.grad_accum)
+        ]
         nxt = Position(pos.epoch, pos.offset + self.global_batch)
         return [[int(i) for i in mb] for mb in micro], nxt
 

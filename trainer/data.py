@@ -16,8 +16,12 @@ log = logging.getLogger(__name__)
 IGNORE = -100
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-REQUIRED = {"text": ["text"], "alpaca": ["instruction", "output"], "chat": ["messages"],
-            "completion": ["prompt", "completion"]}
+REQUIRED = {
+    "text": ["text"],
+    "alpaca": ["instruction", "output"],
+    "chat": ["messages"],
+    "completion": ["prompt", "completion"],
+}
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
@@ -49,8 +53,10 @@ def _load_rows(path: str, split: str, what: str) -> list[dict]:
         elif p.is_file():
             builder = _BUILDERS.get(p.suffix.lower())
             if builder is None:
-                raise ConfigError(f"{what} {path}: unsupported file type {p.suffix!r}; use "
-                                  f"{', '.join(_BUILDERS)} or a saved dataset dir")
+                raise ConfigError(
+                    f"{what} {path}: unsupported file type {p.suffix!r}; use "
+                    f"{', '.join(_BUILDERS)} or a saved dataset dir"
+                )
             ds = datasets.load_dataset(builder, data_files=str(p), split="train")
         elif p.exists() or path.startswith((".", "/", "~")) or p.suffix.lower() in _BUILDERS:
             raise ConfigError(f"{what} {path}: file not found")
@@ -78,8 +84,10 @@ def load_rows(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
     need = REQUIRED[cfg.format]
     missing = [k for k in need if k not in rows[0]]
     if missing:
-        raise ConfigError(f"data.path {cfg.path}: format {cfg.format!r} needs field(s) {', '.join(missing)}; "
-                          f"the rows have {', '.join(rows[0])}. Set data.format to match the data")
+        raise ConfigError(
+            f"data.path {cfg.path}: format {cfg.format!r} needs field(s) {', '.join(missing)}; "
+            f"the rows have {', '.join(rows[0])}. Set data.format to match the data"
+        )
     ev = cfg.eval_split
     if isinstance(ev, str):
         return rows, _load_rows(ev, "train", "data.eval_split")
@@ -112,8 +120,9 @@ def _ids(tokenizer, text: str) -> list[int]:
 def _tokenize_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     """Render with the chat template; labels only on assistant turns (not their headers)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("data.format chat: the tokenizer has no chat template; use a chat model's tokenizer "
-                          "or format: completion")
+        raise ConfigError(
+            "data.format chat: the tokenizer has no chat template; use a chat model's tokenizer or format: completion"
+        )
     ids: list[int] = []
     labels: list[int] = []
     for i, msg in enumerate(messages):
@@ -121,7 +130,7 @@ def _tokenize_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int
         full = full["input_ids"] if isinstance(full, dict) or hasattr(full, "keys") else full
         if full[: len(ids)] != ids:  # template not prefix-stable: fall back to masking nothing extra
             log.warning("chat template is not prefix-stable; labels may include template tokens")
-        new = full[len(ids):]
+        new = full[len(ids) :]
         if msg.get("role") == "assistant":
             head = tokenizer.apply_chat_template(messages[:i], tokenize=True, add_generation_prompt=True) if i else []
             head = head["input_ids"] if hasattr(head, "keys") else head
@@ -152,8 +161,20 @@ def tokenize_row(tokenizer, row: dict, fmt: str, max_length: int) -> dict:
 
 def _fingerprint(cfg: DataConfig, tokenizer, n_train: int, n_eval: int) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([cfg.path, cfg.format, cfg.max_length, str(cfg.eval_split), cfg.split,
-                         json.dumps(cfg.builtin.__dict__, sort_keys=True), n_train, n_eval]).encode())
+    h.update(
+        json.dumps(
+            [
+                cfg.path,
+                cfg.format,
+                cfg.max_length,
+                str(cfg.eval_split),
+                cfg.split,
+                json.dumps(cfg.builtin.__dict__, sort_keys=True),
+                n_train,
+                n_eval,
+            ]
+        ).encode()
+    )
     p = Path(cfg.path)
     if p.is_file():
         st = p.stat()

@@ -41,7 +41,8 @@ def resolve_grad_accum(cfg, world_size: int) -> int:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size "
             f"({t.micro_batch_size}) x {world_size} process(es) = {per_pass}; set it to a multiple of {per_pass} "
-            f"(e.g. {lower}) or change train.micro_batch_size")
+            f"(e.g. {lower}) or change train.micro_batch_size"
+        )
     return t.global_batch_size // per_pass
 
 
@@ -62,16 +63,24 @@ def resolve_deepspeed_config(name_or_path: str) -> Path:
     if path.suffix == ".json" or "/" in name_or_path:
         if not path.is_file() and not path.is_absolute() and (_SOURCE_TREE / path).is_file():
             path = _SOURCE_TREE / path  # launch/*.yaml name repo-relative files; the CWD may be elsewhere
-        elif not path.is_file() and path.parent.name == "deepspeed_configs" and (DEEPSPEED_CONFIG_DIR / path.name).is_file():
+        elif (
+            not path.is_file()
+            and path.parent.name == "deepspeed_configs"
+            and (DEEPSPEED_CONFIG_DIR / path.name).is_file()
+        ):
             path = DEEPSPEED_CONFIG_DIR / path.name  # no repo around (a pip install): the package's identical copy
         if not path.is_file():
-            raise ConfigError(f"distributed.deepspeed: {name_or_path}: file not found; give a DeepSpeed JSON "
-                              f"or one of: {', '.join(deepspeed_config_names())}")
+            raise ConfigError(
+                f"distributed.deepspeed: {name_or_path}: file not found; give a DeepSpeed JSON "
+                f"or one of: {', '.join(deepspeed_config_names())}"
+            )
         return path
     named = DEEPSPEED_CONFIG_DIR / f"{name_or_path}.json"
     if not named.is_file():
-        raise ConfigError(f"distributed.deepspeed: no config named {name_or_path!r} in {DEEPSPEED_CONFIG_DIR}; "
-                          f"use one of: {', '.join(deepspeed_config_names())}, or a path to a JSON file")
+        raise ConfigError(
+            f"distributed.deepspeed: no config named {name_or_path!r} in {DEEPSPEED_CONFIG_DIR}; "
+            f"use one of: {', '.join(deepspeed_config_names())}, or a path to a JSON file"
+        )
     return named
 
 
@@ -86,8 +95,10 @@ def deepspeed_config_name(cfg) -> str | None:
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         from_launcher = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
         if from_launcher == "none":
-            raise ConfigError("the launcher enabled DeepSpeed without a deepspeed_config_file; set "
-                              "distributed.deepspeed (e.g. --set distributed.deepspeed=zero2_offload)")
+            raise ConfigError(
+                "the launcher enabled DeepSpeed without a deepspeed_config_file; set "
+                "distributed.deepspeed (e.g. --set distributed.deepspeed=zero2_offload)"
+            )
         return from_launcher
     return None
 
@@ -100,16 +111,19 @@ def deepspeed_config(cfg, grad_accum: int, world_size: int) -> dict:
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
     if ds.get("zero_optimization", {}).get("stage", 0) == 3:
-        raise ConfigError(f"{path}: ZeRO stage 3 is not supported (checkpoints assume whole weights on every "
-                          f"process); use stage 2")
+        raise ConfigError(
+            f"{path}: ZeRO stage 3 is not supported (checkpoints assume whole weights on every process); use stage 2"
+        )
     if "optimizer" in ds or "scheduler" in ds:
         raise ConfigError(f"{path}: remove 'optimizer'/'scheduler'; they come from the train section")
     if cfg.train.optimizer != "adamw":
         # with offload accelerate swaps the optimizer for DeepSpeedCPUAdam, and a bitsandbytes one
         # would silently become Adam with L2 decay; ZeRO partitions are untested with bitsandbytes
-        raise ConfigError(f"train.optimizer={cfg.train.optimizer} cannot run under DeepSpeed ({path.name}); "
-                          f"use train.optimizer=adamw (the 8-bit/paged optimizers replace offload, use them "
-                          f"without distributed.deepspeed)")
+        raise ConfigError(
+            f"train.optimizer={cfg.train.optimizer} cannot run under DeepSpeed ({path.name}); "
+            f"use train.optimizer=adamw (the 8-bit/paged optimizers replace offload, use them "
+            f"without distributed.deepspeed)"
+        )
     precision = mixed_precision(cfg, torch.cuda.is_available() and cfg.train.device != "cpu")
     micro = cfg.train.micro_batch_size
     # the values the train section owns: the JSON leaves them "auto" so batch settings live in one place
@@ -128,8 +142,10 @@ def deepspeed_config(cfg, grad_accum: int, world_size: int) -> dict:
         for p in parents:
             node = node.setdefault(p, {})
         if node.get(leaf, "auto") not in ("auto", value):
-            raise ConfigError(f"{path}: {key} is {node[leaf]!r} but the train config says {value!r}; set it to "
-                              f"\"auto\" so the train section decides")
+            raise ConfigError(
+                f"{path}: {key} is {node[leaf]!r} but the train config says {value!r}; set it to "
+                f'"auto" so the train section decides'
+            )
         node[leaf] = value
     return ds
 
@@ -150,16 +166,24 @@ def make_accelerator(cfg, grad_accum: int):
         raise ConfigError("train.device cuda: no CUDA GPU is visible; use train.device: auto or cpu")
     cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
     precision = mixed_precision(cfg, cuda)
-    kwargs = dict(gradient_accumulation_steps=grad_accum, mixed_precision=precision,
-                  # our schedules count optimizer steps; accelerate would otherwise step the
-                  # scheduler once per process per optimizer step
-                  step_scheduler_with_optimizer=False)
+    kwargs = dict(
+        gradient_accumulation_steps=grad_accum,
+        mixed_precision=precision,
+        # our schedules count optimizer steps; accelerate would otherwise step the
+        # scheduler once per process per optimizer step
+        step_scheduler_with_optimizer=False,
+    )
     if deepspeed_config_name(cfg) is not None:
         if "LOCAL_RANK" not in os.environ:
             # a plain `python` run: DeepSpeed still wants a process group; make a group of one
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                              MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+            os.environ.update(
+                RANK="0",
+                LOCAL_RANK="0",
+                WORLD_SIZE="1",
+                LOCAL_WORLD_SIZE="1",
+                MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
+            )
         ds = deepspeed_config(cfg, grad_accum, world_size)
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=False)
         if not cuda:
@@ -171,9 +195,11 @@ def make_accelerator(cfg, grad_accum: int):
         kwargs["cpu"] = True
     accelerator = Accelerator(**kwargs)
     if accelerator.num_processes != world_size:
-        raise ConfigError(f"the launcher started {world_size} processes but accelerate sees "
-                          f"{accelerator.num_processes} (distributed type {accelerator.distributed_type}); "
-                          f"launch with `accelerate launch --num_processes N` or torchrun and check the backend")
+        raise ConfigError(
+            f"the launcher started {world_size} processes but accelerate sees "
+            f"{accelerator.num_processes} (distributed type {accelerator.distributed_type}); "
+            f"launch with `accelerate launch --num_processes N` or torchrun and check the backend"
+        )
     return accelerator
 
 
@@ -201,7 +227,6 @@ def agree_int(value: int, accelerator) -> int:
 
     if accelerator.num_processes == 1 or not (dist.is_available() and dist.is_initialized()):
         return value
-    t = torch.tensor([value if accelerator.is_main_process else -(2**62)], dtype=torch.int64,
-                     device=accelerator.device)
+    t = torch.tensor([value if accelerator.is_main_process else -(2**62)], dtype=torch.int64, device=accelerator.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())

@@ -16,7 +16,7 @@ def eval_loss(model, rows: list[dict], pad_id: int, batch_size: int, device: tor
     model.eval()
     total, n = 0.0, 0
     for i in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
         k = count_targets(batch["labels"])
         if k == 0:
             continue
@@ -28,8 +28,9 @@ def eval_loss(model, rows: list[dict], pad_id: int, batch_size: int, device: tor
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, prompts: list[dict], max_new_tokens: int, batch_size: int,
-                device: torch.device) -> float | None:
+def exact_match(
+    model, tokenizer, prompts: list[dict], max_new_tokens: int, batch_size: int, device: torch.device
+) -> float | None:
     """Share of prompts whose greedy completion equals the reference (whitespace-stripped)."""
     if not prompts:
         return None
@@ -39,16 +40,23 @@ def exact_match(model, tokenizer, prompts: list[dict], max_new_tokens: int, batc
     pad = tokenizer.pad_token_id
     hits = 0
     for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
+        chunk = prompts[i : i + batch_size]
         enc = [bos + tokenizer(p["prompt"], add_special_tokens=False)["input_ids"] for p in chunk]
         L = max(len(e) for e in enc)
         ids = torch.full((len(enc), L), pad, dtype=torch.long)
         mask = torch.zeros((len(enc), L), dtype=torch.long)
         for j, e in enumerate(enc):  # left padding for generation
-            ids[j, L - len(e):] = torch.tensor(e)
-            mask[j, L - len(e):] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad, use_cache=True, eos_token_id=tokenizer.eos_token_id)
+            ids[j, L - len(e) :] = torch.tensor(e)
+            mask[j, L - len(e) :] = 1
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            use_cache=True,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         for j, p in enumerate(chunk):
             text = tokenizer.decode(out[j, L:], skip_special_tokens=True)
             hits += int(text.strip() == p["completion"].strip())

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
+from trainer.checkpoint.manifest import Manifest, build_manifest, verify, write_manifest
 from trainer.config.loader import config_from_dict
 from trainer.errors import CheckpointError, ConfigError
-from trainer.checkpoint.manifest import Manifest, build_manifest, verify, write_manifest
 from trainer.run_dir import FINAL_META, RunDir
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -44,8 +44,9 @@ def merge_adapter(final: Path, meta: dict, dest: Path) -> Path:
     cfg = config_from_dict(meta["config"])
     dtype = _base_dtype(base_path)
     try:
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype,
-                                                    trust_remote_code=cfg.model.trust_remote_code)
+        base = AutoModelForCausalLM.from_pretrained(
+            base_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+        )
     except OSError as e:
         raise ConfigError(f"base model {base_path}: cannot load it to merge into ({str(e).splitlines()[0]})") from None
     model = PeftModel.from_pretrained(base, str(final))
@@ -65,13 +66,16 @@ def check_destination(dest: Path, output_dir: Path, meta: dict, overwrite: bool)
         previous = json.loads((dest / FINAL_META).read_text())
         same = Manifest.load(dest).kind == "export" and (
             (meta.get("run_id") and previous.get("run_id") == meta.get("run_id"))
-            or previous.get("source") == str(Path(output_dir).resolve()))
+            or previous.get("source") == str(Path(output_dir).resolve())
+        )
     except (OSError, ValueError, AttributeError, CheckpointError):
         same = False
     if not same:
-        raise ConfigError(f"--to {dest}: not empty and not an earlier export of this run; nothing was written. "
-                          f"Give an empty or new directory (e.g. --to {dest / Path(output_dir).name}), or --overwrite "
-                          f"to replace what is there")
+        raise ConfigError(
+            f"--to {dest}: not empty and not an earlier export of this run; nothing was written. "
+            f"Give an empty or new directory (e.g. --to {dest / Path(output_dir).name}), or --overwrite "
+            f"to replace what is there"
+        )
 
 
 def export(output_dir: Path, to: str | None, merge: bool, s3_config=None, overwrite: bool = False) -> str:

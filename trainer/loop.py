@@ -68,12 +68,28 @@ class Trainer:
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
-        self.checkpointer = Checkpointer(self.cfg, self.run, self.acc, self.model, self.optimizer, remote=remote,
-                                         events=self.events, metrics=self.metrics, heartbeat=self._heartbeat,
-                                         say=self.say, started=started)
-        fresh = Progress(world_size=self.world, micro_batch_size=self.cfg.train.micro_batch_size,
-                         grad_accum=self.grad_accum, global_batch=self.plan.global_batch, n_rows=len(self.rows),
-                         total_steps=self.total_steps, method=self.cfg.model.method)
+        self.checkpointer = Checkpointer(
+            self.cfg,
+            self.run,
+            self.acc,
+            self.model,
+            self.optimizer,
+            remote=remote,
+            events=self.events,
+            metrics=self.metrics,
+            heartbeat=self._heartbeat,
+            say=self.say,
+            started=started,
+        )
+        fresh = Progress(
+            world_size=self.world,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+            grad_accum=self.grad_accum,
+            global_batch=self.plan.global_batch,
+            n_rows=len(self.rows),
+            total_steps=self.total_steps,
+            method=self.cfg.model.method,
+        )
         self.progress = self.checkpointer.resume(self.resume, fresh) or fresh
         self._setup_stop()
 
@@ -110,8 +126,10 @@ class Trainer:
         t = self.cfg.train
         self.plan = batches.BatchPlan(len(rows), t.seed, t.micro_batch_size, self.grad_accum, self.world)
         if self.plan.steps_per_epoch == 0:
-            raise ConfigError(f"data.path {self.cfg.data.path}: {len(rows)} rows is fewer than one global batch "
-                              f"({self.plan.global_batch}); lower train.micro_batch_size or grad_accum")
+            raise ConfigError(
+                f"data.path {self.cfg.data.path}: {len(rows)} rows is fewer than one global batch "
+                f"({self.plan.global_batch}); lower train.micro_batch_size or grad_accum"
+            )
         self.total_steps = t.max_steps or max(1, int(t.epochs * self.plan.steps_per_epoch))
         self.warmup = warmup_steps(self.total_steps, t.warmup_steps, t.warmup_ratio)
 
@@ -131,8 +149,11 @@ class Trainer:
             return torch.optim.AdamW(params, fused=self.device.type == "cuda" or None, **kw)
         import bitsandbytes as bnb
 
-        cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-               "paged_adamw": bnb.optim.PagedAdamW}[t.optimizer]
+        cls = {
+            "adamw_8bit": bnb.optim.AdamW8bit,
+            "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+            "paged_adamw": bnb.optim.PagedAdamW,
+        }[t.optimizer]
         return cls(params, **kw)
 
     def _setup_optimizer(self) -> None:
@@ -147,8 +168,9 @@ class Trainer:
         if self.acc.local_process_index == 0 and self.cfg.preemption.watch != "none":
             from trainer.spot.notices import NoticeWatcher
 
-            self.watcher = NoticeWatcher(self.stop, mode=self.cfg.preemption.watch,
-                                         poll_seconds=self.cfg.preemption.poll_seconds)
+            self.watcher = NoticeWatcher(
+                self.stop, mode=self.cfg.preemption.watch, poll_seconds=self.cfg.preemption.poll_seconds
+            )
             self.watcher.start()
 
     # ------------------------------------------------------------------ helpers
@@ -164,8 +186,9 @@ class Trainer:
     def _reduce(self, values: list[float]) -> list[float]:
         if self.world == 1:
             return values
-        t = torch.tensor(values, dtype=torch.float64 if self.device.type == "cpu" else torch.float32,
-                         device=self.device)
+        t = torch.tensor(
+            values, dtype=torch.float64 if self.device.type == "cpu" else torch.float32, device=self.device
+        )
         torch.distributed.all_reduce(t)
         return t.tolist()
 
@@ -175,16 +198,28 @@ class Trainer:
             e = self.cfg.eval
             cuda = [torch.cuda.current_device()] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda):
-                out["eval_loss"] = evaluate.eval_loss(self.raw_model, self.data.eval, self.tokenizer.pad_token_id,
-                                                      self.cfg.train.micro_batch_size, self.device)
+                out["eval_loss"] = evaluate.eval_loss(
+                    self.raw_model,
+                    self.data.eval,
+                    self.tokenizer.pad_token_id,
+                    self.cfg.train.micro_batch_size,
+                    self.device,
+                )
                 if e.generate and self.data.eval_prompts:
                     out["eval_exact_match"] = evaluate.exact_match(
-                        self.raw_model, self.tokenizer, self.data.eval_prompts, e.max_new_tokens,
-                        max(self.cfg.train.micro_batch_size, 32), self.device)
+                        self.raw_model,
+                        self.tokenizer,
+                        self.data.eval_prompts,
+                        e.max_new_tokens,
+                        max(self.cfg.train.micro_batch_size, 32),
+                        self.device,
+                    )
             self.metrics.write(step=self.progress.step, **out)
             em = out.get("eval_exact_match")
-            self.say(f"eval step {self.progress.step}: loss {out['eval_loss']:.4f}"
-                     + (f", exact match {em:.1%}" if em is not None else ""))
+            self.say(
+                f"eval step {self.progress.step}: loss {out['eval_loss']:.4f}"
+                + (f", exact match {em:.1%}" if em is not None else "")
+            )
         self.acc.wait_for_everyone()
         return out
 
@@ -216,8 +251,12 @@ class Trainer:
         micro_rows, next_pos = self.plan.step_rows(p.position, self.rank)
         micro = [batches.collate([self.rows[i] for i in mb], self.tokenizer.pad_token_id) for mb in micro_rows]
         # real tokens = the rows' lengths: exact for packed rows too, and when the pad id is also eos
-        n_targets, n_tokens = self._reduce([sum(batches.count_targets(b["labels"]) for b in micro),
-                                            sum(len(self.rows[i]["input_ids"]) for mb in micro_rows for i in mb)])
+        n_targets, n_tokens = self._reduce(
+            [
+                sum(batches.count_targets(b["labels"]) for b in micro),
+                sum(len(self.rows[i]["input_ids"]) for mb in micro_rows for i in mb),
+            ]
+        )
         lr = lr_at(p.step, self.total_steps, t.lr, t.lr_scheduler, self.warmup)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -253,17 +292,27 @@ class Trainer:
     def _after_step(self, r: StepResult, console: Console) -> None:
         """Log the step, beat, evaluate and checkpoint when due."""
         cfg, p = self.cfg, self.progress
-        rec = dict(step=p.step, loss=round(r.loss, 6), lr=r.lr, grad_norm=round(r.grad_norm, 6), tokens=r.tokens,
-                   tokens_per_second=round(r.tokens / r.seconds, 1), step_time_s=round(r.seconds, 4),
-                   memory_gb=_memory_gb(self.device), epoch=round(p.epoch + p.epoch_offset / len(self.rows), 4),
-                   samples_seen=p.samples_seen)
+        rec = dict(
+            step=p.step,
+            loss=round(r.loss, 6),
+            lr=r.lr,
+            grad_norm=round(r.grad_norm, 6),
+            tokens=r.tokens,
+            tokens_per_second=round(r.tokens / r.seconds, 1),
+            step_time_s=round(r.seconds, 4),
+            memory_gb=_memory_gb(self.device),
+            epoch=round(p.epoch + p.epoch_offset / len(self.rows), 4),
+            samples_seen=p.samples_seen,
+        )
         self.metrics.write(**rec)
         self._heartbeat()
         console.advance(1, loss=f"{r.loss:.3f}")
         last = p.step == self.total_steps
         if p.step % cfg.train.log_every_steps == 0 or last:
-            console.line(f"step {p.step}/{self.total_steps} loss {r.loss:.4f} lr {r.lr:.2e} "
-                         f"grad_norm {r.grad_norm:.3f} {rec['tokens_per_second']:.0f} tok/s")
+            console.line(
+                f"step {p.step}/{self.total_steps} loss {r.loss:.4f} lr {r.lr:.2e} "
+                f"grad_norm {r.grad_norm:.3f} {rec['tokens_per_second']:.0f} tok/s"
+            )
         if cfg.eval.every_steps and p.step % cfg.eval.every_steps == 0 and not last:
             self._evaluate()
         if self.checkpointer.maybe_save(p, last=last):
@@ -275,10 +324,15 @@ class Trainer:
     def _finish(self, eval_before: dict) -> None:
         eval_after = self._evaluate()
         if eval_before and eval_after and eval_before.get("eval_loss") is not None:
-            em = ("" if eval_before.get("eval_exact_match") is None else
-                  f", exact match {eval_before['eval_exact_match']:.1%} -> {eval_after['eval_exact_match']:.1%}")
-            self.say(f"eval before -> after training: loss {eval_before['eval_loss']:.4f} -> "
-                     f"{eval_after['eval_loss']:.4f}{em}")
+            em = (
+                ""
+                if eval_before.get("eval_exact_match") is None
+                else f", exact match {eval_before['eval_exact_match']:.1%} -> {eval_after['eval_exact_match']:.1%}"
+            )
+            self.say(
+                f"eval before -> after training: loss {eval_before['eval_loss']:.4f} -> "
+                f"{eval_after['eval_loss']:.4f}{em}"
+            )
         self.checkpointer.finish(self.progress, self.tokenizer)
         self.checkpointer.wait_uploads(None)
         self.events.emit("train_end", step=self.progress.step, status="done")
@@ -290,16 +344,19 @@ class Trainer:
         if not self.checkpointer.emergency(self.progress, rng):
             newest = self.checkpointer.store.committed_steps()
             self.events.emit("train_end", step=step, status="preempted")
-            self.say(f"emergency checkpoint at step {step} not written: the disk is full; the run resumes from "
-                     f"{f'step {newest[-1]}' if newest else 'the start'}; exiting {EXIT_PREEMPTED} "
-                     f"(preempted, resumable)")
+            self.say(
+                f"emergency checkpoint at step {step} not written: the disk is full; the run resumes from "
+                f"{f'step {newest[-1]}' if newest else 'the start'}; exiting {EXIT_PREEMPTED} "
+                f"(preempted, resumable)"
+            )
             return EXIT_PREEMPTED
         commit_s = time.monotonic() - t0
         self.events.emit("preempt", step=step, reason=self.stop.reason, stop_to_commit_s=round(commit_s, 3))
         self.checkpointer.wait_uploads(self.stop.grace_left(self.cfg.preemption.grace_seconds))
         self.events.emit("train_end", step=step, status="preempted")
-        self.say(f"checkpoint step {step} committed in {commit_s:.2f} s; exiting {EXIT_PREEMPTED} "
-                 f"(preempted, resumable)")
+        self.say(
+            f"checkpoint step {step} committed in {commit_s:.2f} s; exiting {EXIT_PREEMPTED} (preempted, resumable)"
+        )
         return EXIT_PREEMPTED
 
     def cleanup(self) -> None:

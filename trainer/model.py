@@ -55,11 +55,20 @@ def builtin_config(cfg: Config, vocab_size: int):
     from transformers import LlamaConfig
 
     b = cfg.model.builtin
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=b.hidden_size, intermediate_size=b.intermediate_size,
-                       num_hidden_layers=b.num_hidden_layers, num_attention_heads=b.num_attention_heads,
-                       num_key_value_heads=b.num_key_value_heads,
-                       max_position_embeddings=b.max_position_embeddings, tie_word_embeddings=False,
-                       pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=False)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=b.hidden_size,
+        intermediate_size=b.intermediate_size,
+        num_hidden_layers=b.num_hidden_layers,
+        num_attention_heads=b.num_attention_heads,
+        num_key_value_heads=b.num_key_value_heads,
+        max_position_embeddings=b.max_position_embeddings,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        use_cache=False,
+    )
 
 
 def model_config(cfg: Config):
@@ -75,8 +84,10 @@ def model_config(cfg: Config):
     try:
         return AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.name_or_path {cfg.model.name_or_path}: cannot read its config.json "
-                          f"({str(e).splitlines()[0]}); give a local model dir or a reachable hub id") from None
+        raise ConfigError(
+            f"model.name_or_path {cfg.model.name_or_path}: cannot read its config.json "
+            f"({str(e).splitlines()[0]}); give a local model dir or a reachable hub id"
+        ) from None
 
 
 def materialize_builtin(cfg: Config, tokenizer, output_dir: Path) -> Path:
@@ -111,8 +122,12 @@ def _quant_config(cfg: Config, device: torch.device):
     compute = resolve_dtype(q.compute_dtype, device)
     if q.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
-                              bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=compute)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=compute,
+    )
 
 
 def load_base_model(cfg: Config, path: str, device: torch.device, quantized: bool, dtype: torch.dtype):
@@ -159,8 +174,9 @@ def build_model(cfg: Config, tokenizer, device: torch.device, output_dir: Path):
     elif m.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=m.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=gc_kwargs)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=m.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
+        )
     elif m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     if m.method in ("lora", "qlora"):
@@ -168,8 +184,16 @@ def build_model(cfg: Config, tokenizer, device: torch.device, output_dir: Path):
 
         lc = cfg.lora
         try:
-            model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                     target_modules=lc.target_modules, task_type="CAUSAL_LM"))
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=lc.r,
+                    lora_alpha=lc.alpha,
+                    lora_dropout=lc.dropout,
+                    target_modules=lc.target_modules,
+                    task_type="CAUSAL_LM",
+                ),
+            )
         except ValueError as e:
             raise ConfigError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
         for p in model.parameters():  # adapters train in fp32 for stable updates, as peft recommends

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -73,13 +72,15 @@ def build_report(output_dir: Path, price_per_hour: float | None = None) -> Repor
     output_dir = Path(output_dir)
     metrics_path = RunDir(output_dir).metrics
     if not metrics_path.exists():
-        raise ConfigError(f"{output_dir}: no metrics.jsonl; give a run's output dir (train.output_dir) "
-                          f"after at least one logged step")
+        raise ConfigError(
+            f"{output_dir}: no metrics.jsonl; give a run's output dir (train.output_dir) after at least one logged step"
+        )
     warnings: list[str] = []
     metrics = read_jsonl(metrics_path, warnings)
     events = sorted(read_jsonl(RunDir(output_dir).events, warnings), key=lambda e: _num(e, "time") or 0.0)
-    train = sorted((m for m in metrics if _num(m, "loss") is not None and isinstance(m.get("step"), int)),
-                   key=lambda m: m["step"])
+    train = sorted(
+        (m for m in metrics if _num(m, "loss") is not None and isinstance(m.get("step"), int)), key=lambda m: m["step"]
+    )
     evals = [m for m in metrics if _num(m, "eval_loss") is not None]
 
     useful = sum(_num(m, "step_time_s") or 0.0 for m in train)
@@ -97,17 +98,36 @@ def build_report(output_dir: Path, price_per_hour: float | None = None) -> Repor
     exits = [e for e in events if e.get("event") == "exit" and e.get("reason") != "done"]
     by_cause = dict(Counter(str(e.get("reason", "unknown")) for e in exits))
     tokens = int(sum(_num(m, "tokens") or 0 for m in train))
-    world = max([int(e["world_size"]) for e in events
-                 if e.get("event") == "train_start" and isinstance(e.get("world_size"), int)] or [1])
+    world = max(
+        [
+            int(e["world_size"])
+            for e in events
+            if e.get("event") == "train_start" and isinstance(e.get("world_size"), int)
+        ]
+        or [1]
+    )
     cost = price_per_hour * world * wall / 3600 if price_per_hour is not None else None
-    return Report(output_dir=output_dir, steps=train[-1]["step"] if train else 0,
-                  final_loss=_num(train[-1], "loss") if train else None,
-                  final_eval_loss=_num(evals[-1], "eval_loss") if evals else None,
-                  wall_s=wall, useful_s=useful, redone_steps=redone_steps, redone_s=redone_s,
-                  restart_latency_s=latency, checkpoint_stall_s=stalls, restarts=restarts, restarts_by_cause=by_cause,
-                  tokens=tokens, tokens_per_second=tokens / useful if useful > 0 and tokens else None,
-                  world_size=world, start_time=min(times) if times else 0.0, price_per_hour=price_per_hour,
-                  cost=cost, warnings=warnings)
+    return Report(
+        output_dir=output_dir,
+        steps=train[-1]["step"] if train else 0,
+        final_loss=_num(train[-1], "loss") if train else None,
+        final_eval_loss=_num(evals[-1], "eval_loss") if evals else None,
+        wall_s=wall,
+        useful_s=useful,
+        redone_steps=redone_steps,
+        redone_s=redone_s,
+        restart_latency_s=latency,
+        checkpoint_stall_s=stalls,
+        restarts=restarts,
+        restarts_by_cause=by_cause,
+        tokens=tokens,
+        tokens_per_second=tokens / useful if useful > 0 and tokens else None,
+        world_size=world,
+        start_time=min(times) if times else 0.0,
+        price_per_hour=price_per_hour,
+        cost=cost,
+        warnings=warnings,
+    )
 
 
 def _restarts(events: list[dict], train: list[dict]) -> list[Restart]:
@@ -125,13 +145,26 @@ def _restarts(events: list[dict], train: list[dict]) -> list[Restart]:
             if not isinstance(lost, int):
                 last_step = last_exit.get("last_step") if last_exit else None
                 lost = max(0, last_step - resumed) if isinstance(last_step, int) and resumed is not None else 0
-            back = next((_num(n, "time") for n in events[i + 1:] if n.get("event") in RESTART_EVENTS), None)
+            back = next((_num(n, "time") for n in events[i + 1 :] if n.get("event") in RESTART_EVENTS), None)
             if back is None and resumed is not None:  # no trainer events: the first metric after the resume
-                back = next((_num(m, "time") - (_num(m, "step_time_s") or 0.0) for m in train
-                             if m["step"] > resumed and _num(m, "time") and _num(m, "time") > (exit_time or 0)), None)
-            out.append(Restart(attempt=e.get("attempt"), reason=str((last_exit or {}).get("reason", "unknown")),
-                               exit_time=exit_time or 0.0, resumed_from_step=resumed, steps_lost=lost,
-                               latency_s=back - exit_time if back is not None and exit_time is not None else None))
+                back = next(
+                    (
+                        _num(m, "time") - (_num(m, "step_time_s") or 0.0)
+                        for m in train
+                        if m["step"] > resumed and _num(m, "time") and _num(m, "time") > (exit_time or 0)
+                    ),
+                    None,
+                )
+            out.append(
+                Restart(
+                    attempt=e.get("attempt"),
+                    reason=str((last_exit or {}).get("reason", "unknown")),
+                    exit_time=exit_time or 0.0,
+                    resumed_from_step=resumed,
+                    steps_lost=lost,
+                    latency_s=back - exit_time if back is not None and exit_time is not None else None,
+                )
+            )
             last_exit = None
     return out
 
@@ -164,12 +197,16 @@ def render_report(report: Report) -> str:
     causes = ", ".join(f"{k} {v}" for k, v in sorted(r.restarts_by_cause.items())) or "none"
     lines.append(f"  {'stops by cause':<18} {causes}")
     if r.tokens_per_second:
-        lines.append(f"  {'throughput':<18} {r.tokens_per_second:,.0f} tokens/s over {r.tokens:,} tokens"
-                     + (f" ({r.world_size} GPUs)" if r.world_size > 1 else ""))
+        lines.append(
+            f"  {'throughput':<18} {r.tokens_per_second:,.0f} tokens/s over {r.tokens:,} tokens"
+            + (f" ({r.world_size} GPUs)" if r.world_size > 1 else "")
+        )
     if r.cost is not None:
         lost = r.cost * (1 - r.goodput)
-        lines.append(f"  {'cost':<18} ${r.cost:,.2f} at ${r.price_per_hour:g}/GPU-hour x {r.world_size} GPU"
-                     f"{'s' if r.world_size > 1 else ''} x wall time; ${lost:,.2f} of it not training")
+        lines.append(
+            f"  {'cost':<18} ${r.cost:,.2f} at ${r.price_per_hour:g}/GPU-hour x {r.world_size} GPU"
+            f"{'s' if r.world_size > 1 else ''} x wall time; ${lost:,.2f} of it not training"
+        )
     lines += [f"  warning: {w}" for w in r.warnings]
     return "\n".join(lines)
 
@@ -183,8 +220,9 @@ def plot_report(output_dir: Path, png_path: Path) -> Path:
 
     report = build_report(output_dir)
     metrics = read_jsonl(RunDir(output_dir).metrics, [])
-    train = sorted((m for m in metrics if _num(m, "loss") is not None and isinstance(m.get("step"), int)),
-                   key=lambda m: m["step"])
+    train = sorted(
+        (m for m in metrics if _num(m, "loss") is not None and isinstance(m.get("step"), int)), key=lambda m: m["step"]
+    )
     evals = sorted((m for m in metrics if _num(m, "eval_loss") is not None), key=lambda m: m.get("step", 0))
     fig, (ax_loss, ax_tps) = plt.subplots(2, 1, figsize=(10, 7), dpi=100)
     ax_loss.plot([m["step"] for m in train], [m["loss"] for m in train], lw=1.2, label="train loss")
@@ -192,10 +230,18 @@ def plot_report(output_dir: Path, png_path: Path) -> Path:
         ax_loss.plot([m["step"] for m in evals], [m["eval_loss"] for m in evals], "o-", ms=4, label="eval loss")
     for i, rs in enumerate(report.restarts):
         if rs.resumed_from_step is not None:
-            ax_loss.axvline(rs.resumed_from_step, color="tab:red", ls="--", lw=1,
-                            label="restart (resumed step)" if i == 0 else None)
-            ax_loss.annotate(rs.reason, (rs.resumed_from_step, 1), xycoords=("data", "axes fraction"),
-                             xytext=(3, -12), textcoords="offset points", fontsize=8, color="tab:red")
+            ax_loss.axvline(
+                rs.resumed_from_step, color="tab:red", ls="--", lw=1, label="restart (resumed step)" if i == 0 else None
+            )
+            ax_loss.annotate(
+                rs.reason,
+                (rs.resumed_from_step, 1),
+                xycoords=("data", "axes fraction"),
+                xytext=(3, -12),
+                textcoords="offset points",
+                fontsize=8,
+                color="tab:red",
+            )
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss")
     ax_loss.set_title(f"{Path(output_dir).name}: goodput {report.goodput:.0%}, {len(report.restarts)} restarts")
@@ -205,12 +251,18 @@ def plot_report(output_dir: Path, png_path: Path) -> Path:
     timed = [m for m in train if _num(m, "time") and _num(m, "tokens_per_second") is not None]
     t0 = report.start_time
     unit, scale = ("hours", 3600) if report.wall_s > 3 * 3600 else ("minutes", 60)
-    ax_tps.plot([(m["time"] - t0) / scale for m in timed], [m["tokens_per_second"] for m in timed], ".", ms=3,
-                label="tokens/s")
+    ax_tps.plot(
+        [(m["time"] - t0) / scale for m in timed], [m["tokens_per_second"] for m in timed], ".", ms=3, label="tokens/s"
+    )
     for i, rs in enumerate(report.restarts):
         if rs.latency_s is not None:
-            ax_tps.axvspan((rs.exit_time - t0) / scale, (rs.exit_time + rs.latency_s - t0) / scale, color="tab:red",
-                           alpha=0.15, label="down (exit -> training again)" if i == 0 else None)
+            ax_tps.axvspan(
+                (rs.exit_time - t0) / scale,
+                (rs.exit_time + rs.latency_s - t0) / scale,
+                color="tab:red",
+                alpha=0.15,
+                label="down (exit -> training again)" if i == 0 else None,
+            )
     ax_tps.set_xlim(left=0)
     ax_tps.set_xlabel(f"wall time since the run started ({unit})")
     ax_tps.set_ylabel("tokens/s")

@@ -32,7 +32,7 @@ def _start_time(pid: int) -> int | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(text[text.rindex(")") + 2:].split()[19])
+    return int(text[text.rindex(")") + 2 :].split()[19])
 
 
 def _alive(pid: int, start: int | None) -> bool:
@@ -67,8 +67,12 @@ class RunLock:
             holder = self._read()
             if holder is None or self._mine(holder) or self._stale(holder):
                 if holder is not None and not self._mine(holder):
-                    log.warning("output dir lock of %s pid %s is stale (%s); taking it over", holder.get("host"),
-                                holder.get("pid"), self._why_stale(holder))
+                    log.warning(
+                        "output dir lock of %s pid %s is stale (%s); taking it over",
+                        holder.get("host"),
+                        holder.get("pid"),
+                        self._why_stale(holder),
+                    )
                 self._write()
                 time.sleep(0.05)  # two takers at once: the last write wins; the other sees it below
                 if self._mine(self._read() or {}):
@@ -132,9 +136,11 @@ class RunLock:
     def _busy(self, holder: dict) -> str:
         since = holder.get("renewed")
         when = time.strftime("%H:%M:%S UTC", time.gmtime(since)) if isinstance(since, (int, float)) else "?"
-        return (f"{self.path.parent}: in use by another trainer (host {holder.get('host')}, pid {holder.get('pid')}, "
-                f"lock renewed {when}); use another --output-dir, or if no trainer runs there any more, delete "
-                f"{self.path}")
+        return (
+            f"{self.path.parent}: in use by another trainer (host {holder.get('host')}, pid {holder.get('pid')}, "
+            f"lock renewed {when}); use another --output-dir, or if no trainer runs there any more, delete "
+            f"{self.path}"
+        )
 
     def _renew(self) -> None:
         while not self._stop.wait(RENEW_S):

@@ -45,8 +45,9 @@ def use_liger(cfg, device: torch.device) -> bool:
         import liger_kernel.transformers  # noqa: F401
     except ImportError:
         if want is True:
-            log.warning("model.liger_kernels: liger-kernel is not installed (pip install liger-kernel); "
-                        "running without it")
+            log.warning(
+                "model.liger_kernels: liger-kernel is not installed (pip install liger-kernel); running without it"
+            )
         return False
     return True
 
@@ -72,14 +73,18 @@ def use_varlen(cfg, device: torch.device, get_model_config) -> bool:
     if want == "mask" or not cfg.data.packing or device.type != "cuda":
         return False
     model_config = get_model_config()
-    ok = (getattr(model_config, "model_type", None) in VARLEN_MODEL_TYPES
-          and not getattr(model_config, "sliding_window", None)
-          and not getattr(model_config, "use_sliding_window", False)
-          and not getattr(model_config, "attention_dropout", 0.0))
+    ok = (
+        getattr(model_config, "model_type", None) in VARLEN_MODEL_TYPES
+        and not getattr(model_config, "sliding_window", None)
+        and not getattr(model_config, "use_sliding_window", False)
+        and not getattr(model_config, "attention_dropout", 0.0)
+    )
     if not ok:
         if want == "varlen":
-            log.warning("model.packed_attention varlen: model type %s is not supported; using the "
-                        "per-document mask", getattr(model_config, "model_type", None))
+            log.warning(
+                "model.packed_attention varlen: model type %s is not supported; using the per-document mask",
+                getattr(model_config, "model_type", None),
+            )
         return False
     return hasattr(torch.ops.aten, "_flash_attention_forward")
 
@@ -90,7 +95,8 @@ class _FlashVarlen(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu, max_len: int, scale: float):
         out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale)
+            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale
+        )
         ctx.save_for_backward(q, k, v, out, lse, cu, seed, offset)
         ctx.max_len, ctx.scale = max_len, scale
         return out
@@ -99,8 +105,22 @@ class _FlashVarlen(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse, cu, seed, offset = ctx.saved_tensors
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            dout.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len, ctx.max_len, 0.0, True, seed, offset,
-            scale=ctx.scale)
+            dout.contiguous(),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            cu,
+            cu,
+            ctx.max_len,
+            ctx.max_len,
+            0.0,
+            True,
+            seed,
+            offset,
+            scale=ctx.scale,
+        )
         return dq, dk, dv, None, None, None
 
 
@@ -151,8 +171,9 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
 
     position_ids = kwargs.get("position_ids")
     if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     b, hq, s, d = query.shape
     if query.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
         dtype = torch.get_autocast_dtype("cuda")  # what SDPA would compute in under autocast as well
@@ -166,7 +187,7 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     q = query.transpose(1, 2).reshape(b * s, hq, d)
     k = key.transpose(1, 2).reshape(b * s, hk, d)
     v = value.transpose(1, 2).reshape(b * s, hk, d)
-    scale = scaling if scaling is not None else d ** -0.5
+    scale = scaling if scaling is not None else d**-0.5
     if hk != hq and _GQA_NATIVE[0]:
         try:
             out = _FlashVarlen.apply(q, k, v, cu, max_len, scale)
@@ -233,9 +254,11 @@ class CheckpointPlan:
     budget_bytes: int
 
     def describe(self) -> str:
-        return (f"gradient checkpointing on {self.layers}/{self.total} layers for {self.tokens} tokens per "
-                f"micro-batch ({self.layer_bytes_per_token / 1024:.0f} KiB/token/layer, budget "
-                f"{self.budget_bytes / GIB:.1f} GiB)")
+        return (
+            f"gradient checkpointing on {self.layers}/{self.total} layers for {self.tokens} tokens per "
+            f"micro-batch ({self.layer_bytes_per_token / 1024:.0f} KiB/token/layer, budget "
+            f"{self.budget_bytes / GIB:.1f} GiB)"
+        )
 
 
 def layer_bytes_per_token(model_config, lora_targets, lora_dropout: float, liger: bool, method: str) -> float:
@@ -243,14 +266,26 @@ def layer_bytes_per_token(model_config, lora_targets, lora_dropout: float, liger
     layer_activation_bytes for a bf16 run whose packed rows attend per document, QLoRA without the fp32 upcast."""
     from trainer.plan.memory import TrainingSetup, layer_activation_bytes, llama_shape
 
-    setup = TrainingSetup(method=method, lora_targets=lora_targets if isinstance(lora_targets, str)
-                          else tuple(lora_targets), lora_dropout=lora_dropout, liger=liger, repeat_kv=False,
-                          upcast_non_quantized=False)
+    setup = TrainingSetup(
+        method=method,
+        lora_targets=lora_targets if isinstance(lora_targets, str) else tuple(lora_targets),
+        lora_dropout=lora_dropout,
+        liger=liger,
+        repeat_kv=False,
+        upcast_non_quantized=False,
+    )
     return layer_activation_bytes(llama_shape(model_config), setup)
 
 
-def plan_checkpointing(n_layers: int, tokens: int, per_token_layer: float, budget_bytes: int, fixed_bytes: int,
-                       hidden: int, input_bytes: int = 2) -> CheckpointPlan:
+def plan_checkpointing(
+    n_layers: int,
+    tokens: int,
+    per_token_layer: float,
+    budget_bytes: int,
+    fixed_bytes: int,
+    hidden: int,
+    input_bytes: int = 2,
+) -> CheckpointPlan:
     """The fewest checkpointed layers whose activations fit `budget_bytes` after `fixed_bytes`."""
     per_layer = int(per_token_layer * tokens * SAFETY)
     # every checkpointed layer keeps its input (hidden x input_bytes); one layer's activations are rebuilt at a time
@@ -265,21 +300,36 @@ def plan_checkpointing(n_layers: int, tokens: int, per_token_layer: float, budge
     return CheckpointPlan(best, n_layers, tokens, per_token_layer, budget_bytes)
 
 
-def run_setup(cfg, model_config, *, liger: bool, upcast_kbit: bool, varlen: bool, no_bf16: bool = False,
-              num_gpus: int = 1):
+def run_setup(
+    cfg, model_config, *, liger: bool, upcast_kbit: bool, varlen: bool, no_bf16: bool = False, num_gpus: int = 1
+):
     """(ModelShape, TrainingSetup) of this run for trainer.plan.memory: the Config -> setup rule that
     `spot-trainer plan` uses, told what this process turned on (Liger, the fp32 upcast, per-document attention)."""
     from trainer.plan.memory import shape_from_config
     from trainer.plan.run_setup import setup_from_config
 
     shape = shape_from_config(model_config, cfg.model.name_or_path)
-    setup = setup_from_config(cfg, num_gpus, liger=liger, upcast_kbit=upcast_kbit,
-                              repeat_kv=not (cfg.data.packing and varlen), no_bf16=no_bf16)
+    setup = setup_from_config(
+        cfg,
+        num_gpus,
+        liger=liger,
+        upcast_kbit=upcast_kbit,
+        repeat_kv=not (cfg.data.packing and varlen),
+        no_bf16=no_bf16,
+    )
     return shape, setup
 
 
-def plan_checkpoint_layers(shape, setup, *, free_bytes: int, reserved_bytes: int, allocated_bytes: int,
-                           n_layers: int | None = None, budget_gb: float | None = None) -> CheckpointPlan:
+def plan_checkpoint_layers(
+    shape,
+    setup,
+    *,
+    free_bytes: int,
+    reserved_bytes: int,
+    allocated_bytes: int,
+    n_layers: int | None = None,
+    budget_gb: float | None = None,
+) -> CheckpointPlan:
     """The fewest checkpointed layers for `setup`, from the GPU's memory given as numbers (free on the device,
     reserved and allocated by this process), so it plans the same on a CPU. Per layer and everything else
     come from trainer.plan.memory, as in `spot-trainer plan`; the weights and adapters are in `allocated_bytes`."""
@@ -290,8 +340,15 @@ def plan_checkpoint_layers(shape, setup, *, free_bytes: int, reserved_bytes: int
     usable = free_bytes + reserved_bytes - int(0.5 * GIB)  # what this process can hold in all
     budget = usable if budget_gb is None else min(usable, int(budget_gb * GIB))
     fixed = allocated_bytes + int(layer_independent_bytes(shape, setup)) + int(0.06 * budget)
-    return plan_checkpointing(n_layers or shape.num_layers, tokens, per_token, budget, fixed, shape.hidden_size,
-                              input_bytes=checkpointed_layer_bytes(shape, setup) // shape.hidden_size)
+    return plan_checkpointing(
+        n_layers or shape.num_layers,
+        tokens,
+        per_token,
+        budget,
+        fixed,
+        shape.hidden_size,
+        input_bytes=checkpointed_layer_bytes(shape, setup) // shape.hidden_size,
+    )
 
 
 def decoder_layers(model) -> list:
@@ -318,12 +375,25 @@ def auto_checkpoint_plan(model, cfg, device: torch.device, liger: bool) -> Check
     from trainer.distributed import world_size_from_env
 
     varlen = getattr(model.config, "_attn_implementation", None) in (VARLEN, "flash_attention_2")
-    shape, setup = run_setup(cfg, model.config, liger=liger, upcast_kbit=upcast_kbit(cfg, device), varlen=varlen,
-                             no_bf16=not torch.cuda.is_bf16_supported(), num_gpus=world_size_from_env())
+    shape, setup = run_setup(
+        cfg,
+        model.config,
+        liger=liger,
+        upcast_kbit=upcast_kbit(cfg, device),
+        varlen=varlen,
+        no_bf16=not torch.cuda.is_bf16_supported(),
+        num_gpus=world_size_from_env(),
+    )
     free, _ = torch.cuda.mem_get_info(device)
-    return plan_checkpoint_layers(shape, setup, free_bytes=free, reserved_bytes=torch.cuda.memory_reserved(device),
-                                  allocated_bytes=torch.cuda.memory_allocated(device),
-                                  n_layers=len(decoder_layers(model)), budget_gb=cfg.model.memory_budget_gb)
+    return plan_checkpoint_layers(
+        shape,
+        setup,
+        free_bytes=free,
+        reserved_bytes=torch.cuda.memory_reserved(device),
+        allocated_bytes=torch.cuda.memory_allocated(device),
+        n_layers=len(decoder_layers(model)),
+        budget_gb=cfg.model.memory_budget_gb,
+    )
 
 
 def resolve_checkpoint_layers(cfg, device: torch.device) -> int | str | None:

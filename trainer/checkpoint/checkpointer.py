@@ -48,9 +48,21 @@ def open_remote(cfg: Config, is_main: bool) -> RemoteStore | None:
 
 
 class Checkpointer:
-    def __init__(self, cfg: Config, run: RunDir, acc, model, optimizer, *, remote: RemoteStore | None,
-                 events: EventLog, metrics: MetricsLog, heartbeat: Callable[[], None], say: Callable[[str], None],
-                 started: float | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        run: RunDir,
+        acc,
+        model,
+        optimizer,
+        *,
+        remote: RemoteStore | None,
+        events: EventLog,
+        metrics: MetricsLog,
+        heartbeat: Callable[[], None],
+        say: Callable[[str], None],
+        started: float | None = None,
+    ):
         self.cfg, self.run, self.acc = cfg, run, acc
         self.model, self.optimizer = model, optimizer
         self.raw_model = acc.unwrap_model(model)
@@ -82,11 +94,13 @@ class Checkpointer:
         failure: BaseException | None = None
         if self.is_main:
             try:
-                choice = resume.choose(mode, self.store, self.remote, self.cfg.checkpoint.remote_wait_s, self.say,
-                                       self.heartbeat)
+                choice = resume.choose(
+                    mode, self.store, self.remote, self.cfg.checkpoint.remote_wait_s, self.say, self.heartbeat
+                )
                 if choice.path is not None:  # refused before anything is moved aside: nothing touched
-                    saved = Progress.from_json(read_json(choice.path, "trainer_state.json"),
-                                               str(choice.path / "trainer_state.json"))
+                    saved = Progress.from_json(
+                        read_json(choice.path, "trainer_state.json"), str(choice.path / "trainer_state.json")
+                    )
                     self._check_compatible(choice.path, saved, fresh)
                 resume.keep_one_lineage(self.store, self.remote, choice, self.say)
                 self.store.clean_stale(pulls=True)
@@ -134,12 +148,16 @@ class Checkpointer:
     def _check_compatible(self, path: Path, saved: Progress, fresh: Progress) -> None:
         gb = saved.global_batch
         if gb is not None and gb != fresh.global_batch:
-            raise ConfigError(f"{path}: saved with global batch {gb}, this run has {fresh.global_batch} "
-                              f"(micro {fresh.micro_batch_size} x accum {fresh.grad_accum} x "
-                              f"{fresh.world_size} processes); set train.global_batch_size={gb} to resume it")
+            raise ConfigError(
+                f"{path}: saved with global batch {gb}, this run has {fresh.global_batch} "
+                f"(micro {fresh.micro_batch_size} x accum {fresh.grad_accum} x "
+                f"{fresh.world_size} processes); set train.global_batch_size={gb} to resume it"
+            )
         if saved.n_rows not in (None, fresh.n_rows):
-            raise ConfigError(f"{path}: saved with {saved.n_rows} training rows, the data now has "
-                              f"{fresh.n_rows}; resume with the same data or use --resume never")
+            raise ConfigError(
+                f"{path}: saved with {saved.n_rows} training rows, the data now has "
+                f"{fresh.n_rows}; resume with the same data or use --resume never"
+            )
 
     # ------------------------------------------------------------------ saving
 
@@ -169,9 +187,12 @@ class Checkpointer:
         self.writer.wait()
         waited = time.monotonic() - t0
         if waited > 1.0 and kind == "periodic":
-            log.warning("checkpoint at step %d waited %.1f s for the previous one to finish writing; checkpoints "
-                        "come faster than the disk takes them: raise checkpoint.every_steps/every_minutes",
-                        progress.step, waited)
+            log.warning(
+                "checkpoint at step %d waited %.1f s for the previous one to finish writing; checkpoints "
+                "come faster than the disk takes them: raise checkpoint.every_steps/every_minutes",
+                progress.step,
+                waited,
+            )
         snap = self._snapshot(progress, kind, rng, copy=not sync)
         snap.extra["stall_s"] = round(time.monotonic() - t0, 4)
         if waited > 0.05:
@@ -203,8 +224,7 @@ class Checkpointer:
                 raise
             if self.is_main:
                 self.store.abandon(Snapshot(step=progress.step, rank=self.rank, world_size=self.world))
-            self.events.emit("checkpoint_failed", step=progress.step, kind="emergency", error=str(e)[:300],
-                             pruned=[])
+            self.events.emit("checkpoint_failed", step=progress.step, kind="emergency", error=str(e)[:300], pruned=[])
             return False
         return bool(agree_int(int(self.is_main and self.committed(progress.step)), self.acc))
 
@@ -224,8 +244,12 @@ class Checkpointer:
             snap.tensors["model.safetensors"] = model_state.trainable_state(self.raw_model, copy)
             snap.json["trainer_state.json"] = progress.to_json()
             snap.json["scheduler.json"] = {
-                "kind": t.lr_scheduler, "step": progress.step, "total_steps": progress.total_steps,
-                "warmup_steps": warmup_steps(progress.total_steps, t.warmup_steps, t.warmup_ratio), "base_lr": t.lr}
+                "kind": t.lr_scheduler,
+                "step": progress.step,
+                "total_steps": progress.total_steps,
+                "warmup_steps": warmup_steps(progress.total_steps, t.warmup_steps, t.warmup_ratio),
+                "base_lr": t.lr,
+            }
             snap.text["config.yaml"] = self.cfg.to_yaml()
             snap.text[METRICS_FILE] = self.metrics.text()
         return snap
@@ -236,12 +260,20 @@ class Checkpointer:
         """Rank 0, writer thread: log, hand to the uploader, apply retention."""
         stall = snap.extra.get("stall_s")
         self.lineage = snap.lineage.after(snap.step)  # the next checkpoint descends from this one
-        self.events.emit("checkpoint", step=snap.step, kind=snap.kind, stall_s=stall, commit_s=round(seconds, 3),
-                         run_id=snap.lineage.run_id, seq=snap.lineage.seq)
+        self.events.emit(
+            "checkpoint",
+            step=snap.step,
+            kind=snap.kind,
+            stall_s=stall,
+            commit_s=round(seconds, 3),
+            run_id=snap.lineage.run_id,
+            seq=snap.lineage.seq,
+        )
         if self.uploader is not None:
             self.uploader.submit(path)
-        self.store.prune(1 if self.disk_full_seen else self.cfg.checkpoint.keep_last, head=snap.step,
-                         protect=self._uploading())
+        self.store.prune(
+            1 if self.disk_full_seen else self.cfg.checkpoint.keep_last, head=snap.step, protect=self._uploading()
+        )
 
     def _on_failed(self, snap: Snapshot, err: BaseException) -> None:
         """Writer thread, every rank: a checkpoint did not fit on the disk. Training goes on; rank 0 keeps only
@@ -252,11 +284,15 @@ class Checkpointer:
         freed, _ = self.store.prune(1, protect=self._uploading())
         newest = self.store.committed_steps()
         self.events.emit("checkpoint_failed", step=snap.step, kind=snap.kind, error=str(err)[:300], pruned=freed)
-        log.warning("checkpoint at step %d not written: the disk is full (%s); training goes on, the newest "
-                    "committed checkpoint is %s%s, and only the newest is kept from now on; free space or lower "
-                    "checkpoint.keep_last", snap.step, str(err).splitlines()[0][:160],
-                    f"step {newest[-1]}" if newest else "none",
-                    f" (deleted older checkpoints {freed} to make room)" if freed else "")
+        log.warning(
+            "checkpoint at step %d not written: the disk is full (%s); training goes on, the newest "
+            "committed checkpoint is %s%s, and only the newest is kept from now on; free space or lower "
+            "checkpoint.keep_last",
+            snap.step,
+            str(err).splitlines()[0][:160],
+            f"step {newest[-1]}" if newest else "none",
+            f" (deleted older checkpoints {freed} to make room)" if freed else "",
+        )
 
     def _uploading(self) -> set[int]:
         """Steps still on their way to the remote: retention must not delete them locally yet."""
@@ -281,8 +317,11 @@ class Checkpointer:
             if end is not None and time.monotonic() >= end:
                 break
         if not done:
-            log.warning("upload not finished within %s s; the checkpoint is committed locally and will be "
-                        "uploaded on the next start", None if timeout is None else round(timeout, 1))
+            log.warning(
+                "upload not finished within %s s; the checkpoint is committed locally and will be "
+                "uploaded on the next start",
+                None if timeout is None else round(timeout, 1),
+            )
 
     def finish(self, progress: Progress, tokenizer) -> None:
         """After the last step: wait for the writes, write `final/` (rank 0), upload it with the newest checkpoint."""
@@ -293,8 +332,12 @@ class Checkpointer:
 
     def _write_final(self, progress: Progress, tokenizer) -> None:
         """`final/`: adapter or full weights + tokenizer, loadable with transformers/peft, manifest last."""
-        meta = {"method": self.cfg.model.method, "step": progress.step,
-                "base_model": model_lib.base_model_path(self.cfg, self.run.root), "config": self.cfg.to_dict()}
+        meta = {
+            "method": self.cfg.model.method,
+            "step": progress.step,
+            "base_model": model_lib.base_model_path(self.cfg, self.run.root),
+            "config": self.cfg.to_dict(),
+        }
         run_id = self.lineage.run_id if self.lineage else None
         final = write_final(self.run, self.raw_model, tokenizer, meta, progress.step, self.world, run_id)
         if self.remote is not None:
@@ -303,8 +346,13 @@ class Checkpointer:
                 self.remote.upload_dir(final, FINAL_DIR)
                 self.say(f"final/ uploaded to {self.cfg.checkpoint.remote}")
             except StorageUnavailable as e:
-                log.warning("final/ not uploaded (%s); it is complete locally: `spot-trainer export %s --to %s` "
-                            "uploads it later", e, self.run.root, self.cfg.checkpoint.remote)
+                log.warning(
+                    "final/ not uploaded (%s); it is complete locally: `spot-trainer export %s --to %s` "
+                    "uploads it later",
+                    e,
+                    self.run.root,
+                    self.cfg.checkpoint.remote,
+                )
 
     def close(self) -> None:
         self.writer.close()

@@ -97,15 +97,16 @@ def members(head: int, manifests: Mapping[int, Manifest]) -> set[int]:
     return out
 
 
-def retention(manifests: Mapping[int, Manifest], head: int, keep_last: int,
-              protect: set[int] = frozenset()) -> tuple[list[int], list[int]]:
+def retention(
+    manifests: Mapping[int, Manifest], head: int, keep_last: int, protect: set[int] = frozenset()
+) -> tuple[list[int], list[int]]:
     """(steps to delete, steps to archive) for keeping the newest `keep_last` of the lineage of `head`.
 
     Never the head, never a protected step (being uploaded); checkpoints of other lineages are archived, not deleted.
     """
     lineage = members(head, manifests)
     ordered = sorted(lineage, key=lambda s: (manifests[s].order, s))
-    keep = set(ordered[-max(1, keep_last):]) | {head} | set(protect)
+    keep = set(ordered[-max(1, keep_last) :]) | {head} | set(protect)
     delete = [s for s in ordered if s not in keep]
     archive = sorted(s for s in manifests if s not in lineage and s not in protect)
     return delete, archive

@@ -97,8 +97,10 @@ class Manifest:
         if version is None:
             raise CorruptCheckpoint(f"{where}: not a valid manifest (format {fmt!r})")
         if version > FORMAT_VERSION:
-            raise UnsupportedCheckpoint(f"{where}: written in format v{version} by a newer spot-trainer; this version "
-                                        f"reads v{FORMAT_VERSION}: upgrade spot-trainer to resume it (kept as it is)")
+            raise UnsupportedCheckpoint(
+                f"{where}: written in format v{version} by a newer spot-trainer; this version "
+                f"reads v{FORMAT_VERSION}: upgrade spot-trainer to resume it (kept as it is)"
+            )
         try:
             return cls._from_dict(d)
         except (ValueError, TypeError, KeyError) as e:
@@ -120,15 +122,23 @@ class Manifest:
             if not isinstance(parent, dict):
                 raise TypeError("'parent' is not an object")
             parent = Parent(_run_id(parent.get("run_id"), allow_none=True), _count(parent.get("step"), "parent step"))
-        return cls(step=_count(d["step"], "step"), files=entries, world_size=_count(d.get("world_size", 1), "world_size"),
-                   kind=_text(d.get("kind", "periodic"), "kind"), created_at=_number(d.get("created_at", 0.0)),
-                   versions=_mapping(d.get("versions", {}), "versions"), extra=_mapping(d.get("extra", {}), "extra"),
-                   format=d["format"], run_id=_run_id(d.get("run_id"), allow_none=True),
-                   seq=None if d.get("seq") is None else _count(d["seq"], "seq"), parent=parent,
-                   unknown={k: v for k, v in d.items() if k not in known})
+        return cls(
+            step=_count(d["step"], "step"),
+            files=entries,
+            world_size=_count(d.get("world_size", 1), "world_size"),
+            kind=_text(d.get("kind", "periodic"), "kind"),
+            created_at=_number(d.get("created_at", 0.0)),
+            versions=_mapping(d.get("versions", {}), "versions"),
+            extra=_mapping(d.get("extra", {}), "extra"),
+            format=d["format"],
+            run_id=_run_id(d.get("run_id"), allow_none=True),
+            seq=None if d.get("seq") is None else _count(d["seq"], "seq"),
+            parent=parent,
+            unknown={k: v for k, v in d.items() if k not in known},
+        )
 
     @classmethod
-    def load(cls, ckpt_dir: str | os.PathLike) -> "Manifest":
+    def load(cls, ckpt_dir: str | os.PathLike) -> Manifest:
         p = Path(ckpt_dir) / MANIFEST_NAME
         try:
             text = _read_text(p)
@@ -212,8 +222,11 @@ def library_versions() -> dict:
 
 def list_files(ckpt_dir: Path) -> list[Path]:
     """Every regular file under the dir except the manifest, sorted."""
-    return sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
-                  and not (p.parent == ckpt_dir and p.name.startswith(".")))
+    return sorted(
+        p
+        for p in ckpt_dir.rglob("*")
+        if p.is_file() and p.name != MANIFEST_NAME and not (p.parent == ckpt_dir and p.name.startswith("."))
+    )
 
 
 def _hash_all(paths: list[Path]) -> list[str]:
@@ -224,8 +237,9 @@ def _hash_all(paths: list[Path]) -> list[str]:
         return list(pool.map(sha256_file, paths))
 
 
-def build_manifest(ckpt_dir: str | os.PathLike, step: int, known: dict[str, tuple[int, str]] | None = None,
-                   **meta) -> Manifest:
+def build_manifest(
+    ckpt_dir: str | os.PathLike, step: int, known: dict[str, tuple[int, str]] | None = None, **meta
+) -> Manifest:
     """Every file in the dir into a Manifest (does not write it).
 
     `known` maps relative paths to (size, sha256) computed while they were written; those are not read back
@@ -241,8 +255,10 @@ def build_manifest(ckpt_dir: str | os.PathLike, step: int, known: dict[str, tupl
             raise CheckpointError(f"{ckpt_dir / r}: {size} bytes on disk, {known[r][0]} written; the disk lost data")
     todo = [p for p, r in zip(paths, rel) if r not in known]
     hashed = dict(zip(todo, _hash_all(todo)))
-    entries = [FileEntry(path=r, size=size, sha256=known[r][1] if r in known else hashed[p])
-               for p, r, size in zip(paths, rel, sizes)]
+    entries = [
+        FileEntry(path=r, size=size, sha256=known[r][1] if r in known else hashed[p])
+        for p, r, size in zip(paths, rel, sizes)
+    ]
     return Manifest(step=step, files=entries, versions=library_versions(), **meta)
 
 
@@ -278,8 +294,9 @@ def check(ckpt_dir: str | os.PathLike, deep: bool = True, retry_delay_s: float =
             return _check(ckpt_dir, deep)
         except OSError as e:  # not a verdict about the checkpoint: the disk could not be read now
             if attempt == READ_RETRIES - 1:
-                return Verdict([f"{ckpt_dir}: cannot read ({e.strerror or e}); tried {READ_RETRIES} times, kept "
-                                f"as it is"])
+                return Verdict(
+                    [f"{ckpt_dir}: cannot read ({e.strerror or e}); tried {READ_RETRIES} times, kept as it is"]
+                )
             time.sleep(retry_delay_s * (attempt + 1))
     raise AssertionError("unreachable")
 

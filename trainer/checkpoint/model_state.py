@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import random
+
 import numpy as np
 import torch
 
@@ -26,8 +27,10 @@ def load_trainable_state(model, tensors: dict[str, torch.Tensor], where: str) ->
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))
     if missing or unexpected:
-        raise CheckpointError(f"{where}: weights do not match the model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}); was it saved with another model or method?")
+        raise CheckpointError(
+            f"{where}: weights do not match the model (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); was it saved with another model or method?"
+        )
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[n].to(p.device, p.dtype))

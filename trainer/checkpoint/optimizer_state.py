@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from trainer.errors import CheckpointError
-from trainer.durable import write_file as write_bytes
 from trainer.checkpoint.stream import write_safetensors
+from trainer.durable import write_file as write_bytes
+from trainer.errors import CheckpointError
 
 FORMAT_VERSION = 1
 FULL_NAME = "optimizer"
@@ -130,14 +130,27 @@ def _torch_state(opt: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dic
                 else:
                     entry["values"][key] = value
             params[name] = entry
-    meta = {"format": FORMAT_VERSION, "layout": "full", "optimizer_class": type(opt).__name__,
-            "param_groups": groups, "params": params}
+    meta = {
+        "format": FORMAT_VERSION,
+        "layout": "full",
+        "optimizer_class": type(opt).__name__,
+        "param_groups": groups,
+        "params": params,
+    }
     return tensors, meta
 
 
 def _param_entry(p, group: int, start: int, numel: int) -> dict:
-    return {"shape": list(p.shape), "group": group, "start": start, "numel": numel, "sliced": [],
-            "whole": [], "values": {}, "scalar_tensors": {}}
+    return {
+        "shape": list(p.shape),
+        "group": group,
+        "start": start,
+        "numel": numel,
+        "sliced": [],
+        "whole": [],
+        "values": {},
+        "scalar_tensors": {},
+    }
 
 
 def _zero_state(zero, names: dict[int, str]) -> tuple[dict, dict]:
@@ -169,8 +182,14 @@ def _zero_state(zero, names: dict[int, str]) -> tuple[dict, dict]:
                     entry["values"][key] = value
             params[name] = entry
     scaler = {k: v for k, v in vars(zero.loss_scaler).items() if isinstance(v, (bool, int, float))}
-    meta = {"format": FORMAT_VERSION, "layout": "zero-partition", "optimizer_class": type(inner).__name__,
-            "param_groups": groups, "params": params, "loss_scaler": scaler}
+    meta = {
+        "format": FORMAT_VERSION,
+        "layout": "zero-partition",
+        "optimizer_class": type(inner).__name__,
+        "param_groups": groups,
+        "params": params,
+        "loss_scaler": scaler,
+    }
     return tensors, meta
 
 
@@ -183,27 +202,37 @@ class SavedOptimizerState:
     def __init__(self, ckpt_dir):
         self.dir = Path(ckpt_dir)
         full = self.dir / f"{FULL_NAME}.json"
-        stems = [FULL_NAME] if full.exists() else sorted(p.name[:-5] for p in self.dir.glob("optimizer-rank*.json")
-                                                         if RANK_NAME.match(p.name))
+        stems = (
+            [FULL_NAME]
+            if full.exists()
+            else sorted(p.name[:-5] for p in self.dir.glob("optimizer-rank*.json") if RANK_NAME.match(p.name))
+        )
         if not stems:
-            raise CheckpointError(f"{self.dir}: no optimizer.json or optimizer-rank*.json; the checkpoint is "
-                                  f"incomplete; resume from an earlier one")
+            raise CheckpointError(
+                f"{self.dir}: no optimizer.json or optimizer-rank*.json; the checkpoint is "
+                f"incomplete; resume from an earlier one"
+            )
         self.files = []
         for stem in stems:
             try:
                 meta = json.loads((self.dir / f"{stem}.json").read_text())
             except (OSError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{self.dir / stem}.json: unreadable ({e}); resume from an earlier "
-                                      f"checkpoint") from None
+                raise CheckpointError(
+                    f"{self.dir / stem}.json: unreadable ({e}); resume from an earlier checkpoint"
+                ) from None
             self.files.append((self.dir / f"{stem}.safetensors", meta))
         self.meta = self.files[0][1]
         if "layout" not in self.meta or "param_groups" not in self.meta:
-            raise CheckpointError(f"{self.dir}: optimizer state in an older or unknown format; resume from a "
-                                  f"checkpoint written by this version, or use --resume never")
+            raise CheckpointError(
+                f"{self.dir}: optimizer state in an older or unknown format; resume from a "
+                f"checkpoint written by this version, or use --resume never"
+            )
         saved_ws = self.meta.get("world_size", len(stems))
         if self.meta["layout"] == "zero-partition" and len(stems) != saved_ws:
-            raise CheckpointError(f"{self.dir}: {len(stems)} optimizer-rank files for a world size of "
-                                  f"{saved_ws}; the checkpoint is incomplete")
+            raise CheckpointError(
+                f"{self.dir}: {len(stems)} optimizer-rank files for a world size of "
+                f"{saved_ws}; the checkpoint is incomplete"
+            )
         self.param_groups = self.meta["param_groups"]
         self._handles = {}
 
@@ -222,8 +251,10 @@ class SavedOptimizerState:
     def values(self, name: str) -> tuple[dict, dict]:
         found = self.entries(name)
         if not found:
-            raise CheckpointError(f"{self.dir}: no optimizer state for parameter {name!r}; the checkpoint "
-                                  f"belongs to a different model or method")
+            raise CheckpointError(
+                f"{self.dir}: no optimizer state for parameter {name!r}; the checkpoint "
+                f"belongs to a different model or method"
+            )
         return found[0][1]["values"], found[0][1]["scalar_tensors"]
 
     def read(self, name: str, key: str, start: int, numel: int) -> torch.Tensor:
@@ -235,14 +266,16 @@ class SavedOptimizerState:
                 continue
             if key not in e["sliced"]:
                 raise CheckpointError(f"{path}: no {key!r} state for {name!r}")
-            piece = self._open(path).get_slice(f"{key}/{name}")[lo - e["start"]:hi - e["start"]]
+            piece = self._open(path).get_slice(f"{key}/{name}")[lo - e["start"] : hi - e["start"]]
             if out is None:
                 out = torch.empty(numel, dtype=piece.dtype)
-            out[lo - start:hi - start] = piece
+            out[lo - start : hi - start] = piece
             filled += hi - lo
         if filled != numel:
-            raise CheckpointError(f"{self.dir}: optimizer state {key!r} of {name!r} covers {filled} of {numel} "
-                                  f"elements; the checkpoint is incomplete or from a different model")
+            raise CheckpointError(
+                f"{self.dir}: optimizer state {key!r} of {name!r} covers {filled} of {numel} "
+                f"elements; the checkpoint is incomplete or from a different model"
+            )
         return out
 
     def read_whole(self, name: str, key: str) -> torch.Tensor:
@@ -270,12 +303,16 @@ def load_optimizer_state(accelerator, model, optimizer, ckpt_dir) -> None:
 
 def _restore_groups(groups: list[dict], saved: SavedOptimizerState, group_names: list[list[str]]) -> None:
     if len(groups) != len(saved.param_groups):
-        raise CheckpointError(f"{saved.dir}: the checkpoint has {len(saved.param_groups)} optimizer param "
-                              f"groups, this run has {len(groups)}; resume with the same optimizer settings")
+        raise CheckpointError(
+            f"{saved.dir}: the checkpoint has {len(saved.param_groups)} optimizer param "
+            f"groups, this run has {len(groups)}; resume with the same optimizer settings"
+        )
     for group, want, names in zip(groups, saved.param_groups, group_names):
         if sorted(names) != sorted(want["params"]):
-            raise CheckpointError(f"{saved.dir}: optimizer param groups hold different parameters than this "
-                                  f"run's; resume with the same model, method and optimizer settings")
+            raise CheckpointError(
+                f"{saved.dir}: optimizer param groups hold different parameters than this "
+                f"run's; resume with the same model, method and optimizer settings"
+            )
         for k, v in want.items():
             if k == "params" or k not in group:
                 continue
@@ -291,8 +328,9 @@ def _step_value(opt, value, dtype_name: str | None):
 
 
 def _load_torch(opt: torch.optim.Optimizer, names: dict[int, str], saved: SavedOptimizerState) -> None:
-    _restore_groups(opt.param_groups, saved, [[names[id(p)] for p in g["params"] if id(p) in names]
-                                              for g in opt.param_groups])
+    _restore_groups(
+        opt.param_groups, saved, [[names[id(p)] for p in g["params"] if id(p) in names] for g in opt.param_groups]
+    )
     for group in opt.param_groups:
         on_device = group.get("fused") or group.get("capturable")
         for p in group["params"]:
@@ -367,8 +405,9 @@ def _replay_cpu_adam_steps(opt, step: int) -> None:
     beta1, beta2 = group["betas"]
     buf = [torch.zeros(1) for _ in range(4)]
     for t in range(1, step + 1):
-        opt.ds_opt_adam.adam_update(opt.opt_id, t, 0.0, beta1, beta2, group["eps"], 0.0,
-                                    group.get("bias_correction", True), *buf)
+        opt.ds_opt_adam.adam_update(
+            opt.opt_id, t, 0.0, beta1, beta2, group["eps"], 0.0, group.get("bias_correction", True), *buf
+        )
 
 
 def consolidate_optimizer_state(ckpt_dir) -> dict[str, dict[str, torch.Tensor]]:

@@ -42,15 +42,21 @@ class Progress:
 
     def resumed(self, saved: Progress) -> Progress:
         """This run's geometry with the saved progress (step, position, counters)."""
-        return replace(self, step=saved.step, epoch=saved.epoch, epoch_offset=saved.epoch_offset,
-                       samples_seen=saved.samples_seen, tokens_seen=saved.tokens_seen)
+        return replace(
+            self,
+            step=saved.step,
+            epoch=saved.epoch,
+            epoch_offset=saved.epoch_offset,
+            samples_seen=saved.samples_seen,
+            tokens_seen=saved.tokens_seen,
+        )
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: object, where: str) -> Progress:
-        """Read trainer_state.json; every value is checked (a checkpoint may come from a bucket), unknown keys kept out."""
+        """Read trainer_state.json; every value is checked (it may come from a bucket); unknown keys are left out."""
         if not isinstance(data, dict):
             raise CheckpointError(f"{where}: not a JSON object")
         kwargs = {}

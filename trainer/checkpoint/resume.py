@@ -47,8 +47,9 @@ def resumed(path: Path, manifest: Manifest, branch: bool) -> Choice:
     return Choice(path, manifest, Lineage(run_id, Parent(manifest.run_id, manifest.step), manifest.order + 1))
 
 
-def guard_start_over(store: CheckpointStore, remote: RemoteStore | None, archive_existing: bool,
-                     say: Callable[[str], None]) -> None:
+def guard_start_over(
+    store: CheckpointStore, remote: RemoteStore | None, archive_existing: bool, say: Callable[[str], None]
+) -> None:
     """`--resume never`: refuse (exit 2) when committed checkpoints exist, or archive them when asked to."""
     local = store.committed_steps()
     remote_steps: list[int] = []
@@ -56,18 +57,28 @@ def guard_start_over(store: CheckpointStore, remote: RemoteStore | None, archive
         try:
             remote_steps = remote.committed_steps(deadline=remote.deadline(60))
         except StorageUnavailable as e:
-            raise StorageWait(f"--resume never: cannot list {remote.uri} ({e}), which may hold committed checkpoints "
-                              f"that starting over would later archive; exiting 69 to try again when it answers "
-                              f"(or unset checkpoint.remote)") from None
+            raise StorageWait(
+                f"--resume never: cannot list {remote.uri} ({e}), which may hold committed checkpoints "
+                f"that starting over would later archive; exiting 69 to try again when it answers "
+                f"(or unset checkpoint.remote)"
+            ) from None
     if not (local or remote_steps):
         return
-    where = " and ".join(x for x in (f"{len(local)} in {store.root}" if local else "",
-                                     f"{len(remote_steps)} in {remote.uri}" if remote_steps else "") if x)
+    where = " and ".join(
+        x
+        for x in (
+            f"{len(local)} in {store.root}" if local else "",
+            f"{len(remote_steps)} in {remote.uri}" if remote_steps else "",
+        )
+        if x
+    )
     newest = max(local + remote_steps)
     if not archive_existing:
-        raise ConfigError(f"--resume never: there are committed checkpoints ({where}; newest step {newest}); "
-                          f"resume them with --resume auto, or start over with --resume never --archive-existing "
-                          f"(moves them to checkpoints/archived/), or use another --output-dir")
+        raise ConfigError(
+            f"--resume never: there are committed checkpoints ({where}; newest step {newest}); "
+            f"resume them with --resume auto, or start over with --resume never --archive-existing "
+            f"(moves them to checkpoints/archived/), or use another --output-dir"
+        )
     for step in local:
         store.archive(step)
     if remote_steps:
@@ -79,8 +90,14 @@ def guard_start_over(store: CheckpointStore, remote: RemoteStore | None, archive
     say(f"--archive-existing: moved {where} checkpoint(s) to checkpoints/archived/; starting over")
 
 
-def choose(mode: str, store: CheckpointStore, remote: RemoteStore | None, remote_wait_s: float,
-           say: Callable[[str], None], beat: Callable[[], None]) -> Choice:
+def choose(
+    mode: str,
+    store: CheckpointStore,
+    remote: RemoteStore | None,
+    remote_wait_s: float,
+    say: Callable[[str], None],
+    beat: Callable[[], None],
+) -> Choice:
     """Rank 0: what `--resume auto|never|PATH` resumes from."""
     if mode == "never":
         return fresh()
@@ -98,28 +115,39 @@ def choose(mode: str, store: CheckpointStore, remote: RemoteStore | None, remote
     remote_manifests = _wait_for_remote(remote, remote_wait_s, beat)
     if remote_manifests is None:
         if local:
-            log.warning("cannot reach %s for %.0f s; resuming the local checkpoint %s as a branch of its run (the "
-                        "remote's checkpoints are kept)", remote.uri, remote_wait_s, local[1])
+            log.warning(
+                "cannot reach %s for %.0f s; resuming the local checkpoint %s as a branch of its run (the "
+                "remote's checkpoints are kept)",
+                remote.uri,
+                remote_wait_s,
+                local[1],
+            )
             return resumed(local[1], local_manifest, branch=True)
-        raise StorageWait(f"{remote.uri}: not reachable for {remote_wait_s:.0f} s (checkpoint.remote_wait_s) and no "
-                          f"local checkpoint: it may hold this run's progress, so training does not start from step 0; "
-                          f"exiting 69 to try again later (--resume never starts without it)")
+        raise StorageWait(
+            f"{remote.uri}: not reachable for {remote_wait_s:.0f} s (checkpoint.remote_wait_s) and no "
+            f"local checkpoint: it may hold this run's progress, so training does not start from step 0; "
+            f"exiting 69 to try again later (--resume never starts without it)"
+        )
     for step in _newer_first(remote_manifests, local_manifest):
         try:
             path = remote.pull(step, store.root, manifest=remote_manifests[step])
         except StorageUnavailable as e:
-            raise StorageWait(f"{remote.uri}: pulling the newer checkpoint step {step} failed ({e}); training does "
-                              f"not start from {f'step {local[0]}' if local else 'step 0'} over it; exiting 69 to "
-                              f"try again later") from None
+            raise StorageWait(
+                f"{remote.uri}: pulling the newer checkpoint step {step} failed ({e}); training does "
+                f"not start from {f'step {local[0]}' if local else 'step 0'} over it; exiting 69 to "
+                f"try again later"
+            ) from None
         except StorageWait:
             raise  # not enough disk for it: the message says how much
         except (CorruptCheckpoint, UnsupportedCheckpoint) as e:  # a fact about the remote copy: the previous one
             log.warning("remote checkpoint step %d is unusable (%s); trying the previous one", step, e)
             continue
         except (CheckpointError, OSError) as e:  # a problem on this machine: the newer checkpoint is still good
-            raise StorageWait(f"{remote.uri}: the newer checkpoint step {step} could not be pulled here ({e}); "
-                              f"training does not go back to an older one over it; exiting 69 to try again later "
-                              f"(fix the local problem, or use --resume PATH to choose)") from None
+            raise StorageWait(
+                f"{remote.uri}: the newer checkpoint step {step} could not be pulled here ({e}); "
+                f"training does not go back to an older one over it; exiting 69 to try again later "
+                f"(fix the local problem, or use --resume PATH to choose)"
+            ) from None
         say(f"pulled checkpoint step {step} from {remote.uri}")
         return resumed(path, remote_manifests[step], branch=False)
     return resumed(local[1], local_manifest, branch=False) if local else fresh()
@@ -140,8 +168,9 @@ def _wait_for_remote(remote: RemoteStore, wait_s: float, beat: Callable[[], None
             left = end - time.monotonic()
             if left <= 0:
                 return None
-            log.warning("cannot reach %s (%s); trying again in %.0f s (%.0f s left)", remote.uri, e, min(pause, left),
-                        left)
+            log.warning(
+                "cannot reach %s (%s); trying again in %.0f s (%.0f s left)", remote.uri, e, min(pause, left), left
+            )
             until = time.monotonic() + min(pause, left)
             while time.monotonic() < until:
                 beat()  # the supervisor must not take the wait for a hang
@@ -153,8 +182,9 @@ def _wait_for_remote(remote: RemoteStore, wait_s: float, beat: Callable[[], None
         return manifests
 
 
-def keep_one_lineage(store: CheckpointStore, remote: RemoteStore | None, choice: Choice,
-                     say: Callable[[str], None]) -> None:
+def keep_one_lineage(
+    store: CheckpointStore, remote: RemoteStore | None, choice: Choice, say: Callable[[str], None]
+) -> None:
     """Rank 0, after the choice: archive local (and remote) checkpoints that are not on the resumed lineage."""
     if choice.manifest is None:
         return
@@ -174,8 +204,12 @@ def keep_one_lineage(store: CheckpointStore, remote: RemoteStore | None, choice:
         try:
             remote_manifests, _ = remote.committed(deadline=remote.deadline(60))
         except StorageUnavailable as e:
-            log.warning("cannot reach %s to archive the other lineage there now (%s); its retention does it after "
-                        "the next upload", remote.uri, e)
+            log.warning(
+                "cannot reach %s to archive the other lineage there now (%s); its retention does it after "
+                "the next upload",
+                remote.uri,
+                e,
+            )
             return
         on_remote = lineage.members(head, {**remote_manifests, head: choice.manifest})
         for s, m in sorted(remote_manifests.items()):

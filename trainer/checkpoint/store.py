@@ -31,8 +31,8 @@ from trainer.run_dir import (
     CHECKPOINTS_DIR,
     CORRUPT_DIR,
     LEGACY_RUN,
-    PULL_PREFIX,
     MANIFEST_NAME,
+    PULL_PREFIX,
     TMP_PREFIX,
     committed_steps,
     parse_step_dirname,
@@ -89,7 +89,7 @@ class CheckpointStore:
         return committed_steps(self.root)
 
     def manifests(self) -> tuple[dict[int, Manifest], dict[int, Verdict]]:
-        """(step -> manifest of every committed checkpoint whose manifest reads, step -> verdict of those that don't)."""
+        """(step -> manifest of each committed checkpoint whose manifest reads, step -> verdict of the others)."""
         good, bad = {}, {}
         for step in self.committed_steps():
             try:
@@ -98,8 +98,9 @@ class CheckpointStore:
                 bad[step] = check(self.path(step), deep=False)  # corrupt, a newer format, or a read error
         return good, bad
 
-    def latest_valid(self, deep: bool = True, warn: Callable[[str], None] = log.warning,
-                     quarantine: bool = False) -> tuple[int, Path] | None:
+    def latest_valid(
+        self, deep: bool = True, warn: Callable[[str], None] = log.warning, quarantine: bool = False
+    ) -> tuple[int, Path] | None:
         """The newest checkpoint (committed last) that verifies; others on the way are skipped with a warning.
 
         quarantine (rank 0 of a resuming run): a checkpoint with verified damage moves to checkpoints/corrupt/, so
@@ -151,8 +152,9 @@ class CheckpointStore:
         root = self.root / ARCHIVED_DIR
         if not root.is_dir():
             return {}
-        return {r.name: {d.name: d for d in sorted(r.iterdir()) if d.is_dir()} for r in sorted(root.iterdir())
-                if r.is_dir()}
+        return {
+            r.name: {d.name: d for d in sorted(r.iterdir()) if d.is_dir()} for r in sorted(root.iterdir()) if r.is_dir()
+        }
 
     def corrupt(self) -> list[Path]:
         root = self.root / CORRUPT_DIR
@@ -172,8 +174,9 @@ class CheckpointStore:
                 for p in self.root.glob(pattern):
                     shutil.rmtree(p, ignore_errors=True)
 
-    def prune(self, keep_last: int | None, head: int | None = None,
-              protect: set[int] = frozenset()) -> tuple[list[int], list[int]]:
+    def prune(
+        self, keep_last: int | None, head: int | None = None, protect: set[int] = frozenset()
+    ) -> tuple[list[int], list[int]]:
         """(deleted, archived): keep the newest `keep_last` of the lineage of `head` (default: the checkpoint
         committed last), never `head` itself nor a protected step; checkpoints of other lineages are archived."""
         if not keep_last:
@@ -210,9 +213,13 @@ class CheckpointStore:
 
     def _write_rank_files(self, snap: Snapshot, tmp: Path) -> Path:
         tmp.mkdir(parents=True, exist_ok=True)
-        jobs = [(name, lambda n=name, t=tensors: write_safetensors(tmp / n, t)) for name, tensors in snap.tensors.items()]
-        jobs += [(name, lambda n=name, o=obj: write_file(tmp / n, json.dumps(o, indent=1, sort_keys=True).encode()))
-                 for name, obj in snap.json.items()]
+        jobs = [
+            (name, lambda n=name, t=tensors: write_safetensors(tmp / n, t)) for name, tensors in snap.tensors.items()
+        ]
+        jobs += [
+            (name, lambda n=name, o=obj: write_file(tmp / n, json.dumps(o, indent=1, sort_keys=True).encode()))
+            for name, obj in snap.json.items()
+        ]
         jobs += [(name, lambda n=name, x=text: write_file(tmp / n, x.encode())) for name, text in snap.text.items()]
         # big files first, so the longest write starts at once
         jobs.sort(key=lambda j: -sum(t.numel() * t.element_size() for t in snap.tensors.get(j[0], {}).values()))
@@ -232,8 +239,10 @@ class CheckpointStore:
             for r in range(snap.world_size):
                 failed = tmp / f".rank-{r:05d}.failed"
                 if failed.exists():
-                    raise CheckpointError(f"rank {r} could not write its files for step {snap.step}: "
-                                          f"{failed.read_text(errors='replace').strip()}")
+                    raise CheckpointError(
+                        f"rank {r} could not write its files for step {snap.step}: "
+                        f"{failed.read_text(errors='replace').strip()}"
+                    )
             if time.monotonic() > deadline:
                 raise CheckpointError(f"{tmp}: not every rank wrote its files within {timeout:.0f} s")
             time.sleep(0.005)
@@ -245,9 +254,17 @@ class CheckpointStore:
                 pass
             m.unlink()
         lin = snap.lineage
-        manifest = build_manifest(tmp, snap.step, known=known, world_size=snap.world_size, kind=snap.kind,
-                                  extra=snap.extra, run_id=lin.run_id if lin else None, seq=lin.seq if lin else None,
-                                  parent=lin.parent if lin else None)
+        manifest = build_manifest(
+            tmp,
+            snap.step,
+            known=known,
+            world_size=snap.world_size,
+            kind=snap.kind,
+            extra=snap.extra,
+            run_id=lin.run_id if lin else None,
+            seq=lin.seq if lin else None,
+            parent=lin.parent if lin else None,
+        )
         write_manifest(tmp, manifest)
         final = self.path(snap.step)
         if (final / MANIFEST_NAME).exists():  # a committed checkpoint of the same step from another lineage
@@ -269,9 +286,8 @@ class CheckpointStore:
         tmp = self.tmp_path(snap.step)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not all(
-                (tmp / f".rank-{r:05d}.done").exists() or (tmp / f".rank-{r:05d}.failed").exists()
-                for r in range(snap.world_size)):
+            (tmp / f".rank-{r:05d}.done").exists() or (tmp / f".rank-{r:05d}.failed").exists()
+            for r in range(snap.world_size)
+        ):
             time.sleep(0.05)
         shutil.rmtree(tmp, ignore_errors=True)
-
-

@@ -18,8 +18,15 @@ import torch
 
 _CHUNK = 64 * 1024 * 1024
 _DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
 for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
@@ -37,8 +44,12 @@ def _bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
-                      metadata: dict[str, str] | None = None, fsync: bool = True) -> tuple[int, str]:
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    fsync: bool = True,
+) -> tuple[int, str]:
     """Write `tensors` to `path` as safetensors; returns (size in bytes, hex sha256 of the file)."""
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     order = sorted(tensors)
@@ -60,7 +71,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         for name in order:
             data = _bytes(tensors[name])
             for i in range(0, len(data), _CHUNK):
-                chunk = data[i:i + _CHUNK]
+                chunk = data[i : i + _CHUNK]
                 h.update(chunk)  # hashlib and file writes release the GIL: other files write meanwhile
                 f.write(chunk)
         f.flush()
@@ -78,4 +89,3 @@ def write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True) -> tup
         if fsync:
             os.fsync(f.fileno())
     return len(data), hashlib.sha256(data).hexdigest()
-

@@ -30,8 +30,13 @@ class CheckpointWriter:
     failure of a synchronous write, reaches the training thread.
     """
 
-    def __init__(self, store: CheckpointStore, rank: int, on_commit: Callable[[Snapshot, Path, float], None],
-                 on_failed: Callable[[Snapshot, BaseException], None] | None = None):
+    def __init__(
+        self,
+        store: CheckpointStore,
+        rank: int,
+        on_commit: Callable[[Snapshot, Path, float], None],
+        on_failed: Callable[[Snapshot, BaseException], None] | None = None,
+    ):
         self.store, self.rank, self.on_commit, self.on_failed = store, rank, on_commit, on_failed
         self._q: queue.Queue = queue.Queue()
         self._error: BaseException | None = None

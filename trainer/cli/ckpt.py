@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import shutil
 import time
-from pathlib import Path
 
 import click
 
+from trainer.checkpoint import lineage
+from trainer.checkpoint.manifest import check, verify
 from trainer.checkpoint.store import CheckpointStore
 from trainer.cli.options import config_options, run_cli
 from trainer.config.loader import load_config
 from trainer.errors import CheckpointError, ConfigError
 from trainer.run_dir import ARCHIVED_DIR, LEGACY_RUN
-from trainer.checkpoint import lineage
-from trainer.checkpoint.manifest import check, verify
 
 
 def _cfg(config, overrides, output_dir):
@@ -68,8 +67,12 @@ def list_cmd(config, overrides, output_dir, remote_uri, deep):
     rows: dict[int, dict] = {}
     for step, m in good.items():
         ok = check(store.path(step), deep=deep).ok
-        rows[step] = {"m": m, "local": True, "remote": False,
-                      "verified": ("yes" if deep else "manifest") if ok else "NO"}
+        rows[step] = {
+            "m": m,
+            "local": True,
+            "remote": False,
+            "verified": ("yes" if deep else "manifest") if ok else "NO",
+        }
     for step, verdict in bad.items():
         click.echo(f"step {step}: {verdict.problems[0]}", err=True)
     remote = _remote(cfg, remote_uri)
@@ -90,15 +93,19 @@ def list_cmd(config, overrides, output_dir, remote_uri, deep):
         return 0
     if rows:
         head = lineage.newest({s: r["m"] for s, r in rows.items()})
-        click.echo(f"{'step':>8}  {'time (UTC)':19}  {'size':>10}  {'kind':9}  {'where':6}  {'run':12}  {'seq':>5}  "
-                   f"{'parent':20}  verified")
+        click.echo(
+            f"{'step':>8}  {'time (UTC)':19}  {'size':>10}  {'kind':9}  {'where':6}  {'run':12}  {'seq':>5}  "
+            f"{'parent':20}  verified"
+        )
         for step in sorted(rows, key=lambda s: (rows[s]["m"].order, s)):
             r, m = rows[step], rows[step]["m"]
             where = "both" if r["local"] and r["remote"] else ("local" if r["local"] else "remote")
             parent = f"{m.parent.run_id or LEGACY_RUN}@{m.parent.step}" if m.parent else "-"
             mark = "  <- newest" if step == head else ""
-            click.echo(f"{step:>8}  {_ts(m.created_at)}  {_fmt_size(m.total_bytes):>10}  {m.kind:9}  {where:6}  "
-                       f"{m.run_id or LEGACY_RUN:12}  {m.order:>5}  {parent:20}  {r['verified']}{mark}")
+            click.echo(
+                f"{step:>8}  {_ts(m.created_at)}  {_fmt_size(m.total_bytes):>10}  {m.kind:9}  {where:6}  "
+                f"{m.run_id or LEGACY_RUN:12}  {m.order:>5}  {parent:20}  {r['verified']}{mark}"
+            )
     for run_id, dirs in archived.items():
         click.echo(f"archived (run {run_id}, another lineage): {', '.join(dirs)} in {store.root / 'archived' / run_id}")
     for run_id, steps in remote_archived.items():
@@ -135,8 +142,12 @@ def verify_cmd(config, overrides, output_dir, step):
 @config_options
 @click.option("--keep-last", type=int, default=None, help="Keep this many (default: checkpoint.keep_last).")
 @click.option("--remote/--no-remote", "also_remote", default=False, help="Also prune the remote.")
-@click.option("--archived", "archived", is_flag=True,
-              help="Delete the archived checkpoints (other lineages, under checkpoints/archived/) instead.")
+@click.option(
+    "--archived",
+    "archived",
+    is_flag=True,
+    help="Delete the archived checkpoints (other lineages, under checkpoints/archived/) instead.",
+)
 @run_cli
 def prune_cmd(config, overrides, output_dir, keep_last, also_remote, archived):
     """Keep the newest N checkpoints of the current lineage (never the newest); others are archived, not deleted.
@@ -149,8 +160,10 @@ def prune_cmd(config, overrides, output_dir, keep_last, also_remote, archived):
         click.echo(f"local: deleted {len(gone)} archived checkpoint(s)" + (f": {', '.join(gone)}" if gone else ""))
         if also_remote:
             remote_gone = _required_remote(cfg, "ckpt prune --archived --remote").delete_archived()
-            click.echo(f"remote: deleted {len(remote_gone)} archived checkpoint(s)"
-                       + (f": {', '.join(remote_gone)}" if remote_gone else ""))
+            click.echo(
+                f"remote: deleted {len(remote_gone)} archived checkpoint(s)"
+                + (f": {', '.join(remote_gone)}" if remote_gone else "")
+            )
         return 0
     keep = keep_last if keep_last is not None else cfg.checkpoint.keep_last
     if not keep or keep < 1:
@@ -160,7 +173,9 @@ def prune_cmd(config, overrides, output_dir, keep_last, also_remote, archived):
     if also_remote:
         remote = _required_remote(cfg, "ckpt prune --remote")
         doomed, moved = remote.prune(keep)  # also removes abandoned partial uploads
-        click.echo(_deleted("remote", doomed) + (f"; archived {len(moved)} of another lineage: {moved}" if moved else ""))
+        click.echo(
+            _deleted("remote", doomed) + (f"; archived {len(moved)} of another lineage: {moved}" if moved else "")
+        )
     return 0
 
 
@@ -179,8 +194,10 @@ def pull_cmd(config, overrides, output_dir, step):
         click.echo(f"remote: {problem}", err=True)
     if step is not None:
         if step not in manifests:
-            raise ConfigError(f"{remote.uri}: no committed checkpoint at step {step} (have: "
-                              f"{', '.join(map(str, sorted(manifests))) or 'none'})")
+            raise ConfigError(
+                f"{remote.uri}: no committed checkpoint at step {step} (have: "
+                f"{', '.join(map(str, sorted(manifests))) or 'none'})"
+            )
         candidates = [step]
     else:
         candidates = sorted(manifests, key=lambda s: (manifests[s].created_at, manifests[s].order, s), reverse=True)

@@ -23,18 +23,28 @@ def main():
 
 @main.command()
 @config_options
-@click.option("--resume", default="auto", show_default=True, metavar="auto|never|PATH",
-              help="auto: newest verified checkpoint (local or remote); never: start over (refused over committed "
-                   "checkpoints unless --archive-existing); PATH: that checkpoint (later ones are archived).")
-@click.option("--archive-existing", is_flag=True,
-              help="With --resume never: move existing checkpoints (local and remote) to checkpoints/archived/.")
+@click.option(
+    "--resume",
+    default="auto",
+    show_default=True,
+    metavar="auto|never|PATH",
+    help="auto: newest verified checkpoint (local or remote); never: start over (refused over committed "
+    "checkpoints unless --archive-existing); PATH: that checkpoint (later ones are archived).",
+)
+@click.option(
+    "--archive-existing",
+    is_flag=True,
+    help="With --resume never: move existing checkpoints (local and remote) to checkpoints/archived/.",
+)
 @run_cli
 def train(config, overrides, output_dir, resume, archive_existing):
     """Train (one process, or one rank under `accelerate launch`)."""
     cfg = load_config(config, list(overrides), output_dir)
     if archive_existing and resume != "never":
-        raise ConfigError("--archive-existing goes with --resume never (starting over); with --resume auto the "
-                          "existing checkpoints are resumed")
+        raise ConfigError(
+            "--archive-existing goes with --resume never (starting over); with --resume auto the "
+            "existing checkpoints are resumed"
+        )
     if resume not in ("auto", "never"):
         from trainer.checkpoint.manifest import verify
 
@@ -60,9 +70,16 @@ def run(config, overrides, output_dir):
 @main.command()
 @config_options
 @click.option("--merge", is_flag=True, help="Merge the adapter into the base model's weights (LoRA/QLoRA).")
-@click.option("--to", "to", default=None, metavar="DIR|s3://...|file://...",
-              help="Where to write it (default: <output_dir>/export).")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty --to DIR that is not an earlier export of this run.")
+@click.option(
+    "--to",
+    "to",
+    default=None,
+    metavar="DIR|s3://...|file://...",
+    help="Where to write it (default: <output_dir>/export).",
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Replace a non-empty --to DIR that is not an earlier export of this run."
+)
 @run_cli
 def export(config, overrides, output_dir, merge, to, overwrite):
     """Export final/: the adapter as is, or merged into the base model, loadable by transformers."""
@@ -84,12 +101,31 @@ def export(config, overrides, output_dir, merge, to, overwrite):
 @click.option("--spot-price-per-hour", type=float, default=None, help="Spot price per GPU-hour (USD).")
 @click.option("--prices", "prices_path", default=None, help="A price table YAML (default: the built-in one).")
 @click.option("--preemptions-per-day", type=float, default=2.0, show_default=True)
-@click.option("--restart-latency", "restart_latency_s", type=float, default=300.0, show_default=True,
-              help="Seconds from a preemption to training again on a new pod.")
+@click.option(
+    "--restart-latency",
+    "restart_latency_s",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Seconds from a preemption to training again on a new pod.",
+)
 @click.option("--efficiency", type=float, default=None, help="Fraction of peak FLOP/s to assume.")
 @run_cli
-def plan(config, overrides, output_dir, gpu, num_gpus, dataset_tokens, dataset_rows, price_per_hour,
-         spot_price_per_hour, prices_path, preemptions_per_day, restart_latency_s, efficiency):
+def plan(
+    config,
+    overrides,
+    output_dir,
+    gpu,
+    num_gpus,
+    dataset_tokens,
+    dataset_rows,
+    price_per_hour,
+    spot_price_per_hour,
+    prices_path,
+    preemptions_per_day,
+    restart_latency_s,
+    efficiency,
+):
     """Before a run: will it fit on my GPU (memory by component), how long, what will it cost (spot vs on-demand)."""
     cfg = load_config(config, list(overrides), output_dir)
     from trainer.plan.planner import make_plan
@@ -97,9 +133,19 @@ def plan(config, overrides, output_dir, gpu, num_gpus, dataset_tokens, dataset_r
 
     if dataset_rows is None and dataset_tokens is None and cfg.data.path == "builtin:tasks":
         dataset_rows = cfg.data.builtin.num_train
-    p = make_plan(cfg, gpu, num_gpus, dataset_tokens, dataset_rows=dataset_rows, price_per_hour=price_per_hour,
-                  spot_price_per_hour=spot_price_per_hour, prices_path=prices_path, efficiency=efficiency,
-                  preemptions_per_day=preemptions_per_day, restart_latency_s=restart_latency_s)
+    p = make_plan(
+        cfg,
+        gpu,
+        num_gpus,
+        dataset_tokens,
+        dataset_rows=dataset_rows,
+        price_per_hour=price_per_hour,
+        spot_price_per_hour=spot_price_per_hour,
+        prices_path=prices_path,
+        efficiency=efficiency,
+        preemptions_per_day=preemptions_per_day,
+        restart_latency_s=restart_latency_s,
+    )
     click.echo(render_plan(p))
     return 0
 
@@ -133,6 +179,7 @@ def presets(config, overrides, output_dir):
     for name, desc in list_presets().items():
         click.echo(f"{name:10s} {desc}")
     return 0
+
 
 main.add_command(ckpt)
 

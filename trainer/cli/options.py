@@ -17,6 +17,7 @@ from trainer.config.schema import Config
 from trainer.errors import SpotTrainerError
 from trainer.run_dir import FINAL_META, RunDir
 
+
 def setup_logging(debug: bool) -> None:
     # warnings and errors only: the run prints its own progress lines; --debug shows everything
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -58,10 +59,20 @@ def run_cli(fn):
 def config_options(fn):
     """CONFIG (optional), --set key=value (repeatable), --output-dir, --debug: on every command."""
     fn = click.option("--debug", is_flag=True, help="Show tracebacks.")(fn)
-    fn = click.option("--output-dir", "output_dir", type=click.Path(file_okay=False), default=None,
-                      help="Output directory (overrides output_dir in the config).")(fn)
-    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                      help="Override a config key, e.g. --set train.max_steps=50 (repeatable).")(fn)
+    fn = click.option(
+        "--output-dir",
+        "output_dir",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="Output directory (overrides output_dir in the config).",
+    )(fn)
+    fn = click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a config key, e.g. --set train.max_steps=50 (repeatable).",
+    )(fn)
     fn = click.argument("config", required=False)(fn)
     return fn
 

@@ -22,8 +22,9 @@ from trainer.errors import ConfigError
 log = logging.getLogger(__name__)
 
 # Keys earlier versions accepted: old configs and the config snapshots of old checkpoints still load.
-RETIRED_KEYS = {"data.num_workers": (0, "rows are tokenized in memory before training, there is no loader to "
-                                        "give workers to")}
+RETIRED_KEYS = {
+    "data.num_workers": (0, "rows are tokenized in memory before training, there is no loader to give workers to")
+}
 PRESET_DIR = Path(str(resources.files("trainer.config") / "presets"))
 DEFAULT_PRESET = "default"
 
@@ -43,8 +44,9 @@ def _read_yaml(path: Path, what: str) -> dict:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError(f"{what} {path}: file not found; give an existing YAML file or a preset name "
-                          f"({', '.join(list_presets())})") from None
+        raise ConfigError(
+            f"{what} {path}: file not found; give an existing YAML file or a preset name ({', '.join(list_presets())})"
+        ) from None
     except OSError as e:
         raise ConfigError(f"{what} {path}: cannot read ({e.strerror})") from None
     try:
@@ -84,7 +86,7 @@ def _load_raw(source: str | None, seen: tuple = ()) -> dict:
         if base in seen:
             raise ConfigError(f"{path}: 'base: {base}' makes a cycle")
         if not Path(base).is_absolute() and "/" in base:
-            base = str((path.parent / base))
+            base = str(path.parent / base)
         return _deep_merge(_load_raw(base, seen + (base,)), data)
     return data
 
@@ -171,7 +173,8 @@ def _type_name(tp) -> str:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " (or null)" * (
-            type(None) in typing.get_args(tp))
+            type(None) in typing.get_args(tp)
+        )
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))

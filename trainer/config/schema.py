@@ -124,7 +124,9 @@ class S3Config:
     read_timeout_s: float = 60.0
     max_attempts: int = 8
     deadline_s: float = 900.0  # time one operation may take, retries included; a transfer gets more for its size
-    min_throughput_mb_s: float = 1.0  # a transfer of N MB may also take N / this many seconds (a slow link still gets there)
+    min_throughput_mb_s: float = (
+        1.0  # a transfer of N MB may also take N / this many seconds (a slow link still gets there)
+    )
 
 
 @dataclass

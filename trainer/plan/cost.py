@@ -28,8 +28,15 @@ def preemption_overhead(preemptions_per_day: float, restart_latency_s: float, lo
     return min(lost, 0.95)
 
 
-def cost_rows(gpu: GpuSpec, hours: float | None, num_gpus: int, prices: dict, overhead: float,
-              price_per_hour: float | None, spot_price_per_hour: float | None) -> list[CostRow]:
+def cost_rows(
+    gpu: GpuSpec,
+    hours: float | None,
+    num_gpus: int,
+    prices: dict,
+    overhead: float,
+    price_per_hour: float | None,
+    spot_price_per_hour: float | None,
+) -> list[CostRow]:
     """On-demand and spot cost per provider; spot hours are stretched by the preemption overhead."""
     table = {}
     for name, row in (prices.get("gpus") or {}).items():

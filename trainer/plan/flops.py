@@ -24,8 +24,17 @@ class TokenFlops:
     hardware: float  # model FLOPs plus the recompute of checkpointed layers (HFU; what the GPU executes)
 
 
-def token_flops(*, matmul_params: float, layer_params: float, num_layers: int, attention_width: int,
-                attention_len: float, full: bool, adapter_params: float = 0, ckpt_fraction: float = 0.0) -> TokenFlops:
+def token_flops(
+    *,
+    matmul_params: float,
+    layer_params: float,
+    num_layers: int,
+    attention_width: int,
+    attention_len: float,
+    full: bool,
+    adapter_params: float = 0,
+    ckpt_fraction: float = 0.0,
+) -> TokenFlops:
     """FLOPs per token from the counts (see the module doc); layer_params: the decoder layers' linear weights."""
     attn = 2 * num_layers * attention_width * attention_len
     forward = 2 * matmul_params + attn
@@ -37,17 +46,22 @@ def token_flops(*, matmul_params: float, layer_params: float, num_layers: int, a
     return TokenFlops(model=model, hardware=model + ckpt_fraction * recompute)
 
 
-def shape_flops(shape: ModelShape, setup: TrainingSetup, attention_len: float | None = None,
-                ckpt_fraction: float | None = None) -> TokenFlops:
+def shape_flops(
+    shape: ModelShape, setup: TrainingSetup, attention_len: float | None = None, ckpt_fraction: float | None = None
+) -> TokenFlops:
     """FLOPs per token of `setup` on `shape`: attention over setup.seq_len (padded rows) unless given, and every
     layer recomputed when setup.gradient_checkpointing unless a fraction is given."""
     full = setup.method == "full"
     return token_flops(
-        matmul_params=shape.params_matmul, layer_params=shape.params_layer_linear, num_layers=shape.num_layers,
+        matmul_params=shape.params_matmul,
+        layer_params=shape.params_layer_linear,
+        num_layers=shape.num_layers,
         attention_width=shape.attention_width,
-        attention_len=setup.seq_len if attention_len is None else attention_len, full=full,
+        attention_len=setup.seq_len if attention_len is None else attention_len,
+        full=full,
         adapter_params=0 if full else lora_params(shape, setup),
-        ckpt_fraction=(1.0 if setup.gradient_checkpointing else 0.0) if ckpt_fraction is None else ckpt_fraction)
+        ckpt_fraction=(1.0 if setup.gradient_checkpointing else 0.0) if ckpt_fraction is None else ckpt_fraction,
+    )
 
 
 def flops_per_token(shape: ModelShape, setup: TrainingSetup) -> float:
@@ -58,6 +72,12 @@ def flops_per_token(shape: ModelShape, setup: TrainingSetup) -> float:
 def params_flops(params: float, method: str, gradient_checkpointing: bool) -> float:
     """The same count when only a model's parameter count is known (a measured record of another model):
     attention, adapters and lm_head unknown, so every parameter counts as a decoder-layer weight."""
-    return token_flops(matmul_params=params, layer_params=params, num_layers=0, attention_width=0,
-                       attention_len=0, full=method == "full",
-                       ckpt_fraction=1.0 if gradient_checkpointing else 0.0).hardware
+    return token_flops(
+        matmul_params=params,
+        layer_params=params,
+        num_layers=0,
+        attention_width=0,
+        attention_len=0,
+        full=method == "full",
+        ckpt_fraction=1.0 if gradient_checkpointing else 0.0,
+    ).hardware

@@ -120,8 +120,9 @@ class MemoryEstimate:
 
 def lora_params(shape: ModelShape, setup: TrainingSetup) -> int:
     """LoRA adds A (r x in) and B (out x r) to every targeted linear of every layer."""
-    per_layer = sum(setup.lora_r * (lin.in_features + lin.out_features)
-                    for lin in target_linears(shape, setup.lora_targets))
+    per_layer = sum(
+        setup.lora_r * (lin.in_features + lin.out_features) for lin in target_linears(shape, setup.lora_targets)
+    )
     return per_layer * shape.num_layers
 
 
@@ -319,8 +320,18 @@ def state_bytes(shape: ModelShape, setup: TrainingSetup) -> StateBytes:
     if setup.deepspeed == "zero2_offload":
         cpu = trainable * (per_param + 4 + 4)  # whole node: optimizer state, fp32 master and fp32 gradients
         optim, master, grads = 0.0, 0.0, 0.0  # gradients stream to the host bucket by bucket
-    return StateBytes(trainable, train_bytes, per_param, shards, weight_bytes(shape, setup),
-                      0.0 if full else trainable * train_bytes, master, grads, optim, cpu)
+    return StateBytes(
+        trainable,
+        train_bytes,
+        per_param,
+        shards,
+        weight_bytes(shape, setup),
+        0.0 if full else trainable * train_bytes,
+        master,
+        grads,
+        optim,
+        cpu,
+    )
 
 
 def layer_independent_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
@@ -331,9 +342,14 @@ def layer_independent_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
     st = state_bytes(shape, setup)
     tokens = setup.micro_batch_size * setup.seq_len
     plain = replace(setup, gradient_checkpointing=False)
-    return (st.grads + st.optim + st.master + autocast_copy_bytes(shape, setup, st.trainable)
-            + tokens * head_activation_bytes(shape, setup)
-            + max(logits_working_bytes(shape, setup), backward_working_bytes(shape, plain)))
+    return (
+        st.grads
+        + st.optim
+        + st.master
+        + autocast_copy_bytes(shape, setup, st.trainable)
+        + tokens * head_activation_bytes(shape, setup)
+        + max(logits_working_bytes(shape, setup), backward_working_bytes(shape, plain))
+    )
 
 
 def estimate_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
@@ -369,19 +385,35 @@ def estimate_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
         Component("gradients", grads, grad_note if grads else ""),
         Component("optimizer state", optim, f"{setup.optimizer}: {per_param:.2f} B/param" if optim else ""),
         Component("autocast copies", casts, "bf16 copies of fp32 weights, kept for backward" if casts else ""),
-        Component("activations", saved, "layer inputs (gradient checkpointing)" if setup.gradient_checkpointing
-                  else "saved for backward"),
-        Component("logits + loss", logits, "Liger fused cross-entropy, one chunk of rows" if setup.liger
-                  else "fp32 cross-entropy over the vocabulary"),
-        Component("backward working set", backward, "one layer recomputed" if setup.gradient_checkpointing
-                  else "gradients in flight"),
+        Component(
+            "activations",
+            saved,
+            "layer inputs (gradient checkpointing)" if setup.gradient_checkpointing else "saved for backward",
+        ),
+        Component(
+            "logits + loss",
+            logits,
+            "Liger fused cross-entropy, one chunk of rows" if setup.liger else "fp32 cross-entropy over the vocabulary",
+        ),
+        Component(
+            "backward working set",
+            backward,
+            "one layer recomputed" if setup.gradient_checkpointing else "gradients in flight",
+        ),
         Component("deepspeed buffers", ds_buffers, "ZeRO buckets" if ds_buffers else ""),
         Component("allocator slack", slack, f"{ALLOCATOR_SLACK:.0%} of allocated"),
         Component("cuda context", CUDA_CONTEXT_BYTES, "outside torch's allocator"),
     ]
     phase = "optimizer step" if step > fwd_bwd else "forward/backward"
-    at_peak = {"weights", "adapters", "master weights", "optimizer state", "deepspeed buffers",
-               "allocator slack", "cuda context"}
+    at_peak = {
+        "weights",
+        "adapters",
+        "master weights",
+        "optimizer state",
+        "deepspeed buffers",
+        "allocator slack",
+        "cuda context",
+    }
     if phase == "optimizer step" or setup.grad_accum > 1 or grads > act_phase:
         at_peak.add("gradients")
     if phase != "optimizer step" and (setup.grad_accum > 1 or grads <= act_phase):
@@ -389,8 +421,15 @@ def estimate_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
     for c in components:
         c.in_peak = c.name in at_peak
     peak = allocated + slack + CUDA_CONTEXT_BYTES
-    return MemoryEstimate(components=components, peak_bytes=peak, cpu_bytes=cpu, trainable_params=trainable,
-                          saved_activation_bytes=saved, phase=phase, notes=notes)
+    return MemoryEstimate(
+        components=components,
+        peak_bytes=peak,
+        cpu_bytes=cpu,
+        trainable_params=trainable,
+        saved_activation_bytes=saved,
+        phase=phase,
+        notes=notes,
+    )
 
 
 def _trainable_state(shape: ModelShape, setup: TrainingSetup) -> tuple[int, int, float, float]:
@@ -412,8 +451,11 @@ def checkpoint_bytes(shape: ModelShape, setup: TrainingSetup) -> dict[str, float
     """Bytes one checkpoint holds, all ranks together: trainable weights (adapters only for LoRA/QLoRA), the
     optimizer's moments, and ZeRO's fp32 master copy of bf16 weights. JSON, RNG and metrics are negligible."""
     trainable, train_bytes, per_param, master = _trainable_state(shape, setup)
-    return {"weights": trainable * train_bytes, "optimizer state": trainable * per_param,
-            "master weights": trainable * master}
+    return {
+        "weights": trainable * train_bytes,
+        "optimizer state": trainable * per_param,
+        "master weights": trainable * master,
+    }
 
 
 def _weights_note(setup: TrainingSetup) -> str:

@@ -87,6 +87,7 @@ def verdict(peak_gib: float, gpu: GpuSpec) -> str:
 
 def largest_micro_batch(shape: ModelShape, setup: TrainingSetup, gpu: GpuSpec) -> int:
     """The largest micro-batch whose predicted peak stays under TIGHT x the card's memory (0: none)."""
+
     def ok(mb: int) -> bool:
         return estimate_memory(shape, replace(setup, micro_batch_size=mb)).peak_gib <= TIGHT * gpu.memory_gib
 
@@ -113,22 +114,27 @@ def suggestions(shape: ModelShape, setup: TrainingSetup, gpu: GpuSpec, table: li
     mb = largest_micro_batch(shape, setup, gpu)
     if 0 < mb < setup.micro_batch_size:
         k = math.ceil(setup.micro_batch_size / mb)
-        out.append(f"train.micro_batch_size={mb} (x{k} train.grad_accum keeps the batch): "
-                   f"{peak(micro_batch_size=mb):.1f} GiB")
+        out.append(
+            f"train.micro_batch_size={mb} (x{k} train.grad_accum keeps the batch): {peak(micro_batch_size=mb):.1f} GiB"
+        )
     if not setup.gradient_checkpointing:
         ck = replace(setup, gradient_checkpointing=True)
         mb_ck = largest_micro_batch(shape, ck, gpu)
         if mb_ck:
             use = min(mb_ck, setup.micro_batch_size)
-            out.append(f"model.gradient_checkpointing=true with micro-batch {use}: "
-                       f"{peak(gradient_checkpointing=True, micro_batch_size=use):.1f} GiB (~30% slower)")
+            out.append(
+                f"model.gradient_checkpointing=true with micro-batch {use}: "
+                f"{peak(gradient_checkpointing=True, micro_batch_size=use):.1f} GiB (~30% slower)"
+            )
     for ckpt in sorted({setup.gradient_checkpointing, True}):
         seq = setup.seq_len // 2
         while seq >= 128:
             if peak(seq_len=seq, micro_batch_size=1, gradient_checkpointing=ckpt) <= cap:
                 extra = " with gradient checkpointing" if ckpt and not setup.gradient_checkpointing else ""
-                out.append(f"data.max_length={seq}{extra} at micro-batch 1: "
-                           f"{peak(seq_len=seq, micro_batch_size=1, gradient_checkpointing=ckpt):.1f} GiB")
+                out.append(
+                    f"data.max_length={seq}{extra} at micro-batch 1: "
+                    f"{peak(seq_len=seq, micro_batch_size=1, gradient_checkpointing=ckpt):.1f} GiB"
+                )
                 break
             seq //= 2
     if setup.method == "full" and peak(method="lora", micro_batch_size=1, gradient_checkpointing=True) <= cap:
@@ -149,11 +155,23 @@ def suggestions(shape: ModelShape, setup: TrainingSetup, gpu: GpuSpec, table: li
 # ---------------------------------------------------------------- the plan
 
 
-def make_plan(cfg: Config, gpu: str | None = None, num_gpus: int = 1, dataset_tokens: int | None = None, *,
-              dataset_rows: int | None = None, vocab_size: int | None = None, price_per_hour: float | None = None,
-              spot_price_per_hour: float | None = None, prices_path: Path | None = None,
-              bench_dir: Path | None = None, efficiency: float | None = None, preemptions_per_day: float = 2.0,
-              restart_latency_s: float = 300.0, lost_work_s: float | None = None) -> Plan:
+def make_plan(
+    cfg: Config,
+    gpu: str | None = None,
+    num_gpus: int = 1,
+    dataset_tokens: int | None = None,
+    *,
+    dataset_rows: int | None = None,
+    vocab_size: int | None = None,
+    price_per_hour: float | None = None,
+    spot_price_per_hour: float | None = None,
+    prices_path: Path | None = None,
+    bench_dir: Path | None = None,
+    efficiency: float | None = None,
+    preemptions_per_day: float = 2.0,
+    restart_latency_s: float = 300.0,
+    lost_work_s: float | None = None,
+) -> Plan:
     """Memory per GPU, a verdict for every known GPU, and time and cost on the chosen one."""
     if num_gpus < 1:
         raise ConfigError(f"--gpus {num_gpus}: must be at least 1")
@@ -165,6 +183,7 @@ def make_plan(cfg: Config, gpu: str | None = None, num_gpus: int = 1, dataset_to
     tokens, tokens_source = count_tokens(cfg, num_gpus, dataset_tokens, dataset_rows)
     bench = read_bench_results(bench_dir)
     prices = load_prices(prices_path)
+
     def spot_overhead(tp: Throughput) -> tuple[float, float]:
         """(fraction of spot time lost, seconds of work redone per preemption) on one GPU type."""
         ck = cfg.checkpoint
@@ -191,10 +210,16 @@ def make_plan(cfg: Config, gpu: str | None = None, num_gpus: int = 1, dataset_to
     overhead = 0.0
     plan_verdict = max_mb = None
     advice: list[str] = []
-    kbit = ("QLoRA via prepare_model_for_kbit_training, so embeddings/lm_head/norms fp32" if setup.upcast_non_quantized
-            else "QLoRA with model.kbit_bf16_frozen, so embeddings/lm_head/norms bf16")
-    loss = ("Liger kernels (model.liger_kernels): fused RMSNorm/SwiGLU, cross-entropy without full logits"
-            if setup.liger else "unfused HF cross-entropy")
+    kbit = (
+        "QLoRA via prepare_model_for_kbit_training, so embeddings/lm_head/norms fp32"
+        if setup.upcast_non_quantized
+        else "QLoRA with model.kbit_bf16_frozen, so embeddings/lm_head/norms bf16"
+    )
+    loss = (
+        "Liger kernels (model.liger_kernels): fused RMSNorm/SwiGLU, cross-entropy without full logits"
+        if setup.liger
+        else "unfused HF cross-entropy"
+    )
     assumptions = [
         "memory: trainer's GPU path (bf16 autocast; full FT keeps fp32 weights + fused AdamW; LoRA adapters fp32;"
         f" {kbit}); {loss}",
@@ -207,22 +232,42 @@ def make_plan(cfg: Config, gpu: str | None = None, num_gpus: int = 1, dataset_to
             advice = suggestions(shape, setup, chosen, table)
         throughput = estimate_throughput(shape, setup, chosen, cfg.model.name_or_path, num_gpus, bench, efficiency)
         if chosen.no_bf16:
-            assumptions.append(f"{chosen.name} has no bf16: model.dtype=auto trains in fp32 there "
-                               f"({chosen.fp32_tflops} TFLOP/s); "
-                               f"model.dtype=fp16 uses its {chosen.bf16_tflops:g} TFLOP/s fp16 tensor cores")
+            assumptions.append(
+                f"{chosen.name} has no bf16: model.dtype=auto trains in fp32 there "
+                f"({chosen.fp32_tflops} TFLOP/s); "
+                f"model.dtype=fp16 uses its {chosen.bf16_tflops:g} TFLOP/s fp16 tensor cores"
+            )
         if tokens is not None:
             hours = tokens / throughput.tokens_per_second / 3600
             overhead, lost_work = spot_overhead(throughput)
             assumptions.append(
                 f"spot: {preemptions_per_day:g} preemptions/day x ({restart_latency_s:g} s restart + {lost_work:.0f} s "
                 f"redone work) = {overhead:.1%} more wall time; redone work defaults to half a checkpoint interval, "
-                f"an upper bound since the emergency checkpoint on a notice usually saves it")
+                f"an upper bound since the emergency checkpoint on a notice usually saves it"
+            )
         costs = cost_rows(chosen, hours, num_gpus, prices, overhead, price_per_hour, spot_price_per_hour)
-    return Plan(model_name=cfg.model.name_or_path, shape=shape, setup=setup, memory=memory, gpu=chosen,
-                num_gpus=num_gpus, verdict=plan_verdict, max_micro_batch=max_mb, suggestions=advice, table=table,
-                tokens=tokens, tokens_source=tokens_source, throughput=throughput, hours=hours, costs=costs,
-                prices_date=str(prices.get("date", "undated")), preemption_overhead=overhead,
-                assumptions=assumptions, checkpoint=checkpoint_bytes(shape, setup), keep_last=cfg.checkpoint.keep_last)
+    return Plan(
+        model_name=cfg.model.name_or_path,
+        shape=shape,
+        setup=setup,
+        memory=memory,
+        gpu=chosen,
+        num_gpus=num_gpus,
+        verdict=plan_verdict,
+        max_micro_batch=max_mb,
+        suggestions=advice,
+        table=table,
+        tokens=tokens,
+        tokens_source=tokens_source,
+        throughput=throughput,
+        hours=hours,
+        costs=costs,
+        prices_date=str(prices.get("date", "undated")),
+        preemption_overhead=overhead,
+        assumptions=assumptions,
+        checkpoint=checkpoint_bytes(shape, setup),
+        keep_last=cfg.checkpoint.keep_last,
+    )
 
 
 def __getattr__(name: str):

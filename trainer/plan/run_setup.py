@@ -19,9 +19,16 @@ def grad_accum(cfg: Config, num_gpus: int) -> int:
     return resolve_grad_accum(cfg, num_gpus)
 
 
-def setup_from_config(cfg: Config, num_gpus: int = 1, gpu: GpuSpec | None = None, *, liger: bool | None = None,
-                      upcast_kbit: bool | None = None, repeat_kv: bool | None = None,
-                      no_bf16: bool | None = None) -> TrainingSetup:
+def setup_from_config(
+    cfg: Config,
+    num_gpus: int = 1,
+    gpu: GpuSpec | None = None,
+    *,
+    liger: bool | None = None,
+    upcast_kbit: bool | None = None,
+    repeat_kv: bool | None = None,
+    no_bf16: bool | None = None,
+) -> TrainingSetup:
     """The memory model's view of a Config, for the trainer's GPU path (bf16 autocast unless dtype is fp32).
 
     The speed features default to how plan reads the config: an explicit true/false as given, "auto" as the
@@ -42,10 +49,22 @@ def setup_from_config(cfg: Config, num_gpus: int = 1, gpu: GpuSpec | None = None
     if repeat_kv is None:
         repeat_kv = not (cfg.data.packing and getattr(m, "packed_attention", "auto") != "mask")
     return TrainingSetup(
-        method=m.method, compute_bytes=4 if fp32 else 2,
-        micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.max_length,
-        gradient_checkpointing=m.gradient_checkpointing, optimizer=cfg.train.optimizer,
-        quant_bits=cfg.quant.bits, double_quant=cfg.quant.double_quant, lora_r=cfg.lora.r,
-        lora_targets=targets if isinstance(targets, str) else tuple(targets), lora_dropout=cfg.lora.dropout,
-        attention=m.attn_implementation or "sdpa", repeat_kv=repeat_kv, deepspeed=ds,
-        num_gpus=num_gpus, grad_accum=grad_accum(cfg, num_gpus), upcast_non_quantized=upcast, liger=liger)
+        method=m.method,
+        compute_bytes=4 if fp32 else 2,
+        micro_batch_size=cfg.train.micro_batch_size,
+        seq_len=cfg.data.max_length,
+        gradient_checkpointing=m.gradient_checkpointing,
+        optimizer=cfg.train.optimizer,
+        quant_bits=cfg.quant.bits,
+        double_quant=cfg.quant.double_quant,
+        lora_r=cfg.lora.r,
+        lora_targets=targets if isinstance(targets, str) else tuple(targets),
+        lora_dropout=cfg.lora.dropout,
+        attention=m.attn_implementation or "sdpa",
+        repeat_kv=repeat_kv,
+        deepspeed=ds,
+        num_gpus=num_gpus,
+        grad_accum=grad_accum(cfg, num_gpus),
+        upcast_non_quantized=upcast,
+        liger=liger,
+    )

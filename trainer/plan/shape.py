@@ -65,16 +65,18 @@ def shape_from_config(config, name: str = "model") -> ModelShape:
     except Exception:  # an architecture transformers cannot build here: count a Llama-style layer instead
         return llama_shape(config, name)
     layers = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len)
-    linears = tuple(LinearShape(n, m.in_features, m.out_features)
-                    for n, m in layers[0].named_modules() if isinstance(m, nn.Linear))
+    linears = tuple(
+        LinearShape(n, m.in_features, m.out_features) for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)
+    )
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
     embedding = sum(p.numel() for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters())
     out = model.get_output_embeddings()
     tied = out is not None and out.weight is model.get_input_embeddings().weight
     if out is not None and not tied:
         embedding += out.weight.numel()
-    layer_linear = sum(p.numel() for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)
-                       for p in m.parameters())
+    layer_linear = sum(
+        p.numel() for layer in layers for m in layer.modules() if isinstance(m, nn.Linear) for p in m.parameters()
+    )
     return _shape(config, name, linears, total, embedding, layer_linear, tied)
 
 
@@ -90,10 +92,21 @@ def _dims(config) -> tuple[int, int, int, int, int, int, int]:
 
 def _shape(config, name, linears, total, embedding, layer_linear, tied) -> ModelShape:
     h, layers, heads, kv, d, inter, vocab = _dims(config)
-    return ModelShape(name=name, hidden_size=h, num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=d,
-                      intermediate_size=inter, vocab_size=vocab, tie_word_embeddings=tied,
-                      layer_linears=linears, params_total=total, params_embedding=embedding,
-                      params_layer_linear=layer_linear)
+    return ModelShape(
+        name=name,
+        hidden_size=h,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=d,
+        intermediate_size=inter,
+        vocab_size=vocab,
+        tie_word_embeddings=tied,
+        layer_linears=linears,
+        params_total=total,
+        params_embedding=embedding,
+        params_layer_linear=layer_linear,
+    )
 
 
 def llama_shape(config, name: str = "model") -> ModelShape:
@@ -101,10 +114,15 @@ def llama_shape(config, name: str = "model") -> ModelShape:
     any object with hidden_size, num_hidden_layers, num_attention_heads, vocab_size (and optionally
     num_key_value_heads, head_dim, intermediate_size, tie_word_embeddings)."""
     h, layers, heads, kv, d, inter, vocab = _dims(config)
-    linears = (LinearShape("self_attn.q_proj", h, heads * d), LinearShape("self_attn.k_proj", h, kv * d),
-               LinearShape("self_attn.v_proj", h, kv * d), LinearShape("self_attn.o_proj", heads * d, h),
-               LinearShape("mlp.gate_proj", h, inter), LinearShape("mlp.up_proj", h, inter),
-               LinearShape("mlp.down_proj", inter, h))
+    linears = (
+        LinearShape("self_attn.q_proj", h, heads * d),
+        LinearShape("self_attn.k_proj", h, kv * d),
+        LinearShape("self_attn.v_proj", h, kv * d),
+        LinearShape("self_attn.o_proj", heads * d, h),
+        LinearShape("mlp.gate_proj", h, inter),
+        LinearShape("mlp.up_proj", h, inter),
+        LinearShape("mlp.down_proj", inter, h),
+    )
     tied = bool(getattr(config, "tie_word_embeddings", False))
     layer_linear = layers * sum(lin.in_features * lin.out_features for lin in linears)
     embedding = vocab * h * (1 if tied else 2)
@@ -118,13 +136,19 @@ def target_linears(shape: ModelShape, targets: str | tuple[str, ...] | list[str]
         return list(shape.layer_linears)
     if isinstance(targets, str):
         pattern = re.compile(targets)
-        found = [lin for lin in shape.layer_linears
-                 if pattern.fullmatch(lin.name) or pattern.fullmatch(f"model.layers.0.{lin.name}")]
+        found = [
+            lin
+            for lin in shape.layer_linears
+            if pattern.fullmatch(lin.name) or pattern.fullmatch(f"model.layers.0.{lin.name}")
+        ]
     else:
-        found = [lin for lin in shape.layer_linears
-                 if any(lin.name == t or lin.name.endswith("." + t) for t in targets)]
+        found = [
+            lin for lin in shape.layer_linears if any(lin.name == t or lin.name.endswith("." + t) for t in targets)
+        ]
     if not found:
         names = ", ".join(lin.name.rsplit(".", 1)[-1] for lin in shape.layer_linears)
-        raise ConfigError(f"lora.target_modules {targets!r}: matches no linear layer of {shape.name}; "
-                          f"its linear layers are {names} (or use all-linear)")
+        raise ConfigError(
+            f"lora.target_modules {targets!r}: matches no linear layer of {shape.name}; "
+            f"its linear layers are {names} (or use all-linear)"
+        )
     return found

@@ -44,10 +44,19 @@ class GpuSpec:
 @functools.lru_cache(maxsize=8)
 def load_gpus(path: Path | None = None) -> tuple[GpuSpec, ...]:
     data = yaml.safe_load((path or TABLES_DIR / "gpus.yaml").read_text())
-    return tuple(GpuSpec(name=g["name"], memory_gib=float(g["memory_gib"]), bf16_tflops=float(g["bf16_tflops"]),
-                    memory_bandwidth_gbs=float(g["memory_bandwidth_gbs"]),
-                    aliases=tuple(str(a) for a in g.get("aliases", ())), no_bf16=bool(g.get("no_bf16", False)),
-                    fp32_tflops=g.get("fp32_tflops"), note=g.get("note", "")) for g in data["gpus"])
+    return tuple(
+        GpuSpec(
+            name=g["name"],
+            memory_gib=float(g["memory_gib"]),
+            bf16_tflops=float(g["bf16_tflops"]),
+            memory_bandwidth_gbs=float(g["memory_bandwidth_gbs"]),
+            aliases=tuple(str(a) for a in g.get("aliases", ())),
+            no_bf16=bool(g.get("no_bf16", False)),
+            fp32_tflops=g.get("fp32_tflops"),
+            note=g.get("note", ""),
+        )
+        for g in data["gpus"]
+    )
 
 
 def name_key(name: str) -> str:
@@ -65,8 +74,10 @@ def find_gpu(name: str, gpus: tuple[GpuSpec, ...] | None = None) -> GpuSpec:
         return keys[name_key(name)]
     near = difflib.get_close_matches(name_key(name), list(keys), n=3, cutoff=0.5)
     names = list(dict.fromkeys(keys[k].name for k in near)) or [g.name for g in gpus]
-    raise ConfigError(f"--gpu {name!r}: unknown GPU; did you mean {', '.join(names)}? "
-                      f"(add a row to {TABLES_DIR / 'gpus.yaml'} for another card)")
+    raise ConfigError(
+        f"--gpu {name!r}: unknown GPU; did you mean {', '.join(names)}? "
+        f"(add a row to {TABLES_DIR / 'gpus.yaml'} for another card)"
+    )
 
 
 def gpu_name(name) -> str | None:
@@ -127,8 +138,9 @@ def load_measured(path: Path | None = None) -> list[dict]:
     except (OSError, ValueError) as e:
         log.warning("measured table %s unreadable (%s): planning from FLOPs alone", path, e)
         return []
-    return [{**{k: v for k, v in row.items() if k != "source"}, "_file": row["source"]}
-            for row in data.get("records", [])]
+    return [
+        {**{k: v for k, v in row.items() if k != "source"}, "_file": row["source"]} for row in data.get("records", [])
+    ]
 
 
 def read_bench_results(bench_dir: Path | None = None) -> list[dict]:

@@ -35,8 +35,15 @@ def peak_tflops(gpu: GpuSpec, setup: TrainingSetup) -> float:
     return gpu.bf16_tflops if setup.compute_bytes == 2 else (gpu.fp32_tflops or gpu.bf16_tflops / 2)
 
 
-def estimate_throughput(shape: ModelShape, setup: TrainingSetup, gpu: GpuSpec, model_name: str, num_gpus: int,
-                        bench: list[dict], efficiency: float | None = None) -> Throughput:
+def estimate_throughput(
+    shape: ModelShape,
+    setup: TrainingSetup,
+    gpu: GpuSpec,
+    model_name: str,
+    num_gpus: int,
+    bench: list[dict],
+    efficiency: float | None = None,
+) -> Throughput:
     """Tokens/s from our own bench results when there are any for this GPU and method, else from FLOPs."""
     fpt = flops_per_token(shape, setup)
     tflops = peak_tflops(gpu, setup)
@@ -49,9 +56,14 @@ def estimate_throughput(shape: ModelShape, setup: TrainingSetup, gpu: GpuSpec, m
         return Throughput(tps * num_gpus, fpt, tps * fpt / peak, f"measured ({files})")
     sized = [r for r in same if isinstance(r.get("params") or r.get("num_params"), (int, float))]
     if sized and efficiency is None:
-        effs = [float(r["tokens_per_second"]) * params_flops(float(r.get("params") or r.get("num_params")),
-                                                               setup.method, bool(r.get("gradient_checkpointing")))
-                / peak for r in sized]
+        effs = [
+            float(r["tokens_per_second"])
+            * params_flops(
+                float(r.get("params") or r.get("num_params")), setup.method, bool(r.get("gradient_checkpointing"))
+            )
+            / peak
+            for r in sized
+        ]
         eff = statistics.median(effs)
         src = f"efficiency {eff:.2f} implied by {', '.join(sorted({r['_file'] for r in sized}))}"
     else:
@@ -64,18 +76,22 @@ def _model_key(name: str) -> str:
     return name.rstrip("/").split("/")[-1].lower()  # a local dir and its hub id compare by their last part
 
 
-def count_tokens(cfg: Config, num_gpus: int, dataset_tokens: int | None,
-                 dataset_rows: int | None) -> tuple[int | None, str]:
+def count_tokens(
+    cfg: Config, num_gpus: int, dataset_tokens: int | None, dataset_rows: int | None
+) -> tuple[int | None, str]:
     t = cfg.train
     if t.max_steps:
         batch = t.global_batch_size or t.micro_batch_size * grad_accum(cfg, num_gpus) * num_gpus
         return t.max_steps * batch * cfg.data.max_length, (
-            f"{t.max_steps} steps x {batch} samples x {cfg.data.max_length} tokens (padded upper bound)")
+            f"{t.max_steps} steps x {batch} samples x {cfg.data.max_length} tokens (padded upper bound)"
+        )
     if dataset_tokens:
         return int(dataset_tokens * t.epochs), f"{dataset_tokens:,} dataset tokens x {t.epochs:g} epochs"
     if dataset_rows:
-        return (int(dataset_rows * cfg.data.max_length * t.epochs),
-                f"{dataset_rows:,} rows x {cfg.data.max_length} tokens x {t.epochs:g} epochs (upper bound)")
+        return (
+            int(dataset_rows * cfg.data.max_length * t.epochs),
+            f"{dataset_rows:,} rows x {cfg.data.max_length} tokens x {t.epochs:g} epochs (upper bound)",
+        )
     return None, "unknown: set train.max_steps or pass the dataset size"
 
 

@@ -16,7 +16,6 @@ from trainer.errors import CheckpointError, UnsupportedCheckpoint
 from trainer.remote.calls import Budget, Calls
 from trainer.remote.layout import Listing, archived_rel, archived_step, ckpt_rel, corrupt_rel, manifest_rel
 from trainer.remote.objects import Missing, ObjectStore
-from trainer.remote.pull import same_checkpoint
 from trainer.run_dir import LEGACY_RUN, step_dirname
 
 log = logging.getLogger(__name__)
@@ -38,8 +37,10 @@ class Archiver:
                 self.move(ckpt_rel(step), dst, raw, budget)
                 return dst
             # another archived copy (even of the same run and step): kept, the next name is tried
-        raise CheckpointError(f"{self.uri}/{archived_rel(key, name)}: 1000 archived copies of this step; not "
-                              f"archived: delete some with `spot-trainer ckpt prune --archived`")
+        raise CheckpointError(
+            f"{self.uri}/{archived_rel(key, name)}: 1000 archived copies of this step; not "
+            f"archived: delete some with `spot-trainer ckpt prune --archived`"
+        )
 
     def quarantine(self, step: int, raw: bytes, budget: Budget) -> str:
         """Move checkpoints/step-X, whose manifest does not read, to corrupt/ (kept for a person to look at)."""
@@ -63,7 +64,7 @@ class Archiver:
             budget.allow(sum(n for _, n in files))
             try:
                 for rel, n in files:
-                    self.calls.call(self.objects.copy, rel, dst + rel[len(src):], deadline=self.calls.sized(n, budget))
+                    self.calls.call(self.objects.copy, rel, dst + rel[len(src) :], deadline=self.calls.sized(n, budget))
                 self.calls.call(self.objects.copy, src_man, dst_man, deadline=budget.at)  # last: committed there
             except Missing as e:
                 raise CheckpointError(f"{self.uri}/{e.args[0]}: vanished while being moved aside; not moved") from None

@@ -59,12 +59,23 @@ class Calls:
             return self._abort.is_set() or time.monotonic() + (rs.upcoming_sleep or 0) >= budget.at
 
         def warn(rs: tenacity.RetryCallState) -> None:
-            log.warning("%s: %s failed (%s); retrying in %.1fs", self.uri, what, one_line(rs.outcome.exception()),
-                        rs.upcoming_sleep)
+            log.warning(
+                "%s: %s failed (%s); retrying in %.1fs",
+                self.uri,
+                what,
+                one_line(rs.outcome.exception()),
+                rs.upcoming_sleep,
+            )
+
         try:
-            for a in tenacity.Retrying(retry=tenacity.retry_if_exception(self.objects.is_transient), stop=stop,
-                                       wait=tenacity.wait_random_exponential(multiplier=0.5, max=30),
-                                       before_sleep=warn, sleep=self._abort.wait, reraise=True):
+            for a in tenacity.Retrying(
+                retry=tenacity.retry_if_exception(self.objects.is_transient),
+                stop=stop,
+                wait=tenacity.wait_random_exponential(multiplier=0.5, max=30),
+                before_sleep=warn,
+                sleep=self._abort.wait,
+                reraise=True,
+            ):
                 with a:
                     return attempt(budget)
         except Exception as e:
@@ -72,8 +83,9 @@ class Calls:
             if fatal is not None:
                 raise fatal from None
             if self.objects.is_transient(e):
-                raise StorageUnavailable(f"{self.uri}: {what} gave up after {time.monotonic() - start:.1f}s "
-                                         f"of retries ({one_line(e)})") from None
+                raise StorageUnavailable(
+                    f"{self.uri}: {what} gave up after {time.monotonic() - start:.1f}s of retries ({one_line(e)})"
+                ) from None
             raise
         raise AssertionError("unreachable")
 
@@ -89,6 +101,7 @@ class Calls:
                 box["error"] = e
             finally:
                 done.set()
+
         threading.Thread(target=run, name="storage-call", daemon=True).start()
         while not done.wait(_POLL_S):
             self._check(deadline)
@@ -129,9 +142,11 @@ class Calls:
                                 raise Missing(rel) from None
                             raise
                     elif now >= due.get(rel, deadline):
-                        raise CallTimeout(f"{rel}: not transferred within its deadline (checkpoint.s3.deadline_s "
-                                          f"{self.deadline_s:g} s + its size at checkpoint.s3.min_throughput_mb_s "
-                                          f"{self.bytes_per_s / 1e6:g})")
+                        raise CallTimeout(
+                            f"{rel}: not transferred within its deadline (checkpoint.s3.deadline_s "
+                            f"{self.deadline_s:g} s + its size at checkpoint.s3.min_throughput_mb_s "
+                            f"{self.bytes_per_s / 1e6:g})"
+                        )
                 if not pending:
                     return
                 time.sleep(_POLL_S)

@@ -52,8 +52,11 @@ class FileObjects:
         base = self.root / rel_prefix
         if not base.is_dir():
             return {}
-        return {p.relative_to(self.root).as_posix(): p.stat().st_size for p in base.rglob("*")
-                if p.is_file() and not p.name.startswith(_TMP)}
+        return {
+            p.relative_to(self.root).as_posix(): p.stat().st_size
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(_TMP)
+        }
 
     def sha256(self, rel: str) -> str | None:
         p = self.root / rel
@@ -88,6 +91,7 @@ class FileObjects:
             dest = self.root / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             _copy_whole(path, dest, fsync=True)
+
         wait([(rel, self._transfers().submit(put, path, rel)) for path, rel, _ in items])
 
     def get_files(self, items: list[tuple[str, Path]], wait: Callable) -> None:
@@ -95,6 +99,7 @@ class FileObjects:
             if not (self.root / rel).is_file():
                 raise Missing(rel)
             _copy_whole(self.root / rel, path, fsync=False)  # the caller verifies and fsyncs
+
         wait([(rel, self._transfers().submit(get, rel, path)) for rel, path in items])
 
     def is_missing(self, e: BaseException) -> bool:
@@ -106,8 +111,10 @@ class FileObjects:
 
     def explain(self, e: BaseException) -> StorageError | None:
         if isinstance(e, PermissionError) and str(e.filename or "").startswith(str(self.root) + os.sep):
-            return StorageError(f"file://{self.root}: permission denied ({e.filename}); fix the directory's "
-                                f"permissions or checkpoint.remote")
+            return StorageError(
+                f"file://{self.root}: permission denied ({e.filename}); fix the directory's "
+                f"permissions or checkpoint.remote"
+            )
         return None
 
     def close(self) -> None:

@@ -1,9 +1,9 @@
 """Where things are under a remote root: the layout of a local output dir (trainer/run_dir.py).
 
-    checkpoints/step-XXXXXXXX/<files>, manifest.json last       a committed checkpoint of the current lineage
-    checkpoints/archived/<run id|legacy>/step-XXXXXXXX[.N]/      another lineage's, moved aside (never deleted)
-    checkpoints/corrupt/step-XXXXXXXX-<sha>/                     a manifest that does not read, moved aside
-    final/                                                       the final model
+checkpoints/step-XXXXXXXX/<files>, manifest.json last       a committed checkpoint of the current lineage
+checkpoints/archived/<run id|legacy>/step-XXXXXXXX[.N]/      another lineage's, moved aside (never deleted)
+checkpoints/corrupt/step-XXXXXXXX-<sha>/                     a manifest that does not read, moved aside
+final/                                                       the final model
 """
 
 from __future__ import annotations

@@ -81,8 +81,9 @@ class DaemonPool:
 
     def __init__(self, max_workers: int):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._work, name="storage-transfer", daemon=True)
-                         for _ in range(max_workers)]
+        self._threads = [
+            threading.Thread(target=self._work, name="storage-transfer", daemon=True) for _ in range(max_workers)
+        ]
         for t in self._threads:
             t.start()
 

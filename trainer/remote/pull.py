@@ -53,8 +53,7 @@ class Puller:
     def __init__(self, uri: str, objects: ObjectStore, calls: Calls):
         self.uri, self.objects, self.calls = uri, objects, calls
 
-    def pull(self, step: int, dest_root: Path, manifest: Manifest | None = None,
-             deadline: float | None = None) -> Path:
+    def pull(self, step: int, dest_root: Path, manifest: Manifest | None = None, deadline: float | None = None) -> Path:
         """Download, verify and commit `step` as dest_root/step-XXXXXXXX (see the module docstring)."""
         dest_root = Path(dest_root)
         rel = f"{CHECKPOINTS_DIR}/{step_dirname(step)}"
@@ -68,8 +67,10 @@ class Puller:
             if found.step != step:
                 raise CorruptCheckpoint(f"{where}/{MANIFEST_NAME}: says step {found.step}")
             if manifest is not None and found != manifest:
-                raise CheckpointError(f"{where}: changed remotely since it was listed (another writer, or it was "
-                                      f"archived and replaced); list the remote again")
+                raise CheckpointError(
+                    f"{where}: changed remotely since it was listed (another writer, or it was "
+                    f"archived and replaced); list the remote again"
+                )
             work = pull_dir(dest_root, step)
             try:
                 return self._fetch(where, rel, found, raw, dest_root, work, budget)
@@ -83,8 +84,9 @@ class Puller:
 
     # ---------------------------------------------------------------- one attempt
 
-    def _fetch(self, where: str, rel: str, m: Manifest, raw: bytes, dest_root: Path, work: Path,
-               budget: Budget) -> Path:
+    def _fetch(
+        self, where: str, rel: str, m: Manifest, raw: bytes, dest_root: Path, work: Path, budget: Budget
+    ) -> Path:
         final = dest_root / step_dirname(m.step)
         self._check_destination(final, m, where)
         work.mkdir(parents=True, exist_ok=True)
@@ -99,7 +101,9 @@ class Puller:
         try:
             self.calls.transfer(
                 lambda wait: self.objects.get_files([(f"{rel}/{f.path}", work / f.path) for f in todo], wait),
-                [(f"{rel}/{f.path}", f.size) for f in todo], budget)
+                [(f"{rel}/{f.path}", f.size) for f in todo],
+                budget,
+            )
         except Missing as e:
             raise CorruptCheckpoint(f"{self.uri}/{e.args[0]}: missing from the remote checkpoint") from None
         for f in todo:
@@ -130,11 +134,14 @@ class Puller:
         else:
             why = f"it is run {local.run_id or 'legacy'} step {local.step}, the remote one run {m.run_id or 'legacy'}"
         if local is None or not same_checkpoint(local, m):
-            raise CheckpointError(f"{final}: holds another committed checkpoint ({why}); {where} not pulled over "
-                                  f"it: archive or move it aside first, or pull into another --output-dir")
+            raise CheckpointError(
+                f"{final}: holds another committed checkpoint ({why}); {where} not pulled over "
+                f"it: archive or move it aside first, or pull into another --output-dir"
+            )
 
-    def _local_error(self, e: OSError, where: str, m: Manifest, dest_root: Path,
-                     work: Path) -> CheckpointError | InsufficientSpace | None:
+    def _local_error(
+        self, e: OSError, where: str, m: Manifest, dest_root: Path, work: Path
+    ) -> CheckpointError | InsufficientSpace | None:
         """What a local write error means; None for errors of the remote side (retried)."""
         if e.errno in _NO_SPACE:
             have = sum(f.size for f in m.files if (work / f.path).is_file())
@@ -143,8 +150,10 @@ class Puller:
         path = e.filename
         final = dest_root / step_dirname(m.step)
         if isinstance(path, (str, bytes, os.PathLike)) and _inside(Path(os.fsdecode(path)), (work, final)):
-            return CheckpointError(f"{os.fsdecode(path)}: cannot write it ({e.strerror or e}); {where} not pulled: "
-                                   f"fix or remove that path, or pull into another --output-dir")
+            return CheckpointError(
+                f"{os.fsdecode(path)}: cannot write it ({e.strerror or e}); {where} not pulled: "
+                f"fix or remove that path, or pull into another --output-dir"
+            )
         return None
 
 
@@ -155,7 +164,9 @@ def _no_room(where: str, step: int, dest_root: Path, needed: int, free: int, ver
     return InsufficientSpace(
         f"pulling {where} {verb} {human_bytes(needed)}, {human_bytes(free)} free on {_filesystem(dest_root)} "
         f"({dest_root}{hint}): free space or point --output-dir at a larger disk; nothing was deleted",
-        needed=needed, free=free)
+        needed=needed,
+        free=free,
+    )
 
 
 def _inside(p: Path, roots: tuple[Path, ...]) -> bool:

@@ -21,11 +21,30 @@ from trainer.config.schema import S3Config
 from trainer.errors import StorageError
 from trainer.remote.objects import DaemonPool, one_line, transient_os_error
 
-_TRANSIENT_CODES = {"RequestTimeout", "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
-                    "InternalError", "ServiceUnavailable", "OperationAborted",
-                    "NoSuchUpload"}  # a multipart upload the server lost (restart): upload the file again
-_AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "AllAccessDisabled", "InvalidToken",
-               "ExpiredToken", "TokenRefreshRequired", "InvalidSecurity", "AccountProblem", "Forbidden", "403"}
+_TRANSIENT_CODES = {
+    "RequestTimeout",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "InternalError",
+    "ServiceUnavailable",
+    "OperationAborted",
+    "NoSuchUpload",
+}  # a multipart upload the server lost (restart): upload the file again
+_AUTH_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AccessDenied",
+    "AllAccessDisabled",
+    "InvalidToken",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+    "InvalidSecurity",
+    "AccountProblem",
+    "Forbidden",
+    "403",
+}
 _REGION_CODES = {"PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException"}
 
 
@@ -48,9 +67,17 @@ def _is_transient(e: BaseException) -> bool:
     return transient_os_error(e)
 
 
-_SOURCES = {"env": "env", "shared-credentials-file": "profile", "config-file": "profile",
-            "iam-role": "instance role", "container-role": "container role", "assume-role": "assume-role profile",
-            "assume-role-with-web-identity": "web identity", "sso": "SSO", "custom-process": "credential_process"}
+_SOURCES = {
+    "env": "env",
+    "shared-credentials-file": "profile",
+    "config-file": "profile",
+    "iam-role": "instance role",
+    "container-role": "container role",
+    "assume-role": "assume-role profile",
+    "assume-role-with-web-identity": "web identity",
+    "sso": "SSO",
+    "custom-process": "credential_process",
+}
 
 
 class S3Objects:
@@ -64,30 +91,47 @@ class S3Objects:
             session = boto3.session.Session(profile_name=cfg.profile)
             creds = session.get_credentials()
         except bex.ProfileNotFound:
-            raise StorageError(f"{self.uri}: AWS profile {cfg.profile!r} not found in ~/.aws/config or "
-                               f"~/.aws/credentials; fix checkpoint.s3.profile") from None
+            raise StorageError(
+                f"{self.uri}: AWS profile {cfg.profile!r} not found in ~/.aws/config or "
+                f"~/.aws/credentials; fix checkpoint.s3.profile"
+            ) from None
         except bex.BotoCoreError as e:
-            raise StorageError(f"{self.uri}: cannot load AWS credentials ({type(e).__name__}); check the "
-                               f"AWS_* environment variables and ~/.aws/config") from None
+            raise StorageError(
+                f"{self.uri}: cannot load AWS credentials ({type(e).__name__}); check the "
+                f"AWS_* environment variables and ~/.aws/config"
+            ) from None
         if creds is None:
-            raise StorageError(f"{self.uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                               f"a profile (checkpoint.s3.profile or AWS_PROFILE) or an instance role")
+            raise StorageError(
+                f"{self.uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                f"a profile (checkpoint.s3.profile or AWS_PROFILE) or an instance role"
+            )
         self.source = _SOURCES.get(creds.method, creds.method)
         style = cfg.addressing_style
         if style == "auto":  # every S3-compatible store takes path-style; AWS prefers virtual-hosted
             style = "path" if cfg.endpoint_url else "auto"
         # New boto3 sends CRC trailers (aws-chunked) that GCS, B2 and older MinIO reject; we verify sha256 ourselves.
-        compat = {} if cfg.endpoint_url is None else {"request_checksum_calculation": "when_required",
-                                                      "response_checksum_validation": "when_required"}
-        conf = BotoConfig(connect_timeout=cfg.connect_timeout_s, read_timeout=cfg.read_timeout_s,
-                          retries={"mode": "standard", "total_max_attempts": cfg.max_attempts},
-                          s3={"addressing_style": style}, max_pool_connections=cfg.max_concurrency + 4,
-                          tcp_keepalive=True, user_agent_extra="spot-trainer", **compat)
+        compat = (
+            {}
+            if cfg.endpoint_url is None
+            else {"request_checksum_calculation": "when_required", "response_checksum_validation": "when_required"}
+        )
+        conf = BotoConfig(
+            connect_timeout=cfg.connect_timeout_s,
+            read_timeout=cfg.read_timeout_s,
+            retries={"mode": "standard", "total_max_attempts": cfg.max_attempts},
+            s3={"addressing_style": style},
+            max_pool_connections=cfg.max_concurrency + 4,
+            tcp_keepalive=True,
+            user_agent_extra="spot-trainer",
+            **compat,
+        )
         self.client = session.client("s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region, config=conf)
         part = cfg.part_size_mb * 1024 * 1024
-        self.transfers = TransferManager(self.client, TransferConfig(
-            multipart_threshold=part, multipart_chunksize=part, max_concurrency=cfg.max_concurrency),
-            executor_cls=DaemonPool)
+        self.transfers = TransferManager(
+            self.client,
+            TransferConfig(multipart_threshold=part, multipart_chunksize=part, max_concurrency=cfg.max_concurrency),
+            executor_cls=DaemonPool,
+        )
 
     def _key(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel
@@ -95,8 +139,9 @@ class S3Objects:
     def list(self, rel_prefix: str) -> dict[str, int]:
         """Relative path -> size of every object under rel_prefix."""
         strip, out = len(self._key("")), {}
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
-                                                                          Prefix=self._key(rel_prefix)):
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self._key(rel_prefix)
+        ):
             out.update({o["Key"][strip:]: o["Size"] for o in page.get("Contents", [])})
         return out
 
@@ -121,8 +166,9 @@ class S3Objects:
 
     def copy(self, src_rel: str, dst_rel: str) -> None:
         """Server-side copy (multipart above part_size_mb); the sha256 metadata goes with it."""
-        self.transfers.copy({"Bucket": self.bucket, "Key": self._key(src_rel)}, self.bucket,
-                            self._key(dst_rel)).result()
+        self.transfers.copy(
+            {"Bucket": self.bucket, "Key": self._key(src_rel)}, self.bucket, self._key(dst_rel)
+        ).result()
 
     def delete(self, rels: list[str]) -> None:
         for rel in rels:  # one by one: GCS has no multi-object delete
@@ -130,8 +176,17 @@ class S3Objects:
 
     def put_files(self, items: list[tuple[Path, str, str]], wait: Callable) -> None:
         """Upload (local path, rel, sha256) items in parallel (multipart above part_size_mb)."""
-        wait([(rel, self.transfers.upload(str(path), self.bucket, self._key(rel),
-                                          extra_args={"Metadata": {"sha256": sha}})) for path, rel, sha in items])
+        wait(
+            [
+                (
+                    rel,
+                    self.transfers.upload(
+                        str(path), self.bucket, self._key(rel), extra_args={"Metadata": {"sha256": sha}}
+                    ),
+                )
+                for path, rel, sha in items
+            ]
+        )
 
     def get_files(self, items: list[tuple[str, Path]], wait: Callable) -> None:
         wait([(rel, self.transfers.download(self.bucket, self._key(rel), str(path))) for rel, path in items])
@@ -145,27 +200,34 @@ class S3Objects:
     def explain(self, e: BaseException) -> StorageError | None:
         """A one-line StorageError for errors that retrying cannot fix; None for the others."""
         if isinstance(e, bex.NoCredentialsError):
-            return StorageError(f"{self.uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                                f"a profile or an instance role")
+            return StorageError(
+                f"{self.uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                f"a profile or an instance role"
+            )
         if isinstance(e, bex.SSLError) and not _is_transient(e):
             return StorageError(f"{self.uri}: TLS certificate of {self.endpoint} not trusted; set AWS_CA_BUNDLE")
         if not isinstance(e, bex.ClientError) or _is_transient(e):
             return None
         code, status = _code(e), _status(e)
         if code in _AUTH_CODES or status == 403:
-            hints = {"env": "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY",
-                     "profile": f"check the keys of profile '{self.profile}' in ~/.aws/credentials",
-                     "instance role": "check the IAM role attached to this instance"}
+            hints = {
+                "env": "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY",
+                "profile": f"check the keys of profile '{self.profile}' in ~/.aws/credentials",
+                "instance role": "check the IAM role attached to this instance",
+            }
             hint = hints.get(self.source, f"check the {self.source} credentials")
             if code == "AccessDenied":
                 hint = "allow s3:ListBucket, s3:GetObject, s3:PutObject and s3:DeleteObject on this bucket and prefix"
             elif code in ("ExpiredToken", "InvalidToken"):
                 hint = "refresh the credentials (AWS_SESSION_TOKEN or the profile's session)"
-            return StorageError(f"{self.uri}: access denied with the credentials from {self.source} ({code or status});"
-                                f" {hint}")
+            return StorageError(
+                f"{self.uri}: access denied with the credentials from {self.source} ({code or status}); {hint}"
+            )
         if code in ("NoSuchBucket", "InvalidBucketName"):
-            return StorageError(f"{self.uri}: bucket '{self.bucket}' does not exist at {self.endpoint} ({code}); "
-                                f"create it or fix checkpoint.remote / checkpoint.s3.endpoint_url")
+            return StorageError(
+                f"{self.uri}: bucket '{self.bucket}' does not exist at {self.endpoint} ({code}); "
+                f"create it or fix checkpoint.remote / checkpoint.s3.endpoint_url"
+            )
         if code in _REGION_CODES:
             return StorageError(f"{self.uri}: the bucket is in another region ({code}); set checkpoint.s3.region")
         if code == "RequestTimeTooSkewed":

@@ -96,6 +96,7 @@ class RemoteStore:
             if write:
                 self.calls.call(self.objects.write, probe, b"ok\n", sha256_bytes(b"ok\n"), deadline=b.at)
                 self.calls.call(self.objects.delete, [probe], deadline=b.at)
+
         self.calls.retry("access check", attempt, deadline)
 
     # ---------------------------------------------------------------- what is there
@@ -116,8 +117,9 @@ class RemoteStore:
     def get_manifest(self, step: int, deadline: float | None = None) -> Manifest | None:
         """The remote manifest of `step`; None if not committed; CheckpointError if unreadable."""
         rel = manifest_rel(ckpt_rel(step))
-        raw = self.calls.retry(f"read of {rel}", lambda b: self.calls.call(self.objects.read, rel, deadline=b.at),
-                               deadline)
+        raw = self.calls.retry(
+            f"read of {rel}", lambda b: self.calls.call(self.objects.read, rel, deadline=b.at), deadline
+        )
         return None if raw is None else Manifest.from_json(raw.decode("utf-8", "replace"), where=f"{self.uri}/{rel}")
 
     # ---------------------------------------------------------------- uploads
@@ -136,8 +138,14 @@ class RemoteStore:
         if manifest.step != step:
             raise CheckpointError(f"{local_dir}: manifest says step {manifest.step}; not uploaded")
         raw = (local_dir / MANIFEST_NAME).read_bytes()
-        result = self._upload(local_dir, ckpt_rel(step), manifest.files, raw, deadline,
-                              lambda remote, b: self._make_room(step, remote, manifest, b))
+        result = self._upload(
+            local_dir,
+            ckpt_rel(step),
+            manifest.files,
+            raw,
+            deadline,
+            lambda remote, b: self._make_room(step, remote, manifest, b),
+        )
         result.step = step
         return result
 
@@ -147,8 +155,11 @@ class RemoteStore:
         if (local_dir / MANIFEST_NAME).is_file():
             files, raw = Manifest.load(local_dir).files, (local_dir / MANIFEST_NAME).read_bytes()
         else:
-            files = [FileEntry(p.relative_to(local_dir).as_posix(), p.stat().st_size, sha256_file(p))
-                     for p in sorted(local_dir.rglob("*")) if p.is_file()]
+            files = [
+                FileEntry(p.relative_to(local_dir).as_posix(), p.stat().st_size, sha256_file(p))
+                for p in sorted(local_dir.rglob("*"))
+                if p.is_file()
+            ]
             raw = None
         return self._upload(local_dir, remote_rel.strip("/"), files, raw, deadline, None)
 
@@ -160,12 +171,15 @@ class RemoteStore:
 
         def attempt(b: Budget) -> None:
             self.calls.call(self.objects.delete, [manifest_rel(rel)], deadline=b.at)
-            self.calls.call(self.objects.delete, sorted(self.calls.call(self.objects.list, f"{rel}/", deadline=b.at)),
-                            deadline=b.at)
+            self.calls.call(
+                self.objects.delete, sorted(self.calls.call(self.objects.list, f"{rel}/", deadline=b.at)), deadline=b.at
+            )
+
         self.calls.retry(f"delete of {rel}", attempt, deadline)
 
-    def prune(self, keep_last: int, head: int | None = None, protect=frozenset(),
-              deadline: float | None = None) -> tuple[list[int], list[int]]:
+    def prune(
+        self, keep_last: int, head: int | None = None, protect=frozenset(), deadline: float | None = None
+    ) -> tuple[list[int], list[int]]:
         """(deleted, archived): keep the newest `keep_last` of the lineage of `head` (default: the checkpoint
         committed last); never `head`, never a protected step. Checkpoints of other lineages are archived, never
         deleted; partial uploads (no manifest) older than the head are deleted."""
@@ -202,13 +216,17 @@ class RemoteStore:
                     raise CheckpointError(f"{self.uri}/{rel}: not committed remotely; nothing to archive")
                 found = Manifest.from_json(raw.decode("utf-8", "replace"), where=f"{self.uri}/{manifest_rel(rel)}")
                 if found != manifest:
-                    raise CheckpointError(f"{self.uri}/{rel}: not the checkpoint that was listed (it changed since); "
-                                          f"not archived: list the remote again")
+                    raise CheckpointError(
+                        f"{self.uri}/{rel}: not the checkpoint that was listed (it changed since); "
+                        f"not archived: list the remote again"
+                    )
                 first = raw
             return self._archiver.archive(step, manifest, first, b)
+
         dst = self.calls.retry(f"archive of {rel}", attempt, deadline)
-        log.info("remote checkpoint step %d (run %s) archived to %s/%s", step, manifest.run_id or "legacy", self.uri,
-                 dst)
+        log.info(
+            "remote checkpoint step %d (run %s) archived to %s/%s", step, manifest.run_id or "legacy", self.uri, dst
+        )
         return f"{self.uri}/{dst}"
 
     def delete_archived(self, run_id: str | None = None, deadline: float | None = None) -> list[str]:
@@ -218,14 +236,14 @@ class RemoteStore:
 
     # ---------------------------------------------------------------- pulls
 
-    def pull(self, step: int, dest_root: Path, manifest: Manifest | None = None,
-             deadline: float | None = None) -> Path:
+    def pull(self, step: int, dest_root: Path, manifest: Manifest | None = None, deadline: float | None = None) -> Path:
         """Download, verify and commit `step` as dest_root/step-XXXXXXXX, resuming an earlier partial pull
         (trainer/remote/pull.py says which error means what)."""
         return self._puller.pull(step, dest_root, manifest, deadline)
 
-    def pull_newest(self, dest_root: Path, newer_than: Manifest | None = None,
-                    deadline: float | None = None) -> tuple[int, Path] | None:
+    def pull_newest(
+        self, dest_root: Path, newer_than: Manifest | None = None, deadline: float | None = None
+    ) -> tuple[int, Path] | None:
         """Pull the checkpoint committed last (committed after `newer_than`), falling back with a warning to the
         previous one when one is unusable; None if there is none."""
         manifests, problems = self.committed(deadline)
@@ -235,8 +253,9 @@ class RemoteStore:
         steps = [s for s in _newest_first(manifests) if floor is None or _newness(s, manifests[s]) > floor]
         return self._pull_first(steps, manifests, dest_root, deadline)
 
-    def pull_latest(self, dest_root: Path, newer_than: int | None = None,
-                    deadline: float | None = None) -> tuple[int, Path] | None:
+    def pull_latest(
+        self, dest_root: Path, newer_than: int | None = None, deadline: float | None = None
+    ) -> tuple[int, Path] | None:
         """Compatible form of pull_newest for callers that know a step: candidates above `newer_than`."""
         manifests, problems = self.committed(deadline)
         for p in problems:
@@ -257,8 +276,9 @@ class RemoteStore:
 
     # ---------------------------------------------------------------- internals
 
-    def _pull_first(self, steps: list[int], manifests: dict[int, Manifest], dest_root: Path,
-                    deadline: float | None) -> tuple[int, Path] | None:
+    def _pull_first(
+        self, steps: list[int], manifests: dict[int, Manifest], dest_root: Path, deadline: float | None
+    ) -> tuple[int, Path] | None:
         for step in steps:
             try:
                 return step, self.pull(step, dest_root, manifests[step], deadline)
@@ -267,8 +287,11 @@ class RemoteStore:
         return None
 
     def _scan(self, deadline: float | None) -> Listing:
-        keys = self.calls.retry("listing of checkpoints", lambda b: self.calls.call(
-            self.objects.list, f"{CHECKPOINTS_DIR}/", deadline=b.at), deadline)
+        keys = self.calls.retry(
+            "listing of checkpoints",
+            lambda b: self.calls.call(self.objects.list, f"{CHECKPOINTS_DIR}/", deadline=b.at),
+            deadline,
+        )
         return parse_listing(keys)
 
     def _manifests(self, steps, deadline: float | None) -> tuple[dict[int, Manifest], list[str]]:
@@ -280,8 +303,7 @@ class RemoteStore:
                 problems.append(str(e))
                 continue
             if m is not None and m.step != step:
-                problems.append(f"{self.uri}/{manifest_rel(ckpt_rel(step))}: not a valid manifest (says step "
-                                f"{m.step})")
+                problems.append(f"{self.uri}/{manifest_rel(ckpt_rel(step))}: not a valid manifest (says step {m.step})")
             elif m is not None:
                 out[step] = m
         return out, problems
@@ -316,8 +338,10 @@ class RemoteStore:
         try:
             remote = Manifest.from_json(raw.decode("utf-8", "replace"), where=f"{self.uri}/{manifest_rel(rel)}")
         except UnsupportedCheckpoint:
-            raise CheckpointError(f"{self.uri}/{rel}: holds a checkpoint in a newer spot-trainer's format; step "
-                                  f"{step} not uploaded over it: upgrade spot-trainer, or move it aside") from None
+            raise CheckpointError(
+                f"{self.uri}/{rel}: holds a checkpoint in a newer spot-trainer's format; step "
+                f"{step} not uploaded over it: upgrade spot-trainer, or move it aside"
+            ) from None
         except CorruptCheckpoint as e:
             dst = self._archiver.quarantine(step, raw, b)
             log.warning("%s; moved to %s/%s before uploading step %d", e, self.uri, dst, step)
@@ -326,11 +350,24 @@ class RemoteStore:
             self.calls.call(self.objects.delete, [manifest_rel(rel)], deadline=b.at)
             return
         dst = self._archiver.archive(step, remote, raw, b)
-        log.info("remote step %d held run %s's checkpoint; archived to %s/%s before uploading run %s's", step,
-                 remote.run_id or "legacy", self.uri, dst, local.run_id or "legacy")
+        log.info(
+            "remote step %d held run %s's checkpoint; archived to %s/%s before uploading run %s's",
+            step,
+            remote.run_id or "legacy",
+            self.uri,
+            dst,
+            local.run_id or "legacy",
+        )
 
-    def _upload(self, local_dir: Path, rel: str, files: list[FileEntry], manifest_raw: bytes | None,
-                deadline: float | None, make_room) -> UploadResult:
+    def _upload(
+        self,
+        local_dir: Path,
+        rel: str,
+        files: list[FileEntry],
+        manifest_raw: bytes | None,
+        deadline: float | None,
+        make_room,
+    ) -> UploadResult:
         start, sent = time.monotonic(), None
         man_rel = manifest_rel(rel)
 
@@ -350,26 +387,42 @@ class RemoteStore:
                 elif remote is not None:  # a different upload of this dir: uncommit before replacing its files
                     self.calls.call(self.objects.delete, [man_rel], deadline=b.at)
             present = self.calls.call(self.objects.list, f"{rel}/", deadline=b.at)
-            todo = [f for f in files if present.get(f"{rel}/{f.path}") != f.size
-                    or self.calls.call(self.objects.sha256, f"{rel}/{f.path}", deadline=b.at) != f.sha256]
+            todo = [
+                f
+                for f in files
+                if present.get(f"{rel}/{f.path}") != f.size
+                or self.calls.call(self.objects.sha256, f"{rel}/{f.path}", deadline=b.at) != f.sha256
+            ]
             sent = todo if sent is None else sent
             try:
-                self.calls.transfer(lambda wait: self.objects.put_files(
-                    [(local_dir / f.path, f"{rel}/{f.path}", f.sha256) for f in todo], wait),
-                    [(f"{rel}/{f.path}", f.size) for f in todo], b)
+                self.calls.transfer(
+                    lambda wait: self.objects.put_files(
+                        [(local_dir / f.path, f"{rel}/{f.path}", f.sha256) for f in todo], wait
+                    ),
+                    [(f"{rel}/{f.path}", f.size) for f in todo],
+                    b,
+                )
             except OSError as e:
                 if e.filename is None or not Path(os.path.abspath(os.fsdecode(e.filename))).is_relative_to(
-                        os.path.abspath(local_dir)):
+                    os.path.abspath(local_dir)
+                ):
                     raise  # the remote side (a mounted directory): retried if transient
-                raise CheckpointError(f"{os.fsdecode(e.filename)}: cannot read it ({e.strerror or e}); "
-                                      f"not uploaded") from None
+                raise CheckpointError(
+                    f"{os.fsdecode(e.filename)}: cannot read it ({e.strerror or e}); not uploaded"
+                ) from None
             if manifest_raw is not None:
                 self.calls.call(self.objects.write, man_rel, manifest_raw, sha256_bytes(manifest_raw), deadline=b.at)
 
         self.calls.retry(f"upload of {rel}", attempt, deadline)
-        return UploadResult(remote=f"{self.uri}/{rel}", step=None, seconds=time.monotonic() - start,
-                            bytes_uploaded=sum(f.size for f in sent), bytes_total=sum(f.size for f in files),
-                            files_uploaded=len(sent), files_skipped=len(files) - len(sent))
+        return UploadResult(
+            remote=f"{self.uri}/{rel}",
+            step=None,
+            seconds=time.monotonic() - start,
+            bytes_uploaded=sum(f.size for f in sent),
+            bytes_total=sum(f.size for f in files),
+            files_uploaded=len(sent),
+            files_skipped=len(files) - len(sent),
+        )
 
 
 def _newness(step: int, m: Manifest) -> tuple:

@@ -123,8 +123,7 @@ class CheckpointUploader:
             self._closing = True
             self._cond.notify_all()
         if not drained:
-            log.warning("checkpoint upload of step(s) %s not finished at shutdown; they stay local",
-                        self.pending_steps)
+            log.warning("checkpoint upload of step(s) %s not finished at shutdown; they stay local", self.pending_steps)
             self.store.abort()
         self._thread.join(timeout=5.0)
         return drained
@@ -143,7 +142,7 @@ class CheckpointUploader:
         if not self.keep_last:
             return
         known = set(self._queue) | self._remote | ({self._in_flight} if self._in_flight is not None else set())
-        keep = set(sorted(known, key=self._key)[-self.keep_last:])
+        keep = set(sorted(known, key=self._key)[-self.keep_last :])
         for step in sorted(s for s in self._queue if s not in keep):
             log.info("checkpoint step %d: upload skipped, newer checkpoints are queued or uploaded", step)
             del self._queue[step]
@@ -185,8 +184,11 @@ class CheckpointUploader:
             if fn == self._upload:
                 with self._cond:
                     self._parked[_step(arg)] = arg
-            log.warning("%s: upload gave up (%s); it stays local and is retried with the next checkpoint or on the "
-                        "next start", what, e)
+            log.warning(
+                "%s: upload gave up (%s); it stays local and is retried with the next checkpoint or on the next start",
+                what,
+                e,
+            )
         except CheckpointError as e:
             self.last_error = e
             log.warning("%s: not uploaded: %s", what, e)
@@ -214,12 +216,16 @@ class CheckpointUploader:
             for s in mine:
                 if s not in missing:
                     self._found_remote(s)
-            self._queue.update({s: root / step_dirname(s) for s in missing
-                                if s not in self._queue and s != self._in_flight})
+            self._queue.update(
+                {s: root / step_dirname(s) for s in missing if s not in self._queue and s != self._in_flight}
+            )
             self._coalesce()
         if missing:
-            log.info("checkpoints %s are committed locally but not remotely (or differently there): uploading them, "
-                     "newest first", missing)
+            log.info(
+                "checkpoints %s are committed locally but not remotely (or differently there): uploading them, "
+                "newest first",
+                missing,
+            )
 
     def _found_remote(self, step: int) -> None:
         """`step` is now committed remotely with this run's manifest (call with the lock held)."""
@@ -233,8 +239,14 @@ class CheckpointUploader:
             log.info("checkpoint step %d: local dir is gone (pruned); not uploaded", step)
             return
         result = self.store.upload_checkpoint(ckpt_dir)
-        log.info("checkpoint step %d uploaded to %s: %.1f MB in %.1f s (%d files were already there)", step,
-                 result.remote, result.bytes_uploaded / 1e6, result.seconds, result.files_skipped)
+        log.info(
+            "checkpoint step %d uploaded to %s: %.1f MB in %.1f s (%d files were already there)",
+            step,
+            result.remote,
+            result.bytes_uploaded / 1e6,
+            result.seconds,
+            result.files_skipped,
+        )
         with self._cond:
             self._found_remote(step)
             head, protect = self._head, set(self._queue) | set(self._parked)

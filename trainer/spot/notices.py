@@ -17,7 +17,6 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Optional
 
 from trainer.spot.stop import StopSignal
 
@@ -51,7 +50,7 @@ class Notice:
     provider: str
     kind: str  # "stop": the machine is going away | "rebalance": elevated risk, checkpoint early
     reason: str  # short, for events.jsonl: "aws:terminate", "gcp:preempted", "azure:Preempt"
-    deadline: Optional[float]  # unix time the machine goes away
+    deadline: float | None  # unix time the machine goes away
     detail: str
 
 
@@ -71,14 +70,14 @@ def _http(method: str, url: str, headers: dict, timeout: float) -> tuple[int, di
         raise MetadataUnavailable(f"{method} {url}: {getattr(e, 'reason', e)}") from None
 
 
-def _parse_iso(text: str) -> Optional[float]:
+def _parse_iso(text: str) -> float | None:
     try:
         return datetime.fromisoformat(text.strip().replace("Z", "+00:00")).astimezone(timezone.utc).timestamp()
     except (ValueError, AttributeError):
         return None
 
 
-def _parse_http_date(text: str) -> Optional[float]:
+def _parse_http_date(text: str) -> float | None:
     try:
         return email.utils.parsedate_to_datetime(text).timestamp()
     except (TypeError, ValueError, IndexError):
@@ -92,13 +91,17 @@ class AwsMetadata:
 
     def __init__(self, base: str, timeout: float) -> None:
         self.base, self.timeout = base.rstrip("/"), timeout
-        self._token: Optional[str] = None
+        self._token: str | None = None
         self._token_until = 0.0
         self._rebalance_seen = False
 
     def _new_token(self) -> str:
-        status, _, body = _http("PUT", f"{self.base}/latest/api/token",
-                                {"X-aws-ec2-metadata-token-ttl-seconds": str(AWS_TOKEN_TTL_S)}, self.timeout)
+        status, _, body = _http(
+            "PUT",
+            f"{self.base}/latest/api/token",
+            {"X-aws-ec2-metadata-token-ttl-seconds": str(AWS_TOKEN_TTL_S)},
+            self.timeout,
+        )
         if status != 200 or not body.strip():
             raise MetadataUnavailable(f"aws token request answered HTTP {status}")
         self._token = body.decode("ascii", "replace").strip()
@@ -109,8 +112,9 @@ class AwsMetadata:
         token = self._token if self._token and time.monotonic() < self._token_until else self._new_token()
         status, _, body = _http("GET", self.base + path, {"X-aws-ec2-metadata-token": token}, self.timeout)
         if status == 401:  # token expired or revoked: get a new one and ask again
-            status, _, body = _http("GET", self.base + path, {"X-aws-ec2-metadata-token": self._new_token()},
-                                    self.timeout)
+            status, _, body = _http(
+                "GET", self.base + path, {"X-aws-ec2-metadata-token": self._new_token()}, self.timeout
+            )
         return status, body
 
     def probe(self) -> bool:
@@ -120,7 +124,7 @@ class AwsMetadata:
         except MetadataUnavailable:
             return False
 
-    def poll(self) -> Optional[Notice]:
+    def poll(self) -> Notice | None:
         status, body = self._get("/latest/meta-data/spot/instance-action")
         if status == 200:
             try:
@@ -140,8 +144,7 @@ class AwsMetadata:
                     when = str(json.loads(body).get("noticeTime", ""))
                 except (ValueError, AttributeError):
                     when = ""
-                return Notice("aws", "rebalance", "aws:rebalance", None,
-                              f"rebalance recommendation at {when or '?'}")
+                return Notice("aws", "rebalance", "aws:rebalance", None, f"rebalance recommendation at {when or '?'}")
         return None
 
 
@@ -155,8 +158,9 @@ class GcpMetadata:
         self.base, self.timeout = base.rstrip("/"), timeout
 
     def _preempted(self) -> str:
-        status, headers, body = _http("GET", f"{self.base}/computeMetadata/v1/instance/preempted", self.HEADERS,
-                                      self.timeout)
+        status, headers, body = _http(
+            "GET", f"{self.base}/computeMetadata/v1/instance/preempted", self.HEADERS, self.timeout
+        )
         # The header is what tells GCE's metadata server apart from anything else on 169.254.169.254.
         flavor = {k.lower(): v for k, v in headers.items()}.get("metadata-flavor")
         if status != 200 or flavor != "Google":
@@ -169,7 +173,7 @@ class GcpMetadata:
         except MetadataUnavailable:
             return False
 
-    def poll(self) -> Optional[Notice]:
+    def poll(self) -> Notice | None:
         if self._preempted() == "TRUE":
             return Notice("gcp", "stop", "gcp:preempted", time.time() + GCP_NOTICE_S, "instance/preempted is TRUE")
         return None
@@ -183,12 +187,13 @@ class AzureMetadata:
 
     def __init__(self, base: str, timeout: float) -> None:
         self.base, self.timeout = base.rstrip("/"), timeout
-        self.vm_name: Optional[str] = None  # events of an availability set reach every VM in it
+        self.vm_name: str | None = None  # events of an availability set reach every VM in it
 
     def probe(self) -> bool:
         try:
-            status, _, body = _http("GET", f"{self.base}/metadata/instance?api-version={AZURE_INSTANCE_API}",
-                                    self.HEADERS, self.timeout)
+            status, _, body = _http(
+                "GET", f"{self.base}/metadata/instance?api-version={AZURE_INSTANCE_API}", self.HEADERS, self.timeout
+            )
             if status != 200:
                 return False
             doc = json.loads(body)
@@ -197,9 +202,10 @@ class AzureMetadata:
         except (MetadataUnavailable, ValueError, AttributeError):
             return False
 
-    def poll(self) -> Optional[Notice]:
-        status, _, body = _http("GET", f"{self.base}/metadata/scheduledevents?api-version={AZURE_EVENTS_API}",
-                                self.HEADERS, self.timeout)
+    def poll(self) -> Notice | None:
+        status, _, body = _http(
+            "GET", f"{self.base}/metadata/scheduledevents?api-version={AZURE_EVENTS_API}", self.HEADERS, self.timeout
+        )
         if status != 200:
             raise MetadataUnavailable(f"azure scheduledevents answered HTTP {status}")
         try:
@@ -215,9 +221,14 @@ class AzureMetadata:
                 continue
             deadline = _parse_http_date(ev.get("NotBefore") or "") or time.time() + AZURE_MIN_NOTICE_S
             if found is None or deadline < found.deadline:
-                found = Notice("azure", "stop", f"azure:{ev['EventType']}", deadline,
-                               f"scheduled event {ev.get('EventId', '?')} {ev['EventType']} "
-                               f"not before {ev.get('NotBefore') or 'now'}")
+                found = Notice(
+                    "azure",
+                    "stop",
+                    f"azure:{ev['EventType']}",
+                    deadline,
+                    f"scheduled event {ev.get('EventId', '?')} {ev['EventType']} "
+                    f"not before {ev.get('NotBefore') or 'now'}",
+                )
         return found
 
 
@@ -227,24 +238,31 @@ CLIENTS = {"aws": AwsMetadata, "gcp": GcpMetadata, "azure": AzureMetadata}
 class NoticeWatcher:
     """Polls the cloud's metadata service in a daemon thread and requests a stop on a preemption notice."""
 
-    def __init__(self, stop: StopSignal, mode: str = "auto", poll_seconds: float = 5.0,
-                 endpoints: Optional[dict] = None, timeout: float = 1.0, probe_timeout: float = 0.5) -> None:
+    def __init__(
+        self,
+        stop: StopSignal,
+        mode: str = "auto",
+        poll_seconds: float = 5.0,
+        endpoints: dict | None = None,
+        timeout: float = 1.0,
+        probe_timeout: float = 0.5,
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"preemption.watch: {mode!r} is not one of {', '.join(MODES)}")
         self.stop, self.mode, self.poll_seconds = stop, mode, poll_seconds
         self.endpoints = {**DEFAULT_ENDPOINTS, **(endpoints or {})}
         self.timeout, self.probe_timeout = timeout, probe_timeout
-        self.provider: Optional[str] = None
-        self.notice: Optional[Notice] = None
-        self.rebalance: Optional[Notice] = None
+        self.provider: str | None = None
+        self.notice: Notice | None = None
+        self.rebalance: Notice | None = None
         self._client = None
         self._failures = 0
         self._closing = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self) -> "NoticeWatcher":
+    def start(self) -> NoticeWatcher:
         """Start the daemon thread (nothing for mode 'none')."""
         if self.mode != "none" and self._thread is None:
             self._thread = threading.Thread(target=self._run, name="cloud-notice-watcher", daemon=True)
@@ -257,7 +275,7 @@ class NoticeWatcher:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def __enter__(self) -> "NoticeWatcher":
+    def __enter__(self) -> NoticeWatcher:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -269,7 +287,7 @@ class NoticeWatcher:
 
     # ------------------------------------------------------------ work
 
-    def detect(self) -> Optional[str]:
+    def detect(self) -> str | None:
         """Which metadata service answers (probed in parallel, bounded by ~probe_timeout); None if none."""
         clients = {p: CLIENTS[p](self.endpoints[p], self.probe_timeout) for p in PROVIDERS}
         answered: dict[str, bool] = {}
@@ -278,8 +296,9 @@ class NoticeWatcher:
             answered[p] = clients[p].probe()
 
         # Daemon threads, not an executor: a probe stuck past its timeout must not delay interpreter exit.
-        threads = [threading.Thread(target=probe, args=(p,), daemon=True, name=f"metadata-probe-{p}")
-                   for p in PROVIDERS]
+        threads = [
+            threading.Thread(target=probe, args=(p,), daemon=True, name=f"metadata-probe-{p}") for p in PROVIDERS
+        ]
         for t in threads:
             t.start()
         until = time.monotonic() + self.probe_timeout * 2 + 0.5
@@ -292,7 +311,7 @@ class NoticeWatcher:
                 return p
         return None
 
-    def check_once(self) -> Optional[Notice]:
+    def check_once(self) -> Notice | None:
         """Poll once and act on what it says; errors are logged quietly and return None."""
         if self._client is None:
             if self.mode == "auto":
@@ -308,8 +327,11 @@ class NoticeWatcher:
             self._failures += 1
             log.debug("%s metadata: %s", self.provider, e)
             if self._failures == 3:
-                log.warning("%s metadata service is not answering (%s); preemption notices may be missed, "
-                            "SIGTERM still works", self.provider, e)
+                log.warning(
+                    "%s metadata service is not answering (%s); preemption notices may be missed, SIGTERM still works",
+                    self.provider,
+                    e,
+                )
             return None
         self._failures = 0
         if notice is not None:
@@ -320,13 +342,17 @@ class NoticeWatcher:
         if notice.kind == "stop":
             self.notice = notice
             left = f"{max(0.0, notice.deadline - time.time()):.0f} s" if notice.deadline else "unknown time"
-            log.warning("%s preemption notice: %s; stopping at the next step (%s left)",
-                        notice.provider, notice.detail, left)
+            log.warning(
+                "%s preemption notice: %s; stopping at the next step (%s left)", notice.provider, notice.detail, left
+            )
             self.stop.request(notice.reason, notice.deadline)
         else:
             self.rebalance = notice
-            log.warning("%s: %s; the machine is at elevated risk of preemption: checkpointing early, "
-                        "training continues", notice.provider, notice.detail)
+            log.warning(
+                "%s: %s; the machine is at elevated risk of preemption: checkpointing early, training continues",
+                notice.provider,
+                notice.detail,
+            )
             self.stop.request_checkpoint(notice.reason)
 
     def _run(self) -> None:
@@ -335,8 +361,7 @@ class NoticeWatcher:
             if self.provider is None:
                 log.debug("no cloud metadata service answered; relying on SIGTERM alone")
                 return
-            log.debug("watching %s metadata for preemption notices every %.0f s", self.provider,
-                      self.poll_seconds)
+            log.debug("watching %s metadata for preemption notices every %.0f s", self.provider, self.poll_seconds)
         while not self._closing.is_set():
             notice = self.check_once()
             if notice is not None and notice.kind == "stop":

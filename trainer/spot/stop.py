@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from typing import Any, Optional
+from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -20,18 +20,18 @@ class StopSignal:
 
     def __init__(self) -> None:
         self._requested = threading.Event()
-        self._reason: Optional[str] = None
-        self._deadline: Optional[float] = None  # unix time the machine goes away, if a notice said so
-        self._monotonic: Optional[float] = None
-        self._wall: Optional[float] = None
+        self._reason: str | None = None
+        self._deadline: float | None = None  # unix time the machine goes away, if a notice said so
+        self._monotonic: float | None = None
+        self._wall: float | None = None
         self._checkpoint_soon = threading.Event()
-        self._checkpoint_reason: Optional[str] = None
+        self._checkpoint_reason: str | None = None
         self._previous: dict[int, Any] = {}
         self._sigint_count = 0
 
     # ------------------------------------------------------------ signals
 
-    def install(self) -> "StopSignal":
+    def install(self) -> StopSignal:
         """Catch SIGTERM and SIGINT (main thread only); a second SIGINT raises KeyboardInterrupt."""
         for sig in STOP_SIGNALS:
             if sig not in self._previous:
@@ -58,11 +58,11 @@ class StopSignal:
 
     # ------------------------------------------------------------ requests
 
-    def request(self, reason: str, deadline: Optional[float] = None) -> None:
+    def request(self, reason: str, deadline: float | None = None) -> None:
         """Ask the loop to stop (cloud notices); `deadline` is the unix time the machine goes away."""
         self._record(reason, deadline)
 
-    def _record(self, reason: str, deadline: Optional[float]) -> None:
+    def _record(self, reason: str, deadline: float | None) -> None:
         if deadline is not None and (self._deadline is None or deadline < self._deadline):
             self._deadline = deadline
         if not self._requested.is_set():
@@ -87,15 +87,15 @@ class StopSignal:
         return self._requested.is_set()
 
     @property
-    def reason(self) -> Optional[str]:
+    def reason(self) -> str | None:
         return self._reason
 
     @property
-    def deadline(self) -> Optional[float]:
+    def deadline(self) -> float | None:
         return self._deadline
 
     @property
-    def requested_at(self) -> Optional[float]:
+    def requested_at(self) -> float | None:
         """Unix time of the first stop request."""
         return self._wall
 
@@ -104,7 +104,7 @@ class StopSignal:
         return self._checkpoint_soon.is_set()
 
     @property
-    def checkpoint_reason(self) -> Optional[str]:
+    def checkpoint_reason(self) -> str | None:
         return self._checkpoint_reason
 
     def grace_left(self, default_grace: float) -> float:
@@ -115,7 +115,7 @@ class StopSignal:
             return float(default_grace)
         return max(0.0, default_grace - (time.monotonic() - self._monotonic))
 
-    def wait(self, timeout: Optional[float] = None) -> bool:
+    def wait(self, timeout: float | None = None) -> bool:
         """Block until a stop is requested or `timeout` passes; True if requested."""
         return self._requested.wait(timeout)
 

@@ -15,16 +15,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional
 
 from tenacity import wait_exponential, wait_random
 
-from trainer.config.schema import Config
-from trainer.errors import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_STORAGE, EXIT_USAGE
 from trainer.checkpoint.manifest import Manifest
-from trainer.errors import CheckpointError
-from trainer.run_dir import RunDir
+from trainer.config.schema import Config
+from trainer.errors import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_STORAGE, EXIT_USAGE, CheckpointError
 from trainer.metrics import EventLog, read_jsonl
+from trainer.run_dir import RunDir
 
 CRASH_LOOP_LIMIT = 3  # failures in a row with no new checkpoint and no new step: stop restarting
 HANG_KILL_AFTER_S = 10.0  # after SIGTERM to a hung trainer, SIGKILL this much later (at most grace_seconds)
@@ -51,7 +49,7 @@ def read_heartbeat(output_dir: str | os.PathLike) -> int | None:
     return RunDir(output_dir).read_heartbeat()
 
 
-def _heartbeat_stamp(output_dir: Path) -> Optional[tuple]:
+def _heartbeat_stamp(output_dir: Path) -> tuple | None:
     try:
         st = os.stat(RunDir(output_dir).heartbeat)
     except OSError:
@@ -61,8 +59,10 @@ def _heartbeat_stamp(output_dir: Path) -> Optional[tuple]:
 
 def _trainer_reported(output_dir: Path, event: str, since: float) -> bool:
     # `accelerate launch` turns a rank's exit 75 (or 69) into its own exit 1; rank 0's event tells the truth.
-    return any(e.get("source") == "trainer" and e.get("event") == event and e.get("time", 0) >= since
-               for e in read_jsonl(RunDir(output_dir).events))
+    return any(
+        e.get("source") == "trainer" and e.get("event") == event and e.get("time", 0) >= since
+        for e in read_jsonl(RunDir(output_dir).events)
+    )
 
 
 # ---------------------------------------------------------------- the child command
@@ -78,7 +78,7 @@ def visible_gpus() -> int:
         return 0
 
 
-def child_command(cfg: Config, config_source: Optional[str], overrides: list[str], output_dir: str) -> list[str]:
+def child_command(cfg: Config, config_source: str | None, overrides: list[str], output_dir: str) -> list[str]:
     """`python -m trainer train ...` for one process, `accelerate launch ... -m trainer train ...` for several."""
     train = ["train", *([config_source] if config_source else [])]
     for item in overrides:
@@ -105,30 +105,38 @@ def child_command(cfg: Config, config_source: Optional[str], overrides: list[str
 class AttemptResult:
     code: int  # exit status; negative = killed by that signal
     reason: str  # done | preempted | storage_wait | crash | config_error | hang | killed
-    last_step: Optional[int]  # heartbeat step written during this attempt
+    last_step: int | None  # heartbeat step written during this attempt
     runtime_s: float
 
 
 class Supervisor:
     """Launch, watch, restart; `run()` returns the exit code for the pod."""
 
-    def __init__(self, cfg: Config, config_source: Optional[str] = None, overrides: list[str] = (),
-                 output_dir: Optional[str] = None, child_argv: Optional[list[str]] = None,
-                 env: Optional[dict] = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        config_source: str | None = None,
+        overrides: list[str] = (),
+        output_dir: str | None = None,
+        child_argv: list[str] | None = None,
+        env: dict | None = None,
+    ) -> None:
         self.cfg = cfg
         self.output_dir = Path(output_dir or cfg.output_dir)
-        self.argv = list(child_argv) if child_argv else child_command(cfg, config_source, list(overrides),
-                                                                       str(self.output_dir))
+        self.argv = (
+            list(child_argv) if child_argv else child_command(cfg, config_source, list(overrides), str(self.output_dir))
+        )
         self.env = dict(os.environ if env is None else env)
         s = cfg.supervisor
         self.grace = float(cfg.preemption.grace_seconds)
         self._wait = wait_exponential(multiplier=s.backoff_initial_s, max=s.backoff_max_s) + wait_random(
-            0, s.backoff_initial_s)
-        self._proc: Optional[subprocess.Popen] = None
+            0, s.backoff_initial_s
+        )
+        self._proc: subprocess.Popen | None = None
         self._tree: set[tuple[int, int]] = set()  # (pid, start time) of the launcher's descendants
         self._forwarded = False
-        self._signalled: Optional[str] = None
-        self._signal_mono: Optional[float] = None
+        self._signalled: str | None = None
+        self._signal_mono: float | None = None
         self._sigints = 0
         self._previous_handlers: dict = {}
 
@@ -193,7 +201,7 @@ class Supervisor:
         if self._signalled and not self._forwarded:  # the signal came while we were starting it
             self._forwarded = self._kill_group(signal.SIGTERM)
         hang = killed = False
-        kill_at: Optional[float] = None
+        kill_at: float | None = None
         while self._proc.poll() is None:
             now = time.monotonic()
             new_stamp = _heartbeat_stamp(self.output_dir)
@@ -208,9 +216,12 @@ class Supervisor:
             limit = s.hang_timeout if beat_seen else 2 * s.hang_timeout
             if not hang and self._signalled is None and now - last_beat > limit:
                 hang = True
-                print(f"spot-trainer supervisor: no heartbeat for {now - last_beat:.0f} s "
-                      f"(supervisor.hang_timeout={s.hang_timeout:g}): stopping the trainer", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"spot-trainer supervisor: no heartbeat for {now - last_beat:.0f} s "
+                    f"(supervisor.hang_timeout={s.hang_timeout:g}): stopping the trainer",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 self._kill_group(signal.SIGTERM)
                 kill_at = now + min(HANG_KILL_AFTER_S, self.grace)
             if kill_at is not None and now >= kill_at and not killed:
@@ -253,21 +264,34 @@ class Supervisor:
 
     def _supervise(self) -> int:
         s = self.cfg.supervisor
-        self._emit("start", f"supervising {self.output_dir} (max_restarts {s.max_restarts}, "
-                   f"hang_timeout {s.hang_timeout:g} s)", pid=os.getpid(), output_dir=str(self.output_dir),
-                   max_restarts=s.max_restarts, hang_timeout=s.hang_timeout)
+        self._emit(
+            "start",
+            f"supervising {self.output_dir} (max_restarts {s.max_restarts}, hang_timeout {s.hang_timeout:g} s)",
+            pid=os.getpid(),
+            output_dir=str(self.output_dir),
+            max_restarts=s.max_restarts,
+            hang_timeout=s.hang_timeout,
+        )
         best_ckpt = best_step = _or_minus_1(newest_checkpoint_step(self.output_dir))
         restarts = failures_without_progress = 0
         attempt = 1
         while True:
             if self._signalled:  # arrived during the backoff: the machine is going away, do not relaunch
-                print(f"spot-trainer supervisor: {self._signalled} before launch; exiting {EXIT_PREEMPTED}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"spot-trainer supervisor: {self._signalled} before launch; exiting {EXIT_PREEMPTED}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return EXIT_PREEMPTED
             resume_step = newest_checkpoint_step(self.output_dir)
             where = f"from step {resume_step}" if resume_step is not None else "no local checkpoint"
-            self._emit("launch", f"launch attempt {attempt} ({where}): {' '.join(self.argv)}",
-                       attempt=attempt, command=self.argv, resume_step=resume_step)
+            self._emit(
+                "launch",
+                f"launch attempt {attempt} ({where}): {' '.join(self.argv)}",
+                attempt=attempt,
+                command=self.argv,
+                resume_step=resume_step,
+            )
             try:
                 r = self._run_attempt(attempt)
             except OSError as e:
@@ -276,21 +300,34 @@ class Supervisor:
                 return EXIT_FAILED
             how = f"code {r.code}" if r.code >= 0 else f"signal {signal.Signals(-r.code).name}"
             at = f"step {r.last_step}" if r.last_step is not None else "no step"
-            self._emit("exit", f"attempt {attempt} ended: {r.reason} ({how}) at {at} after {r.runtime_s:.1f} s",
-                       attempt=attempt, code=r.code, reason=r.reason, last_step=r.last_step, runtime_s=r.runtime_s)
+            self._emit(
+                "exit",
+                f"attempt {attempt} ended: {r.reason} ({how}) at {at} after {r.runtime_s:.1f} s",
+                attempt=attempt,
+                code=r.code,
+                reason=r.reason,
+                last_step=r.last_step,
+                runtime_s=r.runtime_s,
+            )
 
             if r.reason == "done":
                 self._emit("done", "done", attempts=attempt, restarts=restarts)
                 return EXIT_OK
             if r.reason == "config_error":
-                self._emit("give_up", "the trainer reported a config or usage error (exit 2); fix it and run "
-                           "again", reason="config_error")
+                self._emit(
+                    "give_up",
+                    "the trainer reported a config or usage error (exit 2); fix it and run again",
+                    reason="config_error",
+                )
                 return EXIT_USAGE
             if self._signalled or r.reason == "preempted":
                 # The machine (or a person) asked us to stop: never restart, the next machine resumes.
                 why = self._signalled or "cloud notice"
-                print(f"spot-trainer supervisor: stopped by {why}; exiting {EXIT_PREEMPTED} (resumable)",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"spot-trainer supervisor: stopped by {why}; exiting {EXIT_PREEMPTED} (resumable)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return EXIT_PREEMPTED
 
             # Progress = a newer committed checkpoint or a step beyond any reached before.
@@ -300,34 +337,49 @@ class Supervisor:
             if r.reason != "storage_wait":  # the remote or the disk not usable yet is not the trainer's failure
                 failures_without_progress = 0 if progressed else failures_without_progress + 1
             if failures_without_progress >= CRASH_LOOP_LIMIT:
-                msg = (f"crash loop: {failures_without_progress} failures in a row without a new checkpoint or "
-                       f"step (last: {r.reason}, code {r.code}); see the trainer output above")
+                msg = (
+                    f"crash loop: {failures_without_progress} failures in a row without a new checkpoint or "
+                    f"step (last: {r.reason}, code {r.code}); see the trainer output above"
+                )
                 self._emit("give_up", msg, reason=msg)
                 return EXIT_FAILED
             if restarts >= s.max_restarts:
-                msg = (f"{restarts} restarts used (supervisor.max_restarts={s.max_restarts}); "
-                       f"last: {r.reason}, code {r.code}")
+                msg = (
+                    f"{restarts} restarts used (supervisor.max_restarts={s.max_restarts}); "
+                    f"last: {r.reason}, code {r.code}"
+                )
                 self._emit("give_up", msg, reason=msg)
                 return EXIT_FAILED
 
             if r.reason == "storage_wait":
-                self._emit("storage_wait", "the trainer is waiting for its checkpoint storage (exit 69); trying "
-                           "again after the backoff", attempt=attempt)
-            backoff = min(float(s.backoff_max_s),
-                          self._wait(SimpleNamespace(attempt_number=max(1, failures_without_progress + 1))))
+                self._emit(
+                    "storage_wait",
+                    "the trainer is waiting for its checkpoint storage (exit 69); trying again after the backoff",
+                    attempt=attempt,
+                )
+            backoff = min(
+                float(s.backoff_max_s),
+                self._wait(SimpleNamespace(attempt_number=max(1, failures_without_progress + 1))),
+            )
             resumed_from = ckpt if ckpt is not None else 0
             steps_lost = max(0, r.last_step - resumed_from) if r.last_step is not None else 0
             restarts += 1
             attempt += 1
-            self._emit("restart", f"restart {restarts}/{s.max_restarts} in {backoff:.1f} s, resuming from step "
-                       f"{resumed_from} ({steps_lost} steps lost)", attempt=attempt, backoff_s=round(backoff, 3),
-                       resumed_from_step=resumed_from, steps_lost=steps_lost)
+            self._emit(
+                "restart",
+                f"restart {restarts}/{s.max_restarts} in {backoff:.1f} s, resuming from step "
+                f"{resumed_from} ({steps_lost} steps lost)",
+                attempt=attempt,
+                backoff_s=round(backoff, 3),
+                resumed_from_step=resumed_from,
+                steps_lost=steps_lost,
+            )
             until = time.monotonic() + backoff
             while time.monotonic() < until and not self._signalled:
                 time.sleep(min(POLL_S, max(0.0, until - time.monotonic())))
 
 
-def _or_minus_1(step: Optional[int]) -> int:
+def _or_minus_1(step: int | None) -> int:
     return -1 if step is None else step
 
 
@@ -337,7 +389,7 @@ def _stat(pid: int) -> list[str] | None:
             text = f.read()
     except OSError:
         return None
-    return text[text.rindex(")") + 2:].split()  # fields from 'state' on (the name may hold spaces)
+    return text[text.rindex(")") + 2 :].split()  # fields from 'state' on (the name may hold spaces)
 
 
 def _start_time(pid: int) -> int | None:
@@ -366,6 +418,6 @@ def _descendants(pid: int) -> set[tuple[int, int]]:
     return out
 
 
-def run_supervisor(cfg: Config, config_source: Optional[str], overrides: list[str], output_dir: str) -> int:
+def run_supervisor(cfg: Config, config_source: str | None, overrides: list[str], output_dir: str) -> int:
     """`spot-trainer run`: supervise `spot-trainer train` until done; returns the exit code."""
     return Supervisor(cfg, config_source, overrides, output_dir).run()

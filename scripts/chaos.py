@@ -27,14 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO))  # `python scripts/chaos.py`: the repo root, for scripts.*, tests.harness.* and trainer
 
-from chaos_checks import check_run, read_events, remote_committed, render, summarize  # noqa: E402
-from pod import Pod, child_env, children, kill_group, trainer_command, wait_until  # noqa: E402
-from s3_server import SeaweedServer, weed_binary  # noqa: E402
-from trainer.run_dir import MANIFEST_NAME, parse_step_dirname
+from scripts.chaos_checks import check_run, read_events, remote_committed, render, summarize  # noqa: E402
+from tests.harness.pod import Pod, child_env, children, kill_group, trainer_command, wait_until  # noqa: E402
+from tests.harness.s3_server import SeaweedServer, weed_binary  # noqa: E402
 from trainer.checkpoint.manifest import Manifest, verify  # noqa: E402
+from trainer.run_dir import MANIFEST_NAME, parse_step_dirname  # noqa: E402
 
 KINDS = ("kill_trainer", "kill_in_checkpoint", "kill_in_upload", "sigterm", "kill_s3", "fresh_pod", "corrupt_newest")
 # After every kind once, the rest are drawn with these weights: killing the trainer is the common case.
@@ -110,7 +109,7 @@ def plan_faults(seed: int, n: int, steps: int, kinds: tuple[str, ...] = KINDS) -
     rng.shuffle(chosen)
     lo, hi = 2, max(2, steps - 2)
     at = sorted(rng.randint(lo, hi) for _ in range(n))
-    return [Fault(kind, step) for kind, step in zip(chosen, at)]
+    return [Fault(kind, step) for kind, step in zip(chosen, at, strict=True)]
 
 
 class ChaosRun:

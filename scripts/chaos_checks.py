@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from trainer.run_dir import MANIFEST_NAME, parse_step_dirname
 from trainer.checkpoint.manifest import Manifest, verify
 from trainer.metrics import read_jsonl
+from trainer.run_dir import MANIFEST_NAME, parse_step_dirname
 
 
 def read_events(out: Path) -> list[dict]:

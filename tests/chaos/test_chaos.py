@@ -2,11 +2,12 @@
 
 import pytest
 
-# conftest.py puts scripts/ on sys.path
-from chaos import ChaosRun
-from chaos_checks import render
+from scripts.chaos import ChaosRun
+from scripts.chaos_checks import render
 
-STEPS = 32  # the same run as tests/test_supervisor_e2e.py: one uninterrupted reference for both
+pytestmark = pytest.mark.e2e
+
+STEPS = 32  # the same run as tests/e2e/test_supervisor_e2e.py: one uninterrupted reference for both
 
 
 @pytest.mark.slow
@@ -16,7 +17,7 @@ def test_short_chaos_run_passes_every_check(tmp_path, tmp_path_factory):
     run = ChaosRun(seed=3, faults=len(kinds), steps=STEPS, method="lora", workdir=tmp_path, kinds=kinds,
                    reference_dir=tmp_path_factory.getbasetemp() / f"chaos-reference-lora-{STEPS}")
     summary = run.run()
-    report = render(summary, "tests/test_chaos.py")
+    report = render(summary, "tests/chaos/test_chaos.py")
     print(report)
     assert summary["passed"], report
     assert summary["faults_injected"] == len(kinds), report

@@ -1,12 +1,12 @@
 """A disk that fills up: a checkpoint that does not fit never stops training or loses a committed one.
 
-The end-to-end tests run the real CLI with its output dir on a real, small tmpfs, mounted in a private user +
-mount namespace (`unshare -rm`, no root needed); where the kernel forbids that they skip and say why.
+These run the real CLI with its output dir on a real, small tmpfs, mounted in a private user + mount namespace
+(`unshare -rm`, no root needed); where the kernel forbids that they skip and say why. The writer's and the
+store's own handling of ENOSPC is tested in tests/unit/checkpoint/test_writer.py and test_store.py.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
 import subprocess
@@ -14,72 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from common import REPO, TINY, cli_args, env, heartbeat_step
-from trainer.checkpoint.store import CheckpointStore, Snapshot
-from trainer.checkpoint.writer import CheckpointWriter
-from trainer.errors import CheckpointError
+from tests.harness.common import REPO, TINY, cli_args, env, heartbeat_step
 from trainer.checkpoint.manifest import verify
+from trainer.checkpoint.store import CheckpointStore
 
-
-def _snap(step, rank=0, world=1):
-    s = Snapshot(step=step, rank=rank, world_size=world)
-    s.tensors[f"w-rank{rank}.safetensors"] = {"w": torch.full((256,), float(step))}
-    return s
-
-
-def test_periodic_checkpoint_out_of_space_is_reported_and_the_writer_goes_on(tmp_path, monkeypatch):
-    import trainer.checkpoint.store as ck
-
-    real = ck.write_safetensors
-
-    def flaky(path, tensors, **kw):  # the disk is full for step 2 only
-        if ".tmp-step-00000002" in str(path):
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(path, tensors, **kw)
-
-    monkeypatch.setattr(ck, "write_safetensors", flaky)
-    store, failed, committed = CheckpointStore(tmp_path), [], []
-    w = CheckpointWriter(store, 0, lambda s, p, t: committed.append(s.step), lambda s, e: failed.append((s.step, e)))
-    for step in (1, 2, 3):
-        w.submit(_snap(step))
-    w.wait()  # does not raise: training goes on
-    w.close()
-    assert committed == [1, 3] and [s for s, _ in failed] == [2]
-    assert store.committed_steps() == [1, 3] and not store.tmp_path(2).exists()
-
-    # any other error still reaches the training thread
-    def broken(path, tensors, **kw):
-        raise OSError(errno.EIO, "Input/output error", str(path))
-
-    monkeypatch.setattr(ck, "write_safetensors", broken)
-    w = CheckpointWriter(store, 0, lambda *a: None, lambda *a: None)
-    w.submit(_snap(4))
-    with pytest.raises(CheckpointError, match="Input/output error"):
-        w.wait()
-    w.close()
-
-
-def test_a_rank_that_cannot_write_fails_the_commit_at_once(tmp_path, monkeypatch):
-    import trainer.checkpoint.store as ck
-
-    store = CheckpointStore(tmp_path)
-    store.write_rank_files(_snap(5, rank=0, world=2))
-
-    def full(path, tensors, **kw):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
-
-    monkeypatch.setattr(ck, "write_safetensors", full)
-    with pytest.raises(OSError):
-        store.write_rank_files(_snap(5, rank=1, world=2))
-    t0 = time.monotonic()
-    with pytest.raises(CheckpointError, match="rank 1 could not write.*No space left"):
-        store.commit(_snap(5, rank=0, world=2), timeout=60)
-    assert time.monotonic() - t0 < 5  # not the 60 s a missing marker would cost
-    store.abandon(_snap(5, rank=0, world=2), timeout=1)
-    assert not store.tmp_path(5).exists() and store.committed_steps() == []
-
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 # ---------------------------------------------------------------- end to end, on a real full disk
 

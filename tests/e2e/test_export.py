@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from common import TINY, run_cli
+from tests.harness.common import TINY, run_cli
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])

@@ -21,9 +21,20 @@ from pathlib import Path
 
 import pytest
 
-from common import REPO, TINY, accelerate_cli, assert_bitwise_equal, cli_args, env, free_port, heartbeat_step, \
-    trainable_weights
-from pod import children, wait_until  # conftest.py puts scripts/ on sys.path
+from tests.harness.common import (
+    REPO,
+    TINY,
+    accelerate_cli,
+    assert_bitwise_equal,
+    cli_args,
+    env,
+    free_port,
+    heartbeat_step,
+    trainable_weights,
+)
+from tests.harness.pod import children, wait_until
+
+pytestmark = pytest.mark.e2e
 
 STEPS = 40  # steps take ~20 ms: long enough that a kill after the step-4 commit lands mid-run
 GLOBAL = [o for o in TINY if not o.startswith(("train.grad_accum=", "train.max_steps="))] + [

@@ -7,8 +7,10 @@ import time
 
 import pytest
 
-from common import TINY, assert_bitwise_equal, heartbeat_step, run_cli, start_cli, trainable_weights
+from tests.harness.common import TINY, assert_bitwise_equal, heartbeat_step, run_cli, start_cli, trainable_weights
 from trainer.remote.store import open_store
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 LORA = TINY + ["model.method=lora"]
 
@@ -86,7 +88,8 @@ def test_server_outage_during_training_does_not_stop_it(tmp_path, own_s3_server,
 
 def _keys(server, bucket):
     c = server.client()
-    return [o["Key"][len("runs/exp/"):] for o in c.list_objects_v2(Bucket=bucket, Prefix="runs/exp/").get("Contents", [])]
+    listing = c.list_objects_v2(Bucket=bucket, Prefix="runs/exp/").get("Contents", [])
+    return [o["Key"][len("runs/exp/") :] for o in listing]
 
 
 def test_wrong_credentials_one_line_exit_2_nothing_lost(tmp_path, s3_server, aws_env):

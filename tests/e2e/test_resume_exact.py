@@ -5,7 +5,17 @@ import signal
 
 import pytest
 
-from common import TINY, assert_bitwise_equal, kill_at_step, run_cli, start_cli, trainable_weights, wait_for_checkpoint
+from tests.harness.common import (
+    TINY,
+    assert_bitwise_equal,
+    kill_at_step,
+    run_cli,
+    start_cli,
+    trainable_weights,
+    wait_for_checkpoint,
+)
+
+pytestmark = pytest.mark.e2e
 
 METHODS = {
     "full": ["model.method=full"],
@@ -17,15 +27,20 @@ METHODS = {
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
-    """Uninterrupted runs, one per method (shared by the tests below)."""
-    out = {}
-    for method, extra in METHODS.items():
-        d = tmp_path_factory.mktemp(f"ref-{method}")
-        run_cli("train", overrides=TINY + extra, output_dir=d)
-        out[method] = trainable_weights(d, 12)
-    return out
+    """Uninterrupted runs' final weights, one per method (shared by the tests below), each run when a test first
+    asks for it: the quick pass (-m 'not slow') runs the LoRA one only."""
+
+    class References(dict):
+        def __missing__(self, method):
+            d = tmp_path_factory.mktemp(f"ref-{method}")
+            run_cli("train", overrides=TINY + METHODS[method], output_dir=d)
+            self[method] = trainable_weights(d, 12)
+            return self[method]
+
+    return References()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_killed_off_boundary_resumes_bitwise(tmp_path, references, method):
     # killed between checkpoints (every 4 steps): the lost steps are redone, the result is identical

@@ -7,16 +7,16 @@ import time
 
 import pytest
 
-# conftest.py puts scripts/ on sys.path: the chaos proof's helpers start, find and kill processes by PID
-from chaos import reference_run, training_overrides
-from common import assert_bitwise_equal, heartbeat_step, trainable_weights
-from pod import Pod, child_env, children, kill_group, trainer_command, wait_until
+# the chaos proof's helpers: its reference run, and pods started, found and killed by PID
+from scripts.chaos import reference_run, training_overrides
+from tests.harness.common import assert_bitwise_equal, heartbeat_step, trainable_weights
+from tests.harness.pod import Pod, child_env, children, kill_group, trainer_command, wait_until
 from trainer.checkpoint.manifest import Manifest, verify
 from trainer.metrics import read_jsonl
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
 
-STEPS = 32  # the same run as tests/test_chaos.py, so the two share one uninterrupted reference
+STEPS = 32  # the same run as tests/chaos/test_chaos.py, so the two share one uninterrupted reference
 SUPERVISOR = ["supervisor.backoff_initial_s=0.2", "supervisor.backoff_max_s=1", "supervisor.hang_timeout=120",
               "preemption.grace_seconds=20"]
 
@@ -34,7 +34,8 @@ def _events(out, event=None):
 
 def _start(tmp_path, overrides):
     out = tmp_path / "run"
-    pod = Pod(trainer_command("run", overrides=overrides, output_dir=out), child_env(), open(tmp_path / "pod.log", "wb"))
+    log = open(tmp_path / "pod.log", "wb")  # Pod.kill() closes it
+    pod = Pod(trainer_command("run", overrides=overrides, output_dir=out), child_env(), log)
     return out, pod
 
 

@@ -4,6 +4,10 @@ It resumes from the newest committed checkpoint, writes `heartbeat` every step, 
 way the trainer does (temp dir, manifest last, rename), and on SIGTERM writes an emergency checkpoint
 and exits 75. Flags make it crash, hang, get a cloud notice or fail with a usage error. Unknown
 arguments (train, CONFIG, --set ...) are accepted and ignored, so it can stand in for the real command.
+
+Run it by path (`python tests/harness/fake_trainer.py ...`, what the supervisor tests do) or as
+`python -m tests.harness.fake_trainer ...` from the repo root; it needs `trainer` importable (installed, or
+PYTHONPATH=<repo>).
 """
 
 from __future__ import annotations
@@ -16,12 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from trainer.checkpoint.manifest import build_manifest, write_manifest
-from trainer.run_dir import step_dirname  # noqa: E402
-from trainer.metrics import EventLog  # noqa: E402
-from trainer.spot.supervisor import newest_checkpoint_step  # noqa: E402
+from trainer.metrics import EventLog
+from trainer.run_dir import step_dirname
+from trainer.spot.supervisor import newest_checkpoint_step
 
 
 def parse(argv):

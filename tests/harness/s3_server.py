@@ -1,7 +1,7 @@
 """A real S3-compatible server on loopback for tests and chaos runs: SeaweedFS `weed mini`, started by PID.
 
-Used by tests/conftest.py (fixtures s3_server, own_s3_server) and scripts/chaos.py. kill() is an outage
-without a clean shutdown; start() again brings it back on the same data dir and ports.
+Used by tests/conftest.py (fixtures s3_server, own_s3_server), scripts/chaos.py and the upload benchmarks.
+kill() is an outage without a clean shutdown; start() again brings it back on the same data dir and ports.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ class SeaweedServer:
     def _pick_ports(self) -> None:
         # HTTP and gRPC ports given explicitly (gRPC would default to HTTP + 10000, which may be taken).
         ports = free_ports(2 * len(_PORTS))
-        self.ports = dict(zip(_PORTS, ports[:len(_PORTS)]))
-        self.grpc_ports = dict(zip(_PORTS, ports[len(_PORTS):]))
+        self.ports = dict(zip(_PORTS, ports[: len(_PORTS)], strict=True))
+        self.grpc_ports = dict(zip(_PORTS, ports[len(_PORTS) :], strict=True))
         self.endpoint_url = f"http://127.0.0.1:{self.ports['s3']}"
 
     def _command(self) -> list[str]:
@@ -99,7 +99,7 @@ class SeaweedServer:
                     self.stop()
                     lines = self.log_path.read_bytes()[log_start:].decode(errors="replace").splitlines()
                     raise RuntimeError(f"weed mini not ready on {self.endpoint_url} ({type(e).__name__}: {e}); "
-                                       f"log {self.log_path}:\n" + "\n".join(lines[:12] + ["..."] + lines[-12:]))
+                                       f"log {self.log_path}:\n" + "\n".join(lines[:12] + ["..."] + lines[-12:])) from e
                 time.sleep(0.1)
 
     def kill(self) -> None:

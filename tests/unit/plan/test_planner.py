@@ -14,6 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from trainer.config.loader import load_config
 from trainer.errors import ConfigError
+from trainer.plan.cost import preemption_overhead
+from trainer.plan.flops import flops_per_token
 from trainer.plan.memory import (
     GIB,
     TrainingSetup,
@@ -23,8 +25,6 @@ from trainer.plan.memory import (
     shape_from_config,
     weight_bytes,
 )
-from trainer.plan.cost import preemption_overhead
-from trainer.plan.flops import flops_per_token
 from trainer.plan.planner import make_plan
 from trainer.plan.render import render_plan
 from trainer.plan.tables import find_gpu, read_bench_results

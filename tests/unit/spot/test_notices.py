@@ -5,8 +5,8 @@ import logging
 import socket
 import threading
 import time
-from email.utils import format_datetime
 from datetime import datetime, timezone
+from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -195,7 +195,7 @@ def test_aws_rebalance_recommendation_asks_for_a_checkpoint_but_does_not_stop(se
     server = serve(aws)
     stop = StopSignal()
     watcher = NoticeWatcher(stop, "aws", endpoints={"aws": server.url}, **FAST)
-    with caplog.at_level(logging.WARNING, logger="trainer.cloud_notice"):
+    with caplog.at_level(logging.WARNING, logger="trainer.spot.notices"):
         notice = watcher.check_once()
         assert watcher.check_once() is None  # recorded once, not repeated every poll
     assert notice.kind == "rebalance" and watcher.rebalance is notice
@@ -265,13 +265,13 @@ def test_gcp_probe_needs_the_metadata_flavor_response_header(serve, closed_url):
 def test_no_metadata_service_is_quiet_and_the_thread_ends(closed_url, caplog):
     stop = StopSignal()
     start = time.monotonic()
-    with caplog.at_level(logging.DEBUG, logger="trainer.cloud_notice"):
+    with caplog.at_level(logging.DEBUG, logger="trainer.spot.notices"):
         watcher = NoticeWatcher(stop, "auto", endpoints=_endpoints(closed_url), **FAST).start()
         watcher._thread.join(3.0)
     assert not watcher.running
     assert time.monotonic() - start < 1.5
     assert watcher.provider is None and not stop.requested
-    records = [r for r in caplog.records if r.name == "trainer.cloud_notice"]
+    records = [r for r in caplog.records if r.name == "trainer.spot.notices"]
     assert len(records) == 1 and records[0].levelno == logging.DEBUG
 
 

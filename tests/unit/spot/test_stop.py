@@ -8,13 +8,11 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
+from tests.harness.common import REPO
 from trainer.spot.stop import StopSignal, agreed_stop
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _env(**extra) -> dict:
@@ -126,6 +124,7 @@ DATALOADER_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # child interpreters with torch
 def test_dataloader_workers_survive_sigterm_to_the_process_group(tmp_path):
     script = tmp_path / "loader.py"
     script.write_text(DATALOADER_SCRIPT)
@@ -165,6 +164,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # child interpreters with torch
 def test_agreed_stop_two_gloo_ranks_see_one_ranks_flag_at_the_same_call(tmp_path):
     script = tmp_path / "agree.py"
     script.write_text(AGREE_SCRIPT)

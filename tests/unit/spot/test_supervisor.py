@@ -1,4 +1,4 @@
-"""The supervisor with real child processes (tests/fake_trainer.py), real signals and real kills."""
+"""The supervisor with real child processes (tests/harness/fake_trainer.py), real signals and real kills."""
 
 import json
 import os
@@ -11,17 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config.loader import load_config
+from tests.harness.common import REPO
 from trainer.checkpoint.manifest import build_manifest, write_manifest
+from trainer.config.loader import load_config
 from trainer.metrics import read_jsonl
 from trainer.spot.supervisor import Supervisor, child_command, newest_checkpoint_step, read_heartbeat
 
 # A supervisor that fails to kill must fail the test, not hang the suite.
 pytestmark = pytest.mark.timeout(60)
 
-REPO = Path(__file__).resolve().parents[1]
-FAKE = str(REPO / "tests" / "fake_trainer.py")
-LAUNCH = REPO / "launch"
+FAKE = str(REPO / "tests" / "harness" / "fake_trainer.py")
 
 
 def _cfg(out, *overrides, **supervisor):
@@ -55,7 +54,7 @@ def _alive(pid):
 def _supervise(tmp_path, *fake_args, **supervisor):
     out = tmp_path / "run"
     cfg, _ = _cfg(out, **supervisor)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))  # the fake trainer imports trainer
     start = time.monotonic()
     code = Supervisor(cfg, output_dir=str(out), child_argv=_fake(out, *fake_args), env=env).run()
     return out, code, time.monotonic() - start
@@ -124,6 +123,7 @@ def test_max_restarts_is_respected_even_with_progress(tmp_path):
     assert newest_checkpoint_step(out) == 6  # every attempt made progress, so it was not a crash loop
 
 
+@pytest.mark.slow  # waits out hang timeouts and kill graces
 def test_hang_is_killed_and_restarted_within_the_timeout(tmp_path):
     out, code, elapsed = _supervise(tmp_path, "--steps", "6", "--checkpoint-every", "2", "--hang-at", "3",
                                     hang_timeout=1)
@@ -140,6 +140,7 @@ def test_hang_is_killed_and_restarted_within_the_timeout(tmp_path):
     assert restart["resumed_from_step"] == 2 and restart["steps_lost"] == 1
 
 
+@pytest.mark.slow  # waits out hang timeouts and kill graces
 def test_no_first_heartbeat_counts_as_a_hang_after_twice_the_timeout(tmp_path):
     out, code, _ = _supervise(tmp_path, "--steps", "3", "--hang-at", "0", "--step-time", "5",
                               hang_timeout=0.5, max_restarts=0)
@@ -259,59 +260,7 @@ def test_newest_checkpoint_needs_a_manifest(tmp_path):
     assert newest_checkpoint_step(tmp_path / "nothing") is None
 
 
-# ---------------------------------------------------------------- pod scripts
-
-
-@pytest.mark.parametrize("script", ["entrypoint.sh", "runpod.sh", "vast.sh"])
-def test_launch_scripts_parse_and_never_trace(script):
-    path = LAUNCH / script
-    subprocess.run(["bash", "-n", str(path)], check=True)
-    code = [ln.split("#")[0] for ln in path.read_text().splitlines()]
-    assert "set -euo pipefail" in [ln.strip() for ln in code]
-    assert not any("set -x" in ln or "xtrace" in ln for ln in code)
-    assert os.access(path, os.X_OK)
-
-
-def _fake_spot_trainer(tmp_path):
-    """A `spot-trainer` first on PATH that records its pid and argv."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    record = tmp_path / "argv.json"
-    fake = bin_dir / "spot-trainer"
-    fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                    f"json.dump({{'pid': os.getpid(), 'argv': sys.argv[1:]}}, open({str(record)!r}, 'w'))\n")
-    fake.chmod(0o755)
-    return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SPOT_OUTPUT_DIR=str(tmp_path / "run")), record
-
-
-def test_entrypoint_execs_spot_trainer_with_env_settings(tmp_path):
-    env, record = _fake_spot_trainer(tmp_path)
-    env.update(SPOT_CONFIG="qlora", SPOT_REMOTE="s3://bucket/runs/exp1", SPOT_S3_ENDPOINT="http://127.0.0.1:8333",
-               SPOT_SET="train.max_steps=50  eval.every_steps=10", AWS_ACCESS_KEY_ID="AKIDEXAMPLE",
-               AWS_SECRET_ACCESS_KEY="very-secret-key")
-    proc = subprocess.Popen(["bash", str(LAUNCH / "entrypoint.sh"), "--set", "train.lr=1e-4"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stdout, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 0, stderr
-    got = json.loads(record.read_text())
-    assert got["pid"] == proc.pid  # exec: spot-trainer replaced the shell, so it gets the pod's SIGTERM
-    assert got["argv"] == ["run", "qlora", "--output-dir", str(tmp_path / "run"),
-                           "--set", "checkpoint.remote=s3://bucket/runs/exp1",
-                           "--set", "checkpoint.s3.endpoint_url=http://127.0.0.1:8333",
-                           "--set", "train.max_steps=50", "--set", "eval.every_steps=10", "--set", "train.lr=1e-4"]
-    assert "very-secret-key" not in stdout + stderr and "AKIDEXAMPLE" not in stdout + stderr
-
-
-def test_runpod_script_turns_the_watcher_off_and_lets_the_user_override(tmp_path):
-    env, record = _fake_spot_trainer(tmp_path)
-    env.update(SPOT_SET="preemption.grace_seconds=3")
-    env.pop("SPOT_CONFIG", None)
-    subprocess.run(["bash", str(LAUNCH / "runpod.sh")], env=env, check=True, capture_output=True, timeout=30)
-    argv = json.loads(record.read_text())["argv"]
-    assert argv == ["run", "--output-dir", str(tmp_path / "run"), "--set", "preemption.watch=none",
-                    "--set", "preemption.grace_seconds=5", "--set", "preemption.grace_seconds=3"]
-
-
+@pytest.mark.slow  # waits out hang timeouts and kill graces
 def test_hung_ranks_in_sessions_of_their_own_are_killed_too(tmp_path):
     # like torchrun: the launcher starts each rank in a new session, so killing the launcher's group misses them
     out = tmp_path / "run"

@@ -1,0 +1,1 @@
+"""The chaos proof (scripts/chaos.py) as a test."""

@@ -1,0 +1,1 @@
+"""End-to-end tests: the real CLI, several processes, real signals (marked e2e)."""

@@ -1,0 +1,107 @@
+"""Helpers for storage tests: committed local checkpoints, direct access to a remote's objects, a stalling network."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+import time
+from pathlib import Path
+
+from tests.harness.s3_server import SeaweedServer
+
+
+class StallingProxy:
+    """A loopback TCP proxy to a server; stall() stops forwarding bytes (a network that goes silent)."""
+
+    def __init__(self, target_port: int):
+        self._target = target_port
+        self._stalled = threading.Event()
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.endpoint_url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stall(self) -> None:
+        self._stalled.set()
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self._target))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                while self._stalled.is_set():  # hold the bytes; the connection stays open and silent
+                    time.sleep(0.1)
+                dst.sendall(data)
+        except OSError:
+            pass
+
+
+def make_checkpoint(root: Path, step: int, sizes: dict[str, int] | None = None, seed: int = 0) -> Path:
+    """A committed local checkpoint dir root/step-XXXXXXXX with random files of the given sizes."""
+    from trainer.checkpoint.manifest import build_manifest, write_manifest
+    from trainer.run_dir import step_dirname
+
+    sizes = (
+        sizes
+        if sizes is not None
+        else {"model.safetensors": 40_000, "optimizer.safetensors": 80_000, "trainer_state.json": 0}
+    )
+    rng = random.Random(seed * 1_000_003 + step)
+    d = Path(root) / step_dirname(step)
+    d.mkdir(parents=True)
+    for name, size in sizes.items():
+        data = rng.randbytes(size) if size else json.dumps({"step": step}).encode()
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_bytes(data)
+    write_manifest(d, build_manifest(d, step))
+    return d
+
+
+class S3Remote:
+    """Direct access to the objects behind an s3:// store, to inspect or damage them."""
+
+    def __init__(self, server: SeaweedServer, bucket: str, prefix: str):
+        self.client, self.bucket, self.prefix = server.client(), bucket, prefix
+        self.uri = f"s3://{bucket}/{prefix}"
+
+    def keys(self) -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + "/")
+        return sorted(o["Key"][len(self.prefix) + 1 :] for p in pages for o in p.get("Contents", []))
+
+    def put(self, rel: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=f"{self.prefix}/{rel}", Body=data)
+
+    def delete(self, rel: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=f"{self.prefix}/{rel}")
+
+
+class FileRemote:
+    """Direct access to the files behind a file:// store."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.uri = f"file://{root}"
+
+    def keys(self) -> list[str]:
+        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+
+    def put(self, rel: str, data: bytes) -> None:
+        (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (self.root / rel).write_bytes(data)
+
+    def delete(self, rel: str) -> None:
+        (self.root / rel).unlink()

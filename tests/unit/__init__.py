@@ -1,0 +1,1 @@
+"""Tests of one module at a time, laid out like the trainer package; no CLI run."""

@@ -26,12 +26,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 128256
 SHAPES = {
-    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=14336),
-    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=8192),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128),
+    "8b": dict(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336
+    ),
+    "1b": dict(
+        hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192
+    ),
+    "tiny": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128
+    ),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 LORA = dict(r=16, alpha=32, dropout=0.05)
@@ -52,8 +55,15 @@ def build_tokenizer():
     vocab.update({f"t{i}": i for i in range(len(special), VOCAB)})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", padding_side="right", model_max_length=8192)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="right",
+        model_max_length=8192,
+    )
 
 
 def build_model(shape: str, path: Path, device: str) -> dict:
@@ -62,9 +72,18 @@ def build_model(shape: str, path: Path, device: str) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     t0 = time.time()
-    cfg = LlamaConfig(vocab_size=VOCAB, **SHAPES[shape], max_position_embeddings=8192, rms_norm_eps=1e-5,
-                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0, use_cache=False)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        **SHAPES[shape],
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        use_cache=False,
+    )
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
@@ -96,8 +115,12 @@ def write_rows(path: Path, lengths: np.ndarray, rng: np.random.Generator) -> Non
             body = int(n) - 2
             p = int(np.clip(round(body * rng.uniform(0.3, 0.7)), 1, body - 1))
             ids = rng.integers(4, VOCAB, body)
-            f.write(json.dumps({"prompt": " ".join(f"t{i}" for i in ids[:p]),
-                                "completion": " ".join(f"t{i}" for i in ids[p:])}) + "\n")
+            f.write(
+                json.dumps(
+                    {"prompt": " ".join(f"t{i}" for i in ids[:p]), "completion": " ".join(f"t{i}" for i in ids[p:])}
+                )
+                + "\n"
+            )
 
 
 def write_data(data_dir: Path, n_var: int, n_fixed: int) -> dict:
@@ -107,10 +130,17 @@ def write_data(data_dir: Path, n_var: int, n_fixed: int) -> dict:
     write_rows(data_dir / "var.jsonl", var, rng)
     fixed = np.full(n_fixed, 1024)
     write_rows(data_dir / "fixed.jsonl", fixed, rng)
-    return {"var": {"rows": n_var, "tokens": int(var.sum()), "median": float(np.median(var)),
-                    "mean": round(float(var.mean()), 1), "max": int(var.max()),
-                    "sum_sq": float((var.astype(float) ** 2).sum())},
-            "fixed": {"rows": n_fixed, "tokens": int(fixed.sum()), "sum_sq": float((fixed.astype(float) ** 2).sum())}}
+    return {
+        "var": {
+            "rows": n_var,
+            "tokens": int(var.sum()),
+            "median": float(np.median(var)),
+            "mean": round(float(var.mean()), 1),
+            "max": int(var.max()),
+            "sum_sq": float((var.astype(float) ** 2).sum()),
+        },
+        "fixed": {"rows": n_fixed, "tokens": int(fixed.sum()), "sum_sq": float((fixed.astype(float) ** 2).sum())},
+    }
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -148,8 +178,15 @@ def seed_main(a) -> None:
     import datasets
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq,
-                              Trainer, TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     sys.path.insert(0, str(ROOT))
     from trainer.data import tokenize_row
@@ -157,14 +194,29 @@ def seed_main(a) -> None:
     cuda = not a.cpu
     tok = AutoTokenizer.from_pretrained(a.model)
     t0 = time.time()
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(a.model, quantization_config=q,
-                                                 dtype=torch.bfloat16 if cuda else torch.float32,
-                                                 device_map={"": 0} if cuda else {"": "cpu"})
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        a.model,
+        quantization_config=q,
+        dtype=torch.bfloat16 if cuda else torch.float32,
+        device_map={"": 0} if cuda else {"": "cpu"},
+    )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                             target_modules=TARGETS, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules=TARGETS,
+            task_type="CAUSAL_LM",
+        ),
+    )
     load_s = time.time() - t0
     results = {"load_s": round(load_s, 1)}
     for name in a.data.split(","):
@@ -182,17 +234,30 @@ def seed_main(a) -> None:
         ends: list[float] = []
 
         class Clock(TrainerCallback):
-            def on_step_end(self, args, state, control, **kw):
+            def on_step_end(self, args, state, control, ends=ends, **kw):
                 if cuda:
                     torch.cuda.synchronize()
                 ends.append(time.time())
 
-        args = TrainingArguments(output_dir=str(Path(a.work) / f"hf-{name}"), per_device_train_batch_size=4,
-                                 gradient_accumulation_steps=4, max_steps=a.steps, learning_rate=2e-4,
-                                 lr_scheduler_type="cosine", warmup_steps=0, bf16=cuda, optim="paged_adamw_8bit"
-                                 if cuda else "adamw_torch", gradient_checkpointing=True, logging_steps=1,
-                                 save_strategy="no", report_to=[], disable_tqdm=True, seed=42,
-                                 dataloader_num_workers=0, use_cpu=not cuda)
+        args = TrainingArguments(
+            output_dir=str(Path(a.work) / f"hf-{name}"),
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=4,
+            max_steps=a.steps,
+            learning_rate=2e-4,
+            lr_scheduler_type="cosine",
+            warmup_steps=0,
+            bf16=cuda,
+            optim="paged_adamw_8bit" if cuda else "adamw_torch",
+            gradient_checkpointing=True,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            seed=42,
+            dataloader_num_workers=0,
+            use_cpu=not cuda,
+        )
         trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=counting, callbacks=[Clock()])
         if cuda:
             torch.cuda.empty_cache()
@@ -200,22 +265,30 @@ def seed_main(a) -> None:
         t_start = time.time()
         trainer.train()
         w = a.warmup
-        per_step = [sum(b[0] for b in batches[s * 4:(s + 1) * 4]) for s in range(len(ends))]
-        padded = [sum(b[1] for b in batches[s * 4:(s + 1) * 4]) for s in range(len(ends))]
-        sq = sum(b[2] for b in batches[w * 4:len(ends) * 4])
+        per_step = [sum(b[0] for b in batches[s * 4 : (s + 1) * 4]) for s in range(len(ends))]
+        padded = [sum(b[1] for b in batches[s * 4 : (s + 1) * 4]) for s in range(len(ends))]
+        sq = sum(b[2] for b in batches[w * 4 : len(ends) * 4])
         window = ends[-1] - ends[w - 1]
         real = sum(per_step[w:])
-        res = {"steps": len(ends), "warmup_steps": w, "tokens_per_s": real / window,
-               "tokens_per_step": real / (len(ends) - w), "padding_efficiency": real / sum(padded[w:]),
-               "mean_sq_over_mean": sq / real, "step_s": window / (len(ends) - w),
-               "first_step_s": ends[0] - t_start,
-               "loss_last": [x["loss"] for x in trainer.state.log_history if "loss" in x][-1:] or None}
+        res = {
+            "steps": len(ends),
+            "warmup_steps": w,
+            "tokens_per_s": real / window,
+            "tokens_per_step": real / (len(ends) - w),
+            "padding_efficiency": real / sum(padded[w:]),
+            "mean_sq_over_mean": sq / real,
+            "step_s": window / (len(ends) - w),
+            "first_step_s": ends[0] - t_start,
+            "loss_last": [x["loss"] for x in trainer.state.log_history if "loss" in x][-1:] or None,
+        }
         if cuda:
             res["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
             res["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
         results[name] = res
-        print(f"seed {name}: {res['tokens_per_s']:.0f} real tokens/s, "
-              f"peak {res.get('peak_allocated_gib', 0):.2f} GiB", flush=True)
+        print(
+            f"seed {name}: {res['tokens_per_s']:.0f} real tokens/s, peak {res.get('peak_allocated_gib', 0):.2f} GiB",
+            flush=True,
+        )
         del trainer
         import gc
 
@@ -237,8 +310,14 @@ def spotcli_main(argv: list[str]) -> None:
         import torch
 
         if torch.cuda.is_available():
-            Path(memfile).write_text(json.dumps({"peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
-                                                 "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB}))
+            Path(memfile).write_text(
+                json.dumps(
+                    {
+                        "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
+                        "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
+                    }
+                )
+            )
 
     atexit.register(dump)
     sys.path.insert(0, str(ROOT))
@@ -250,12 +329,22 @@ def spot_config(a, data: str, overrides: dict) -> dict:
     cfg = {
         "model": {"name_or_path": a.model, "method": "qlora", "gradient_checkpointing": False},
         "lora": {"r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"], "target_modules": TARGETS},
-        "data": {"path": str(Path(a.data_dir) / f"{data}.jsonl"), "format": "completion", "eval_split": None,
-                 "packing": True},
+        "data": {
+            "path": str(Path(a.data_dir) / f"{data}.jsonl"),
+            "format": "completion",
+            "eval_split": None,
+            "packing": True,
+        },
         # fused AdamW: 13.6M LoRA parameters cost 0.1 GiB of state; (bitsandbytes 8-bit state does not fit
         # the trainer's checkpoint format yet)
-        "train": {"max_steps": 100000, "optimizer": "adamw", "lr": 2e-4,
-                  "lr_scheduler": "cosine", "log_every_steps": 1, "warmup_steps": 0},
+        "train": {
+            "max_steps": 100000,
+            "optimizer": "adamw",
+            "lr": 2e-4,
+            "lr_scheduler": "cosine",
+            "log_every_steps": 1,
+            "warmup_steps": 0,
+        },
         "eval": {"before_training": False, "generate": False, "every_steps": None},
         "checkpoint": {"every_steps": a.ckpt_every, "keep_last": 2},
         "preemption": {"watch": "none"},
@@ -303,22 +392,37 @@ def run_spot(a, name: str, data: str, overrides: dict, stop_after: int) -> dict:
             rc = proc.wait()
     text = log.read_text()
     m = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
-    ev = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()] \
-        if (out / "events.jsonl").exists() else []
-    res = {"name": name, "data": data, "overrides": overrides, "exit_code": rc, "wall_s": round(time.time() - t0, 1),
-           "steps": len(m)}
+    ev = (
+        [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
+        if (out / "events.jsonl").exists()
+        else []
+    )
+    res = {
+        "name": name,
+        "data": data,
+        "overrides": overrides,
+        "exit_code": rc,
+        "wall_s": round(time.time() - t0, 1),
+        "steps": len(m),
+    }
     plan = re.search(r"gradient checkpointing on (\d+)/(\d+) layers.*", text)
     res["checkpoint_plan"] = plan.group(0) if plan else None
-    res["ckpt_fraction"] = int(plan.group(1)) / int(plan.group(2)) if plan else \
-        (1.0 if overrides.get("model.gradient_checkpointing") else 0.0)
+    res["ckpt_fraction"] = (
+        int(plan.group(1)) / int(plan.group(2))
+        if plan
+        else (1.0 if overrides.get("model.gradient_checkpointing") else 0.0)
+    )
     w = a.warmup
     if len(m) > w + 1:
         window = m[-1]["time"] - m[w - 1]["time"]
         real = sum(x["tokens"] for x in m[w:])
-        res.update(tokens_per_s=real / window, tokens_per_step=real / (len(m) - w),
-                   step_s=window / (len(m) - w),
-                   step_tokens_per_s_median=statistics.median(x["tokens_per_second"] for x in m[w:]),
-                   loss_last=m[-1]["loss"])
+        res.update(
+            tokens_per_s=real / window,
+            tokens_per_step=real / (len(m) - w),
+            step_s=window / (len(m) - w),
+            step_tokens_per_s_median=statistics.median(x["tokens_per_second"] for x in m[w:]),
+            loss_last=m[-1]["loss"],
+        )
     if memfile.exists():
         res.update(json.loads(memfile.read_text()))
     stalls = [e["stall_s"] for e in ev if e.get("event") == "checkpoint" and e.get("kind") == "periodic"]
@@ -330,8 +434,11 @@ def run_spot(a, name: str, data: str, overrides: dict, stop_after: int) -> dict:
         res["sigterm_to_commit_wall_s"] = round(pre[0]["time"] - sigterm_at, 3) if sigterm_at else None
     if rc not in (0, 75):
         res["log_tail"] = text[-3000:]
-    print(f"spot {name}: rc {rc}, {res.get('tokens_per_s', 0):.0f} real tokens/s, "
-          f"peak {res.get('peak_allocated_gib', 0):.2f} GiB, {res['checkpoint_plan']}", flush=True)
+    print(
+        f"spot {name}: rc {rc}, {res.get('tokens_per_s', 0):.0f} real tokens/s, "
+        f"peak {res.get('peak_allocated_gib', 0):.2f} GiB, {res['checkpoint_plan']}",
+        flush=True,
+    )
     return res
 
 
@@ -414,6 +521,7 @@ def micro_main(a) -> None:
             q.grad = k.grad = v.grad = None
             o, _ = fn()
             o.backward(dout)
+
         return step
 
     out["attn_ms_fwd_bwd"] = {
@@ -426,15 +534,16 @@ def micro_main(a) -> None:
     # bitsandbytes NF4 (double quant) vs bf16 linears of one decoder layer: forward + input gradient
     import bitsandbytes as bnb
 
-    I = s["intermediate_size"]
-    shapes = [(h, H * d), (h, KV * d), (h, KV * d), (H * d, h), (h, I), (h, I), (I, h)]
+    inter = s["intermediate_size"]
+    shapes = [(h, H * d), (h, KV * d), (h, KV * d), (H * d, h), (h, inter), (h, inter), (inter, h)]
     lin = {}
     for kind in ("nf4", "bf16"):
         mods = []
         for i, o_ in shapes:
             if kind == "nf4":
-                m = bnb.nn.Linear4bit(i, o_, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
-                                      compress_statistics=True)
+                m = bnb.nn.Linear4bit(
+                    i, o_, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True
+                )
                 m.weight.data.normal_(0, 0.02)
                 m = m.cuda()
             else:
@@ -447,11 +556,13 @@ def micro_main(a) -> None:
         xs = [torch.randn(tokens, i, device="cuda", dtype=torch.bfloat16, requires_grad=True) for i, _ in shapes]
         gs = [torch.randn(tokens, o_, device="cuda", dtype=torch.bfloat16) for _, o_ in shapes]
         for kind, mods in lin.items():
+
             def layer(mods=mods, xs=xs, gs=gs):
                 for m, x, gr in zip(mods, xs, gs):
                     with torch.autocast("cuda", dtype=torch.bfloat16):
                         y = m(x)
                     y.backward(gr)
+
             res[f"{kind}_{tokens}"] = _time(layer)
     out["layer_linears_ms_fwd_bwd"] = res
     dq = lin["nf4"][4].weight
@@ -485,27 +596,46 @@ def summarize(shape: str, data_info: dict, seed: dict, spots: list[dict]) -> lis
         msq = (s or {}).get("mean_sq_over_mean") or data_info[name]["sum_sq"] / data_info[name]["tokens"]
         if s:
             f = flops_per_token(shape, msq, 1.0)
-            rows.append(dict(run=f"seed-{name}", data=name, tokens_per_s=s["tokens_per_s"],
-                             peak_alloc=s.get("peak_allocated_gib"), peak_res=s.get("peak_reserved_gib"),
-                             mfu=s["tokens_per_s"] * f["model"] / PEAK_BF16,
-                             hfu=s["tokens_per_s"] * f["hardware"] / PEAK_BF16, ratio=1.0, mem_ratio=1.0,
-                             tokens_per_step=s["tokens_per_step"], ckpt="all"))
+            rows.append(
+                dict(
+                    run=f"seed-{name}",
+                    data=name,
+                    tokens_per_s=s["tokens_per_s"],
+                    peak_alloc=s.get("peak_allocated_gib"),
+                    peak_res=s.get("peak_reserved_gib"),
+                    mfu=s["tokens_per_s"] * f["model"] / PEAK_BF16,
+                    hfu=s["tokens_per_s"] * f["hardware"] / PEAK_BF16,
+                    ratio=1.0,
+                    mem_ratio=1.0,
+                    tokens_per_step=s["tokens_per_step"],
+                    ckpt="all",
+                )
+            )
         for r in spots:
             if r["data"] != name or "tokens_per_s" not in r:
                 continue
             f = flops_per_token(shape, msq, r["ckpt_fraction"])
             base = s["tokens_per_s"] if s else None
             mem = s.get("peak_allocated_gib") if s else None
-            rows.append(dict(run=f"spot-{r['name']}", data=name, tokens_per_s=r["tokens_per_s"],
-                             peak_alloc=r.get("peak_allocated_gib"), peak_res=r.get("peak_reserved_gib"),
-                             mfu=r["tokens_per_s"] * f["model"] / PEAK_BF16,
-                             hfu=r["tokens_per_s"] * f["hardware"] / PEAK_BF16,
-                             ratio=r["tokens_per_s"] / base if base else None,
-                             mem_ratio=r["peak_allocated_gib"] / mem if mem and r.get("peak_allocated_gib") else None,
-                             tokens_per_step=r["tokens_per_step"], ckpt=f"{r['ckpt_fraction']:.2f}",
-                             stall_s=max(r["stall_s"]) if r["stall_s"] else None,
-                             stop_to_commit_s=r.get("stop_to_commit_s"),
-                             sigterm_wall_s=r.get("sigterm_to_commit_wall_s"), exit=r["exit_code"]))
+            rows.append(
+                dict(
+                    run=f"spot-{r['name']}",
+                    data=name,
+                    tokens_per_s=r["tokens_per_s"],
+                    peak_alloc=r.get("peak_allocated_gib"),
+                    peak_res=r.get("peak_reserved_gib"),
+                    mfu=r["tokens_per_s"] * f["model"] / PEAK_BF16,
+                    hfu=r["tokens_per_s"] * f["hardware"] / PEAK_BF16,
+                    ratio=r["tokens_per_s"] / base if base else None,
+                    mem_ratio=r["peak_allocated_gib"] / mem if mem and r.get("peak_allocated_gib") else None,
+                    tokens_per_step=r["tokens_per_step"],
+                    ckpt=f"{r['ckpt_fraction']:.2f}",
+                    stall_s=max(r["stall_s"]) if r["stall_s"] else None,
+                    stop_to_commit_s=r.get("stop_to_commit_s"),
+                    sigterm_wall_s=r.get("sigterm_to_commit_wall_s"),
+                    exit=r["exit_code"],
+                )
+            )
     return rows
 
 
@@ -513,27 +643,31 @@ def print_table(rows: list[dict]) -> None:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    print(f"{'run':<26}{'tok/s':>9}{'x seed':>8}{'alloc GiB':>10}{'resv GiB':>9}{'x mem':>7}{'MFU':>7}{'HFU':>7}"
-          f"{'tok/step':>9}{'ckpt':>6}{'stall s':>8}{'stop s':>7}{'term s':>7}{'exit':>5}")
+    print(
+        f"{'run':<26}{'tok/s':>9}{'x seed':>8}{'alloc GiB':>10}{'resv GiB':>9}{'x mem':>7}{'MFU':>7}{'HFU':>7}"
+        f"{'tok/step':>9}{'ckpt':>6}{'stall s':>8}{'stop s':>7}{'term s':>7}{'exit':>5}"
+    )
     for r in rows:
-        print(f"{r['run']:<26}{f(r['tokens_per_s'], '.0f'):>9}{f(r['ratio'], '.2f'):>8}"
-              f"{f(r['peak_alloc'], '.2f'):>10}{f(r['peak_res'], '.2f'):>9}{f(r['mem_ratio'], '.2f'):>7}"
-              f"{f(r['mfu'], '.1%'):>7}{f(r['hfu'], '.1%'):>7}{f(r['tokens_per_step'], '.0f'):>9}{r['ckpt']:>6}"
-              f"{f(r.get('stall_s'), '.3f'):>8}{f(r.get('stop_to_commit_s'), '.2f'):>7}"
-              f"{f(r.get('sigterm_wall_s'), '.2f'):>7}{str(r.get('exit', '')):>5}")
+        print(
+            f"{r['run']:<26}{f(r['tokens_per_s'], '.0f'):>9}{f(r['ratio'], '.2f'):>8}"
+            f"{f(r['peak_alloc'], '.2f'):>10}{f(r['peak_res'], '.2f'):>9}{f(r['mem_ratio'], '.2f'):>7}"
+            f"{f(r['mfu'], '.1%'):>7}{f(r['hfu'], '.1%'):>7}{f(r['tokens_per_step'], '.0f'):>9}{r['ckpt']:>6}"
+            f"{f(r.get('stall_s'), '.3f'):>8}{f(r.get('stop_to_commit_s'), '.2f'):>7}"
+            f"{f(r.get('sigterm_wall_s'), '.2f'):>7}{str(r.get('exit', '')):>5}"
+        )
 
 
 def spot_runs(a) -> list[tuple[str, str, dict]]:
     """(name, data, config overrides) of the spot-trainer runs; memory budgets are filled in from the seed."""
     var = {"data.max_length": a.var_length, "train.micro_batch_size": 1, "train.grad_accum": a.var_accum}
-    fixed = {"data.max_length": 1024, "train.micro_batch_size": a.fixed_micro,
-             "train.grad_accum": 16 // a.fixed_micro}
+    fixed = {"data.max_length": 1024, "train.micro_batch_size": a.fixed_micro, "train.grad_accum": 16 // a.fixed_micro}
     runs = [("var", "var", var), ("fixed", "fixed", fixed)]
     if a.ablate:
-        runs += [("var-mask-attn", "var", {**var, "model.packed_attention": "mask"}),
-                 ("var-no-liger", "var", {**var, "model.liger_kernels": False}),
-                 ("var-all-ckpt", "var", {**var, "model.checkpoint_layers": None,
-                                          "model.gradient_checkpointing": True})]
+        runs += [
+            ("var-mask-attn", "var", {**var, "model.packed_attention": "mask"}),
+            ("var-no-liger", "var", {**var, "model.liger_kernels": False}),
+            ("var-all-ckpt", "var", {**var, "model.checkpoint_layers": None, "model.gradient_checkpointing": True}),
+        ]
     return runs
 
 
@@ -582,14 +716,21 @@ def main() -> None:
     report: dict = {"shape": a.shape, "args": vars(a), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     import importlib.metadata as md
 
-    report["versions"] = {p: md.version(p) for p in ("torch", "transformers", "peft", "bitsandbytes", "accelerate",
-                                                     "liger-kernel") if _installed(p)}
+    report["versions"] = {
+        p: md.version(p)
+        for p in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "liger-kernel")
+        if _installed(p)
+    }
     if not a.cpu:  # no CUDA context in this process: the runs below get the whole GPU
-        q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                           capture_output=True, text=True)
+        q = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+        )
         report["device"] = q.stdout.strip()
-    report["data"] = write_data(Path(a.data_dir), n_var=2000 if a.shape != "tiny" else 200,
-                                n_fixed=300 if a.shape != "tiny" else 40)
+    report["data"] = write_data(
+        Path(a.data_dir), n_var=2000 if a.shape != "tiny" else 200, n_fixed=300 if a.shape != "tiny" else 40
+    )
     res_file = work / "part.json"
 
     def save():
@@ -601,16 +742,45 @@ def main() -> None:
         report["micro"] = json.loads(res_file.read_text()) if rc == 0 else {"error": rc}
         save()
     if not (Path(a.model) / "config.json").exists():
-        rc = sub(a, "_build", "--shape", a.shape, "--model", a.model, "--result", str(res_file), "--work", a.work,
-                 *(["--cpu"] if a.cpu else []))
+        rc = sub(
+            a,
+            "_build",
+            "--shape",
+            a.shape,
+            "--model",
+            a.model,
+            "--result",
+            str(res_file),
+            "--work",
+            a.work,
+            *(["--cpu"] if a.cpu else []),
+        )
         report["build"] = json.loads(res_file.read_text()) if rc == 0 else {"error": rc}
         print("model:", report["build"], flush=True)
     seed = {}
     if "seed" in parts:
         res_file.unlink(missing_ok=True)
-        rc = sub(a, "_seed", "--shape", a.shape, "--model", a.model, "--data-dir", a.data_dir, "--data", a.data,
-                 "--steps", str(a.steps), "--warmup", str(a.warmup), "--result", str(res_file), "--work", a.work,
-                 *(["--cpu"] if a.cpu else []))
+        rc = sub(
+            a,
+            "_seed",
+            "--shape",
+            a.shape,
+            "--model",
+            a.model,
+            "--data-dir",
+            a.data_dir,
+            "--data",
+            a.data,
+            "--steps",
+            str(a.steps),
+            "--warmup",
+            str(a.warmup),
+            "--result",
+            str(res_file),
+            "--work",
+            a.work,
+            *(["--cpu"] if a.cpu else []),
+        )
         seed = json.loads(res_file.read_text()) if res_file.exists() else {"error": rc}
         report["seed"] = seed
         save()
@@ -637,8 +807,10 @@ def main() -> None:
     report["table"] = summarize(a.shape, report["data"], seed, spots)
     save()
     print()
-    print(f"shape {a.shape} on {report.get('device', 'cpu')}; real tokens/s over steps after {a.warmup} warm-up "
-          f"steps; MFU = model FLOPs (4N frozen + 6P LoRA + attention) / {PEAK_BF16 / 1e12:.0f} TFLOP/s")
+    print(
+        f"shape {a.shape} on {report.get('device', 'cpu')}; real tokens/s over steps after {a.warmup} warm-up "
+        f"steps; MFU = model FLOPs (4N frozen + 6P LoRA + attention) / {PEAK_BF16 / 1e12:.0f} TFLOP/s"
+    )
     print_table(report["table"])
 
 

@@ -37,8 +37,9 @@ from trainer.checkpoint.stream import write_safetensors  # noqa: E402
 def make_state(gb: float) -> dict[str, dict[str, torch.Tensor]]:
     n_opt = int(gb * 0.75e9 / 4 / 150)
     n_model = int(gb * 0.25e9 / 2 / 50)
-    opt = {f"{k}/layer{i}": torch.full((n_opt,), float(i)) for k in ("master", "exp_avg", "exp_avg_sq")
-           for i in range(50)}
+    opt = {
+        f"{k}/layer{i}": torch.full((n_opt,), float(i)) for k in ("master", "exp_avg", "exp_avg_sq") for i in range(50)
+    }
     model = {f"layer{i}": torch.full((n_model,), float(i), dtype=torch.bfloat16) for i in range(50)}
     return {"optimizer-rank00000.safetensors": opt, "model.safetensors": model}
 
@@ -70,9 +71,13 @@ def main() -> None:
     d = Path(a.dir)
     state = make_state(a.gb)
     nbytes = sum(t.numel() * t.element_size() for ts in state.values() for t in ts.values())
-    res = {"command": "python scripts/bench_ckpt_write.py " + " ".join(sys.argv[1:]), "bytes": nbytes,
-           "cpus": os.cpu_count(), "runs": []}
-    for r in range(a.repeat):
+    res = {
+        "command": "python scripts/bench_ckpt_write.py " + " ".join(sys.argv[1:]),
+        "bytes": nbytes,
+        "cpus": os.cpu_count(),
+        "runs": [],
+    }
+    for _ in range(a.repeat):
         for name, fn in (("before", before), ("now", now)):
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir(parents=True)

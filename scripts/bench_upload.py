@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from trainer.config.schema import S3Config  # noqa: E402
 from trainer.checkpoint.manifest import build_manifest, write_manifest  # noqa: E402
+from trainer.config.schema import S3Config  # noqa: E402
 from trainer.remote.store import open_store  # noqa: E402
 
 
@@ -57,8 +57,10 @@ def main() -> int:
         else:
             uri, endpoint = args.uri, args.endpoint_url
         try:
-            store = open_store(uri, S3Config(endpoint_url=endpoint, part_size_mb=args.part_size_mb,
-                                             max_concurrency=args.max_concurrency))
+            store = open_store(
+                uri,
+                S3Config(endpoint_url=endpoint, part_size_mb=args.part_size_mb, max_concurrency=args.max_concurrency),
+            )
             store.check()  # as the trainer does at start (also warms up a new bucket)
             ckpt = make_checkpoint(tmp / "local", args.size_mb)
             size = (ckpt / "model.safetensors").stat().st_size
@@ -75,8 +77,10 @@ def main() -> int:
 
     mb = size / (1 << 20)
     print(f"command: {' '.join(shlex.quote(a) for a in [sys.executable] + sys.argv)}")
-    print(f"store: {uri} ({'local SeaweedFS on loopback' if server else endpoint or 'AWS S3'}), "
-          f"part size {args.part_size_mb} MiB, max_concurrency {args.max_concurrency}, {os.cpu_count()} CPUs")
+    print(
+        f"store: {uri} ({'local SeaweedFS on loopback' if server else endpoint or 'AWS S3'}), "
+        f"part size {args.part_size_mb} MiB, max_concurrency {args.max_concurrency}, {os.cpu_count()} CPUs"
+    )
     print(f"upload:   {mb:.0f} MiB in {up.seconds:.2f} s = {mb / up.seconds:.0f} MiB/s (multipart, sha256 metadata)")
     print(f"download: {mb:.0f} MiB in {down_s:.2f} s = {mb / down_s:.0f} MiB/s (parallel ranges, sha256 verified)")
     print(f"re-upload of the same checkpoint: {again.seconds:.3f} s, {again.bytes_uploaded} bytes sent")

@@ -16,7 +16,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,11 +24,23 @@ from s3_server import SeaweedServer  # noqa: E402
 
 
 def train(out: Path, steps: int, every: int, extra: list[str], env: dict) -> tuple[list[dict], list[dict]]:
-    sets = ["model.builtin.hidden_size=640", "model.builtin.intermediate_size=1728", "model.builtin.num_hidden_layers=6",
-            "model.builtin.num_attention_heads=10", "model.builtin.num_key_value_heads=5",
-            f"train.max_steps={steps}", "train.micro_batch_size=8", "data.max_length=32",
-            "eval.before_training=false", "eval.generate=false", "eval.every_steps=null",
-            f"checkpoint.every_steps={every}", "checkpoint.keep_last=2", "preemption.watch=none", *extra]
+    sets = [
+        "model.builtin.hidden_size=640",
+        "model.builtin.intermediate_size=1728",
+        "model.builtin.num_hidden_layers=6",
+        "model.builtin.num_attention_heads=10",
+        "model.builtin.num_key_value_heads=5",
+        f"train.max_steps={steps}",
+        "train.micro_batch_size=8",
+        "data.max_length=32",
+        "eval.before_training=false",
+        "eval.generate=false",
+        "eval.every_steps=null",
+        f"checkpoint.every_steps={every}",
+        "checkpoint.keep_last=2",
+        "preemption.watch=none",
+        *extra,
+    ]
     cmd = [sys.executable, "-m", "trainer", "train", "--output-dir", str(out)]
     for s in sets:
         cmd += ["--set", s]
@@ -52,8 +63,12 @@ def main() -> None:
         try:
             bucket = server.bucket()
             env = server.aws_env(env)
-            remote = [f"checkpoint.remote=s3://{bucket}/stall", f"checkpoint.s3.endpoint_url={server.endpoint_url}",
-                      "checkpoint.s3.region=us-east-1", "checkpoint.s3.addressing_style=path"]
+            remote = [
+                f"checkpoint.remote=s3://{bucket}/stall",
+                f"checkpoint.s3.endpoint_url={server.endpoint_url}",
+                "checkpoint.s3.region=us-east-1",
+                "checkpoint.s3.addressing_style=path",
+            ]
             base, _ = train(tmp / "local", a.steps, a.every, [], env)
             with_remote, events = train(tmp / "remote", a.steps, a.every, remote, env)
         finally:
@@ -68,11 +83,14 @@ def main() -> None:
     mb = sum(e["bytes"] for e in up.values()) / 2**20
     secs = sum(e["seconds"] for e in up.values())
     print(f"checkpoints uploaded: {len(up)}, {mb:.0f} MiB in {secs:.1f} s ({mb / secs:.0f} MiB/s)")
-    print(f"step time without a remote:          median {statistics.median(base_t) * 1000:.1f} ms "
-          f"({len(base_t)} steps)")
+    print(
+        f"step time without a remote:          median {statistics.median(base_t) * 1000:.1f} ms ({len(base_t)} steps)"
+    )
     if during:
-        print(f"step time while an upload was in flight: median {statistics.median(during) * 1000:.1f} ms "
-              f"({len(during)} steps), ratio {statistics.median(during) / statistics.median(base_t):.2f}")
+        print(
+            f"step time while an upload was in flight: median {statistics.median(during) * 1000:.1f} ms "
+            f"({len(during)} steps), ratio {statistics.median(during) / statistics.median(base_t):.2f}"
+        )
     print("command: python scripts/bench_upload_stall.py " + " ".join(sys.argv[1:]))
 
 

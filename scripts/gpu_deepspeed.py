@@ -30,13 +30,28 @@ from bench import build_model, write_data  # noqa: E402
 
 
 def config(model: str, data: str, method: str, steps: int, every: int = 2) -> list[str]:
-    return [f"model.name_or_path={model}", f"model.method={method}", "model.gradient_checkpointing=true",
-            "lora.r=16", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",
-            f"data.path={data}", "data.format=completion", "data.max_length=512", "data.eval_split=null",
-            "train.micro_batch_size=2", "train.grad_accum=2", f"train.max_steps={steps}", "train.lr=1e-5",
-            "train.log_every_steps=1", "eval.before_training=false", "eval.generate=false",
-            f"checkpoint.every_steps={every}", "checkpoint.keep_last=1", "preemption.watch=none",
-            "distributed.deepspeed=zero2_offload"]
+    return [
+        f"model.name_or_path={model}",
+        f"model.method={method}",
+        "model.gradient_checkpointing=true",
+        "lora.r=16",
+        "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",
+        f"data.path={data}",
+        "data.format=completion",
+        "data.max_length=512",
+        "data.eval_split=null",
+        "train.micro_batch_size=2",
+        "train.grad_accum=2",
+        f"train.max_steps={steps}",
+        "train.lr=1e-5",
+        "train.log_every_steps=1",
+        "eval.before_training=false",
+        "eval.generate=false",
+        f"checkpoint.every_steps={every}",
+        "checkpoint.keep_last=1",
+        "preemption.watch=none",
+        "distributed.deepspeed=zero2_offload",
+    ]
 
 
 def run(name: str, out: Path, overrides: list[str], sigterm_at: int | None = None, timeout: float = 240) -> dict:
@@ -62,21 +77,36 @@ def run(name: str, out: Path, overrides: list[str], sigterm_at: int | None = Non
         if proc.poll() is None:
             proc.kill()
         rc = proc.wait()
-    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] \
-        if (out / "metrics.jsonl").exists() else []
-    events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()] \
-        if (out / "events.jsonl").exists() else []
+    metrics = (
+        [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        if (out / "metrics.jsonl").exists()
+        else []
+    )
+    events = (
+        [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
+        if (out / "events.jsonl").exists()
+        else []
+    )
     train = [m for m in metrics if "loss" in m]
-    res = {"name": name, "exit_code": rc, "wall_s": round(time.time() - t0, 1), "steps": len(train),
-           "losses": [m["loss"] for m in train], "peak_memory_gb": max((m["memory_gb"] for m in train), default=None),
-           "tokens_per_s_median": sorted(m["tokens_per_second"] for m in train)[len(train) // 2] if train else None,
-           "stall_s": [e["stall_s"] for e in events if e["event"] == "checkpoint"],
-           "commit_s": [e.get("commit_s") for e in events if e["event"] == "checkpoint"],
-           "preempt": [e for e in events if e["event"] == "preempt"]}
+    res = {
+        "name": name,
+        "exit_code": rc,
+        "wall_s": round(time.time() - t0, 1),
+        "steps": len(train),
+        "losses": [m["loss"] for m in train],
+        "peak_memory_gb": max((m["memory_gb"] for m in train), default=None),
+        "tokens_per_s_median": sorted(m["tokens_per_second"] for m in train)[len(train) // 2] if train else None,
+        "stall_s": [e["stall_s"] for e in events if e["event"] == "checkpoint"],
+        "commit_s": [e.get("commit_s") for e in events if e["event"] == "checkpoint"],
+        "preempt": [e for e in events if e["event"] == "preempt"],
+    }
     if rc not in (0, 75):
         res["log_tail"] = log.read_text()[-2500:]
-    print(f"{name}: exit {rc}, {len(train)} steps, {res['wall_s']} s, peak {res['peak_memory_gb']} GB, "
-          f"{res['tokens_per_s_median']} tok/s", flush=True)
+    print(
+        f"{name}: exit {rc}, {len(train)} steps, {res['wall_s']} s, peak {res['peak_memory_gb']} GB, "
+        f"{res['tokens_per_s_median']} tok/s",
+        flush=True,
+    )
     return res
 
 
@@ -91,8 +121,18 @@ def disk_free_gb(path: Path) -> float:
     return round(st.f_bavail * st.f_frsize / 1e9, 1)
 
 
-def method_runs(info: dict, work: Path, model: Path, data: str, method: str, steps: int, every: int,
-                sigterm_at: int, save, baseline: bool = True) -> None:
+def method_runs(
+    info: dict,
+    work: Path,
+    model: Path,
+    data: str,
+    method: str,
+    steps: int,
+    every: int,
+    sigterm_at: int,
+    save,
+    baseline: bool = True,
+) -> None:
     import torch
 
     cfg = config(str(model), data, method, steps, every)
@@ -116,7 +156,7 @@ def method_runs(info: dict, work: Path, model: Path, data: str, method: str, ste
             info[f"{method}_resume_max_abs_diff"] = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
             info[f"{method}_resume_bitwise"] = all(torch.equal(wa[k], wb[k]) for k in wa)
             la, lb = info[f"{method}_uninterrupted"]["losses"], info[f"{method}_resumed"]["losses"]
-            info[f"{method}_resumed_losses_match"] = la[-len(lb):] == lb if lb else False
+            info[f"{method}_resumed_losses_match"] = la[-len(lb) :] == lb if lb else False
         except Exception as e:
             info[f"{method}_resume_error"] = repr(e)
     subprocess.run(["rm", "-rf", str(a), str(b)])
@@ -137,8 +177,13 @@ def main() -> None:
     subprocess.run(["rm", "-rf", str(work)])
     work.mkdir(parents=True)
     model = work / f"model-{a.shape}"
-    info = {"shape": a.shape, "parts": a.parts, "build": build_model(a.shape, model, "cpu" if a.cpu else "cuda"),
-            "disk_free_gb": disk_free_gb(work), "command": "python scripts/gpu_deepspeed.py " + " ".join(sys.argv[1:])}
+    info = {
+        "shape": a.shape,
+        "parts": a.parts,
+        "build": build_model(a.shape, model, "cpu" if a.cpu else "cuda"),
+        "disk_free_gb": disk_free_gb(work),
+        "command": "python scripts/gpu_deepspeed.py " + " ".join(sys.argv[1:]),
+    }
     write_data(work / "data", n_var=200, n_fixed=64)
     data = str(work / "data" / "fixed.jsonl")
     import torch
@@ -158,9 +203,11 @@ def main() -> None:
     print(json.dumps({k: v for k, v in info.items() if not isinstance(v, dict) or "exit_code" not in v}, indent=1))
     for k, v in info.items():
         if isinstance(v, dict) and "exit_code" in v:
-            print(f"{k:22s} exit {v['exit_code']:>3}  steps {v['steps']:>2}  peak {v['peak_memory_gb']} GB  "
-                  f"tok/s {v['tokens_per_s_median']}  stall {v['stall_s']}  "
-                  f"preempt {[(p['step'], p['stop_to_commit_s']) for p in v['preempt']]}")
+            print(
+                f"{k:22s} exit {v['exit_code']:>3}  steps {v['steps']:>2}  peak {v['peak_memory_gb']} GB  "
+                f"tok/s {v['tokens_per_s_median']}  stall {v['stall_s']}  "
+                f"preempt {[(p['step'], p['stop_to_commit_s']) for p in v['preempt']]}"
+            )
 
 
 if __name__ == "__main__":

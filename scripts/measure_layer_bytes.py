@@ -37,8 +37,15 @@ CASES = {
     "qlora-upcast-qkvo": ("qlora", Q4, 0.0, False, True),
     "qlora-upcast-qkvo-dropout-liger": ("qlora", Q4, 0.05, True, True),
 }
-SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-             vocab_size=32000, max_position_embeddings=8192, tie_word_embeddings=False)
+SHAPE = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=32000,
+    max_position_embeddings=8192,
+    tie_word_embeddings=False,
+)
 TOKENS = 4096
 
 
@@ -60,10 +67,15 @@ def measure(case: str, layers: int) -> int:
         with tempfile.TemporaryDirectory() as d:  # quantized as the trainer loads a base: from a saved model
             with torch.device("cuda"):
                 LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(d)
-            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.bfloat16)
-            model = AutoModelForCausalLM.from_pretrained(d, quantization_config=q, dtype=torch.bfloat16,
-                                                         device_map={"": 0})
+            q = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            )
+            model = AutoModelForCausalLM.from_pretrained(
+                d, quantization_config=q, dtype=torch.bfloat16, device_map={"": 0}
+            )
     model.config.use_cache = False
     if liger:
         speed.apply_liger(model)
@@ -71,8 +83,9 @@ def measure(case: str, layers: int) -> int:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     elif method == "qlora":
         speed.prepare_kbit_bf16(model, False, {})
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=targets,
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    )
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -96,9 +109,16 @@ def predicted(case: str) -> int:
 
     method, targets, dropout, liger, upcast = CASES[case]
     shape = memory.llama_shape(LlamaConfig(num_hidden_layers=32, **SHAPE))
-    setup = memory.TrainingSetup(method=method, seq_len=TOKENS, lora_r=16, lora_dropout=dropout,
-                                 lora_targets=targets if isinstance(targets, str) else tuple(targets),
-                                 repeat_kv=False, liger=liger, upcast_non_quantized=upcast)
+    setup = memory.TrainingSetup(
+        method=method,
+        seq_len=TOKENS,
+        lora_r=16,
+        lora_dropout=dropout,
+        lora_targets=targets if isinstance(targets, str) else tuple(targets),
+        repeat_kv=False,
+        liger=liger,
+        upcast_non_quantized=upcast,
+    )
     return int(memory.layer_activation_bytes(shape, setup))
 
 
@@ -117,22 +137,40 @@ def main() -> int:
     for case in args.cases.split(","):
         kept = {}
         for layers in (4, 2):  # one process each: nothing cached from the other measurement
-            p = subprocess.run([sys.executable, __file__, "--_one", case, str(layers)], capture_output=True, text=True,
-                               env=dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")))
+            p = subprocess.run(
+                [sys.executable, __file__, "--_one", case, str(layers)],
+                capture_output=True,
+                text=True,
+                env=dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")),
+            )
             if p.returncode != 0:
                 print(p.stdout[-2000:], p.stderr[-3000:], file=sys.stderr)
                 return 1
             kept[layers] = json.loads(p.stdout.strip().splitlines()[-1])["bytes"]
         per = (kept[4] - kept[2]) / 2 / TOKENS
         pred = predicted(case)
-        rows.append({"case": case, "method": CASES[case][0], "targets": CASES[case][1], "dropout": CASES[case][2],
-                     "liger": CASES[case][3], "fp32_upcast": CASES[case][4], "bytes_per_token_per_layer": round(per),
-                     "memory_model": pred, "error": round(pred / per - 1, 4)})
+        rows.append(
+            {
+                "case": case,
+                "method": CASES[case][0],
+                "targets": CASES[case][1],
+                "dropout": CASES[case][2],
+                "liger": CASES[case][3],
+                "fp32_upcast": CASES[case][4],
+                "bytes_per_token_per_layer": round(per),
+                "memory_model": pred,
+                "error": round(pred / per - 1, 4),
+            }
+        )
         print(f"{case:34s} measured {per:9.0f}  memory model {pred:9d}  ({pred / per - 1:+.2%})", flush=True)
-    result = {"what": "activation bytes per token per decoder layer, 8B Llama shape, 4096 tokens, bf16 autocast",
-              "command": "python scripts/measure_layer_bytes.py " + " ".join(sys.argv[1:]),
-              "gpu": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"),
-              "versions": _versions(), "rows": rows}
+    result = {
+        "what": "activation bytes per token per decoder layer, 8B Llama shape, 4096 tokens, bf16 autocast",
+        "command": "python scripts/measure_layer_bytes.py " + " ".join(sys.argv[1:]),
+        "gpu": torch.cuda.get_device_name(0),
+        "date": time.strftime("%Y-%m-%d"),
+        "versions": _versions(),
+        "rows": rows,
+    }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -20,19 +20,11 @@ from pathlib import Path
 from trainer.durable import replace_file
 from trainer.errors import ConfigError, StorageWait
 from trainer.run_dir import LOCK_FILE
+from trainer.spot.procs import start_time, stat_fields
 
 log = logging.getLogger(__name__)
 LEASE_S = 60.0  # a lock not renewed for this long is stale
 RENEW_S = 10.0
-
-
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (/proc), to tell a live pid from a reused one."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(text[text.rindex(")") + 2 :].split()[19])
 
 
 def _alive(pid: int, start: int | None) -> bool:
@@ -42,12 +34,10 @@ def _alive(pid: int, start: int | None) -> bool:
         return False
     except PermissionError:
         pass
-    try:  # a zombie (killed, not reaped: no init in the container) holds nothing
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    except (OSError, IndexError):
-        pass
-    return start is None or _start_time(pid) in (None, start)
+    fields = stat_fields(pid)
+    if fields and fields[0] == "Z":  # a zombie (killed, not reaped: no init in the container) holds nothing
+        return False
+    return start is None or start_time(pid) in (None, start)
 
 
 class RunLock:
@@ -57,7 +47,7 @@ class RunLock:
         self.path = Path(output_dir) / LOCK_FILE
         self.lease_s = lease_s
         self.wait_s = lease_s + RENEW_S if wait_s is None else wait_s
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "start_time": _start_time(os.getpid())}
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "start_time": start_time(os.getpid())}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

@@ -14,8 +14,15 @@ STEPS = 32  # the same run as tests/e2e/test_supervisor_e2e.py: one uninterrupte
 @pytest.mark.timeout(480)
 def test_short_chaos_run_passes_every_check(tmp_path, tmp_path_factory):
     kinds = ("kill_trainer", "kill_in_checkpoint", "kill_in_upload", "sigterm", "kill_s3")
-    run = ChaosRun(seed=3, faults=len(kinds), steps=STEPS, method="lora", workdir=tmp_path, kinds=kinds,
-                   reference_dir=tmp_path_factory.getbasetemp() / f"chaos-reference-lora-{STEPS}")
+    run = ChaosRun(
+        seed=3,
+        faults=len(kinds),
+        steps=STEPS,
+        method="lora",
+        workdir=tmp_path,
+        kinds=kinds,
+        reference_dir=tmp_path_factory.getbasetemp() / f"chaos-reference-lora-{STEPS}",
+    )
     summary = run.run()
     report = render(summary, "tests/chaos/test_chaos.py")
     print(report)

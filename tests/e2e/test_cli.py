@@ -13,8 +13,10 @@ pytestmark = pytest.mark.e2e
 
 def test_train_own_jsonl_data_with_lora(tmp_path):
     data = tmp_path / "data.jsonl"
-    rows = [{"instruction": f"Repeat {w}", "input": "", "output": w} for w in
-            ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"] * 8]
+    rows = [
+        {"instruction": f"Repeat {w}", "input": "", "output": w}
+        for w in ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"] * 8
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = tmp_path / "my.yaml"
     cfg.write_text(f"""
@@ -50,14 +52,20 @@ eval:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args,needle", [
-    (["train", "--set", "train.max_stepz=3"], "unknown config key 'train.max_stepz'; did you mean 'train.max_steps'?"),
-    (["train", "nope.yaml"], "nope.yaml: file not found"),
-    (["train", "--set", "data.path=/nonexistent/data.jsonl"], "data.path /nonexistent/data.jsonl: file not found"),
-    (["train", "--set", "model.name_or_path=/nonexistent/model"], "model.name_or_path /nonexistent/model"),
-    (["train", "--set", "train.global_batch_size=7", "--set", "train.grad_accum=null"], "not a multiple"),
-    (["train", "--resume", "/nonexistent/ckpt"], "--resume /nonexistent/ckpt: not a valid checkpoint"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (
+            ["train", "--set", "train.max_stepz=3"],
+            "unknown config key 'train.max_stepz'; did you mean 'train.max_steps'?",
+        ),
+        (["train", "nope.yaml"], "nope.yaml: file not found"),
+        (["train", "--set", "data.path=/nonexistent/data.jsonl"], "data.path /nonexistent/data.jsonl: file not found"),
+        (["train", "--set", "model.name_or_path=/nonexistent/model"], "model.name_or_path /nonexistent/model"),
+        (["train", "--set", "train.global_batch_size=7", "--set", "train.grad_accum=null"], "not a multiple"),
+        (["train", "--resume", "/nonexistent/ckpt"], "--resume /nonexistent/ckpt: not a valid checkpoint"),
+    ],
+)
 def test_user_errors_are_one_line_exit_2(tmp_path, args, needle):
     p = run_cli(*args, output_dir=tmp_path / "o", check=False, timeout=120)
     assert p.returncode == 2, p.stderr
@@ -69,8 +77,7 @@ def test_user_errors_are_one_line_exit_2(tmp_path, args, needle):
 def test_wrong_format_for_data_names_fields(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"question": "q", "answer": "a"}\n')
-    p = run_cli("train", overrides=[f"data.path={data}", "data.format=alpaca"], output_dir=tmp_path / "o",
-                check=False)
+    p = run_cli("train", overrides=[f"data.path={data}", "data.format=alpaca"], output_dir=tmp_path / "o", check=False)
     assert p.returncode == 2 and "needs field(s) instruction, output" in p.stderr and "question" in p.stderr
 
 
@@ -97,8 +104,10 @@ def test_ckpt_list_and_verify(tmp_path):
 def test_ckpt_push_list_remote_pull_prune(tmp_path):
     out, remote = tmp_path / "run", f"file://{tmp_path / 'bucket'}"
     run_cli("train", overrides=TINY + ["train.max_steps=8"], output_dir=out)
-    assert "nothing to push" not in run_cli("ckpt", "push", overrides=[f"checkpoint.remote={remote}"],
-                                            output_dir=out).stdout
+    assert (
+        "nothing to push"
+        not in run_cli("ckpt", "push", overrides=[f"checkpoint.remote={remote}"], output_dir=out).stdout
+    )
     p = run_cli("ckpt", "list", "--remote", remote, output_dir=out)
     # step, date, time, size (2 words), kind, where, run, seq, parent, verified
     rows = [line.split() for line in p.stdout.splitlines()[1:]]
@@ -109,8 +118,7 @@ def test_ckpt_push_list_remote_pull_prune(tmp_path):
     p = run_cli("ckpt", "pull", overrides=[f"checkpoint.remote={remote}"], output_dir=fresh)
     assert "pulled step 8" in p.stdout
     assert run_cli("ckpt", "verify", output_dir=fresh).stdout.strip() == "step 8: ok"
-    run_cli("ckpt", "prune", "--keep-last", "1", "--remote", overrides=[f"checkpoint.remote={remote}"],
-            output_dir=out)
+    run_cli("ckpt", "prune", "--keep-last", "1", "--remote", overrides=[f"checkpoint.remote={remote}"], output_dir=out)
     p = run_cli("ckpt", "list", "--remote", remote, output_dir=out)
     assert [line.split()[0] for line in p.stdout.splitlines()[1:]] == ["8"]
     p = run_cli("ckpt", "pull", output_dir=tmp_path / "x", check=False)

@@ -27,8 +27,17 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def _unshare_ok() -> str | None:
     if not shutil.which("unshare"):
         return "no unshare(1)"
-    p = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt 2>&1 || "
-                        "mount -t tmpfs -o size=1m tmpfs /tmp 2>&1"], capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            "unshare",
+            "-rm",
+            "sh",
+            "-c",
+            "mount -t tmpfs -o size=1m tmpfs /mnt 2>&1 || mount -t tmpfs -o size=1m tmpfs /tmp 2>&1",
+        ],
+        capture_output=True,
+        text=True,
+    )
     return None if p.returncode == 0 else f"cannot mount a tmpfs in a user namespace: {p.stdout or p.stderr}"
 
 
@@ -42,10 +51,18 @@ def _run_on_tmpfs(size: int, out: Path, keep: Path, args: list[str], sigterm_at:
     out.mkdir(parents=True, exist_ok=True)
     keep.mkdir(parents=True, exist_ok=True)
     cmd = " ".join(f"'{a}'" for a in cli_args(*args, output_dir=out))
-    script = (f"mount -t tmpfs -o size={size} tmpfs '{out}' || exit 97; {cmd} & pid=$!; echo $pid > '{keep}/pid'; "
-              f"wait $pid; rc=$?; cp -a '{out}/.' '{keep}/'; exit $rc")
-    proc = subprocess.Popen(["unshare", "-rm", "sh", "-c", script], cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    script = (
+        f"mount -t tmpfs -o size={size} tmpfs '{out}' || exit 97; {cmd} & pid=$!; echo $pid > '{keep}/pid'; "
+        f"wait $pid; rc=$?; cp -a '{out}/.' '{keep}/'; exit $rc"
+    )
+    proc = subprocess.Popen(
+        ["unshare", "-rm", "sh", "-c", script],
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     if sigterm_at is not None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
@@ -71,8 +88,14 @@ def reference(tmp_path_factory):
     if why:
         pytest.skip(why)
     out = tmp_path_factory.mktemp("ref") / "out"
-    p = subprocess.run(cli_args("train", overrides=FULL, output_dir=out), cwd=REPO, env=env(), capture_output=True,
-                       text=True, timeout=300)
+    p = subprocess.run(
+        cli_args("train", overrides=FULL, output_dir=out),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     ckpts = sorted((out / "checkpoints").glob("step-*"))
     assert len(ckpts) == 12
@@ -84,8 +107,9 @@ def reference(tmp_path_factory):
 def test_training_goes_on_when_checkpoints_fill_the_disk(tmp_path, reference):
     one, rest, _ = reference
     # room for the run and about three checkpoints (plus one in the making): the 5th write hits ENOSPC
-    rc, log = _run_on_tmpfs(rest + int(3.5 * one), tmp_path / "out", tmp_path / "keep", ["train", *[
-        x for o in FULL for x in ("--set", o)]])
+    rc, log = _run_on_tmpfs(
+        rest + int(3.5 * one), tmp_path / "out", tmp_path / "keep", ["train", *[x for o in FULL for x in ("--set", o)]]
+    )
     keep = tmp_path / "keep"
     assert rc == 0, log[-3000:]
     assert "Traceback" not in log
@@ -103,9 +127,13 @@ def test_training_goes_on_when_checkpoints_fill_the_disk(tmp_path, reference):
 
 def test_emergency_checkpoint_that_does_not_fit_still_exits_resumable(tmp_path, reference):
     one, rest, final = reference
-    rc, log = _run_on_tmpfs(rest - final + one // 2, tmp_path / "out", tmp_path / "keep", ["train", *[
-        x for o in [*FULL, "train.max_steps=400", "checkpoint.every_steps=1000"] for x in ("--set", o)]],
-        sigterm_at=3)
+    rc, log = _run_on_tmpfs(
+        rest - final + one // 2,
+        tmp_path / "out",
+        tmp_path / "keep",
+        ["train", *[x for o in [*FULL, "train.max_steps=400", "checkpoint.every_steps=1000"] for x in ("--set", o)]],
+        sigterm_at=3,
+    )
     keep = tmp_path / "keep"
     assert rc == 75, log[-3000:]
     assert "Traceback" not in log
@@ -115,6 +143,12 @@ def test_emergency_checkpoint_that_does_not_fit_still_exits_resumable(tmp_path, 
     events = [json.loads(x) for x in (keep / "events.jsonl").read_text().splitlines()]
     assert any(e["event"] == "checkpoint_failed" and e["kind"] == "emergency" for e in events)
     # the copy resumes on a roomy disk from the start: nothing committed was lost, nothing broken is used
-    p = subprocess.run(cli_args("train", overrides=[*FULL, "train.max_steps=2"], output_dir=keep), cwd=REPO,
-                       env=env(), capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        cli_args("train", overrides=[*FULL, "train.max_steps=2"], output_dir=keep),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]

@@ -24,8 +24,7 @@ from trainer.distributed import resolve_grad_accum
 
 pytestmark = pytest.mark.e2e
 
-TORCH_EXTENSIONS_DIR = os.environ.get("TORCH_EXTENSIONS_DIR",
-                                      str(Path.home() / ".cache/spot-trainer/torch_extensions"))
+TORCH_EXTENSIONS_DIR = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/spot-trainer/torch_extensions"))
 
 
 # ---------------------------------------------------------------- real multi-process runs
@@ -42,9 +41,24 @@ def launch(nproc: int, out: Path, *worker_args: str, config: str = "cpu_2proc", 
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TORCH_EXTENSIONS_DIR=TORCH_EXTENSIONS_DIR)
     config_file = REPO / "launch" / f"{config if nproc > 1 else 'single_gpu'}.yaml"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
-           "--num_processes", str(nproc), "--main_process_port", str(_free_port()),
-           __file__, "worker", "--out", str(out), "--expect-world", str(nproc), *worker_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config_file),
+        "--num_processes",
+        str(nproc),
+        "--main_process_port",
+        str(_free_port()),
+        __file__,
+        "worker",
+        "--out",
+        str(out),
+        "--expect-world",
+        str(nproc),
+        *worker_args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True)
     assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads((out / "result.json").read_text())
@@ -75,8 +89,11 @@ def test_zero2_offload_resume_is_exact_and_reshards_to_one_process(tmp_path):
     part = launch(2, tmp_path / "part", *common, "--stop-at", "9")
     ckpt = tmp_path / "part" / "ckpt"
     assert sorted(p.name for p in ckpt.glob("optimizer-rank*")) == [
-        "optimizer-rank00000.json", "optimizer-rank00000.safetensors",
-        "optimizer-rank00001.json", "optimizer-rank00001.safetensors"]
+        "optimizer-rank00000.json",
+        "optimizer-rank00000.safetensors",
+        "optimizer-rank00001.json",
+        "optimizer-rank00001.safetensors",
+    ]
     assert part["losses"] == full["losses"][:9]
 
     resumed = launch(2, tmp_path / "resumed", *common, "--resume", str(ckpt))
@@ -101,7 +118,8 @@ def worker(argv: list[str]) -> None:
     from safetensors.torch import load_file, save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from trainer.checkpoint.optimizer_state import load_optimizer_state, save_optimizer_state
+    from tests.harness.optimizer import save_optimizer_state
+    from trainer.checkpoint.optimizer_state import load_optimizer_state
     from trainer.distributed import make_accelerator, release
 
     p = argparse.ArgumentParser()
@@ -114,9 +132,13 @@ def worker(argv: list[str]) -> None:
     args = p.parse_args(argv)
 
     micro, global_batch = 2, 8
-    cfg = config_from_dict({"model": {"dtype": "fp32"},
-                            "train": {"micro_batch_size": micro, "global_batch_size": global_batch},
-                            "distributed": {"deepspeed": None if args.mode == "ddp" else args.mode}})
+    cfg = config_from_dict(
+        {
+            "model": {"dtype": "fp32"},
+            "train": {"micro_batch_size": micro, "global_batch_size": global_batch},
+            "distributed": {"deepspeed": None if args.mode == "ddp" else args.mode},
+        }
+    )
     world = int(os.environ.get("WORLD_SIZE", 1))
     accum = resolve_grad_accum(cfg, world)
     acc = make_accelerator(cfg, accum)
@@ -124,9 +146,17 @@ def worker(argv: list[str]) -> None:
     assert W == args.expect_world, f"accelerate sees {W} processes, launched {args.expect_world}"
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                         max_position_embeddings=32))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+            max_position_embeddings=32,
+        )
+    )
     start = 0
     if args.resume:
         state = load_file(str(args.resume / "model.safetensors"))
@@ -140,14 +170,15 @@ def worker(argv: list[str]) -> None:
         sched.load_state_dict(json.loads((args.resume / "scheduler.json").read_text()))
 
     g = torch.Generator().manual_seed(1234)
-    data = (torch.randint(0, 128, (256, 1), generator=g)
-            + torch.randint(1, 4, (256, 1), generator=g) * torch.arange(16)) % 128
+    data = (
+        torch.randint(0, 128, (256, 1), generator=g) + torch.randint(1, 4, (256, 1), generator=g) * torch.arange(16)
+    ) % 128
     losses = []
     for step in range(start, args.steps):
         total = torch.zeros(())
         for a in range(accum):
             lo = (step * global_batch + (a * W + rank) * micro) % len(data)
-            batch = data[lo:lo + micro]
+            batch = data[lo : lo + micro]
             with acc.accumulate(model):
                 loss = model(input_ids=batch, labels=batch).loss
                 acc.backward(loss)
@@ -182,13 +213,23 @@ def worker(argv: list[str]) -> None:
         gathered = [flat]
     identical = all(torch.equal(gathered[0], t) for t in gathered)
     if acc.is_main_process:
-        save_file({n: p.detach().contiguous() for n, p in acc.unwrap_model(model).named_parameters()},
-                  str(args.out / "final.safetensors"))
+        save_file(
+            {n: p.detach().contiguous() for n, p in acc.unwrap_model(model).named_parameters()},
+            str(args.out / "final.safetensors"),
+        )
         inner = getattr(opt.optimizer, "optimizer", opt.optimizer)
-        (args.out / "result.json").write_text(json.dumps({
-            "world_size": W, "distributed_type": str(acc.distributed_type).split(".")[-1],
-            "optimizer": type(inner).__name__, "ranks_identical": identical, "losses": losses,
-            "time": time.time()}))
+        (args.out / "result.json").write_text(
+            json.dumps(
+                {
+                    "world_size": W,
+                    "distributed_type": str(acc.distributed_type).split(".")[-1],
+                    "optimizer": type(inner).__name__,
+                    "ranks_identical": identical,
+                    "losses": losses,
+                    "time": time.time(),
+                }
+            )
+        )
     del model, opt, sched
     release(acc)
 

@@ -17,9 +17,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def test_exit_line_says_committed_only_when_a_manifest_exists(tmp_path, reference):  # noqa: F811
     one, rest, final = reference
     # room for one checkpoint and a half: step 1 commits, every later write (a second one beside it) fails
-    rc, log = _run_on_tmpfs(rest - final + int(1.5 * one), tmp_path / "out", tmp_path / "keep", ["train", *[
-        x for o in [*FULL, "train.max_steps=400", "checkpoint.every_steps=1"] for x in ("--set", o)]],
-        sigterm_at=4)
+    rc, log = _run_on_tmpfs(
+        rest - final + int(1.5 * one),
+        tmp_path / "out",
+        tmp_path / "keep",
+        ["train", *[x for o in [*FULL, "train.max_steps=400", "checkpoint.every_steps=1"] for x in ("--set", o)]],
+        sigterm_at=4,
+    )
     keep = tmp_path / "keep"
     assert rc == 75, log[-3000:]
     assert "Traceback" not in log

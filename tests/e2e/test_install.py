@@ -31,9 +31,25 @@ def installed(tmp_path_factory):
     site = work / "site"
     env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("PYTHONPATH", None)
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
-                        "--target", str(site), str(src)], env=env, cwd=work, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "--target",
+            str(site),
+            str(src),
+        ],
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert (site / "trainer" / "__init__.py").is_file()
     outside = work / "elsewhere"
@@ -62,9 +78,13 @@ def test_presets_with_a_deepspeed_override(installed):
 
 def test_deepspeed_json_resolves_inside_the_install(installed):
     site = installed[0]
-    r = run(installed, "-c", "import sys; from trainer.distributed import resolve_deepspeed_config; "
-                             "p = resolve_deepspeed_config('zero2_offload'); import json; json.loads(p.read_text()); "
-                             "print(p); print('deepspeed' in sys.modules)")
+    r = run(
+        installed,
+        "-c",
+        "import sys; from trainer.distributed import resolve_deepspeed_config; "
+        "p = resolve_deepspeed_config('zero2_offload'); import json; json.loads(p.read_text()); "
+        "print(p); print('deepspeed' in sys.modules)",
+    )
     assert r.returncode == 0, r.stderr
     path, imported = r.stdout.split()
     assert Path(path).resolve().is_relative_to(site.resolve()) and Path(path).name == "zero2_offload.json"

@@ -53,8 +53,9 @@ def test_resume_never_over_checkpoints_is_refused_then_archive_existing_starts_o
     assert len(err) == 1 and "Traceback" not in p.stderr, p.stderr
     assert "3 in" in err[0] and "--resume auto" in err[0] and "--archive-existing" in err[0], err[0]
     assert tree(out) == before  # nothing touched
-    p = run_cli("train", "--resume", "never", "--archive-existing", overrides=[*RUN, "train.max_steps=4"],
-                output_dir=out)
+    p = run_cli(
+        "train", "--resume", "never", "--archive-existing", overrides=[*RUN, "train.max_steps=4"], output_dir=out
+    )
     store = CheckpointStore(out)
     assert store.committed_steps() == [4]
     assert Manifest.load(store.path(4)).run_id not in (None, old_run)
@@ -147,13 +148,15 @@ def test_a_lock_renewed_by_another_host_waits_for_its_lease(tmp_path):
     from trainer.errors import StorageWait
     from trainer.run_lock import RunLock
 
-    (tmp_path / ".lock").write_text(json.dumps({"host": "other-pod", "pid": 1, "start_time": 5,
-                                                "renewed": time.time()}))
+    (tmp_path / ".lock").write_text(
+        json.dumps({"host": "other-pod", "pid": 1, "start_time": 5, "renewed": time.time()})
+    )
     # another pod still renews it (a preempted one finishing its upload): exit 69, the supervisor tries again
     with pytest.raises(StorageWait, match="in use by another trainer .*other-pod.*delete.*exiting 69"):
         RunLock(tmp_path, lease_s=30, wait_s=0.3).acquire()
-    (tmp_path / ".lock").write_text(json.dumps({"host": "other-pod", "pid": 1, "start_time": 5,
-                                                "renewed": time.time() - 31}))
+    (tmp_path / ".lock").write_text(
+        json.dumps({"host": "other-pod", "pid": 1, "start_time": 5, "renewed": time.time() - 31})
+    )
     lock = RunLock(tmp_path, lease_s=30, wait_s=0.3).acquire()  # a dead pod's lock: its lease ran out
     assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
     lock.release()

@@ -38,7 +38,10 @@ pytestmark = pytest.mark.e2e
 
 STEPS = 40  # steps take ~20 ms: long enough that a kill after the step-4 commit lands mid-run
 GLOBAL = [o for o in TINY if not o.startswith(("train.grad_accum=", "train.max_steps="))] + [
-    "train.global_batch_size=16", "train.micro_batch_size=8", f"train.max_steps={STEPS}"]
+    "train.global_batch_size=16",
+    "train.micro_batch_size=8",
+    f"train.max_steps={STEPS}",
+]
 ZERO2 = ["distributed.deepspeed=zero2_offload"]
 
 # Tolerances, measured on this CPU (AVX-512) and stated with margin:
@@ -58,8 +61,9 @@ class Launch:
     def __init__(self, cmd: list[str], log: Path):
         self.log = log
         self._log = open(log, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env(), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.workers: set[int] = set()
 
     def poll(self) -> int | None:
@@ -249,8 +253,11 @@ def assert_continues(out: Path, ref: Path, resumed_from: int, rtol: float = 0.0)
     got, want = losses(out), losses(ref)
     assert sorted(got) == list(range(1, STEPS + 1))  # no step lost or repeated in the metrics
     for s in range(resumed_from + 1, STEPS + 1):
-        assert (got[s]["samples_seen"], got[s]["epoch"], got[s]["tokens"]) == \
-            (want[s]["samples_seen"], want[s]["epoch"], want[s]["tokens"]), s
+        assert (got[s]["samples_seen"], got[s]["epoch"], got[s]["tokens"]) == (
+            want[s]["samples_seen"],
+            want[s]["epoch"],
+            want[s]["tokens"],
+        ), s
     assert_same_losses(got, want, range(resumed_from + 1, STEPS + 1), rtol)
 
 
@@ -303,8 +310,10 @@ def test_zero2_partitions_reshard_from_two_processes_to_one_and_back(tmp_path, z
     assert_close_weights(trainable_weights(one, STEPS), trainable_weights(zero2_run, STEPS), ZERO2_WEIGHT_ATOL)
 
     ckpt = one / "checkpoints" / "step-00000012"
-    assert sorted(p.name for p in ckpt.glob("optimizer*")) == ["optimizer-rank00000.json",
-                                                               "optimizer-rank00000.safetensors"]
+    assert sorted(p.name for p in ckpt.glob("optimizer*")) == [
+        "optimizer-rank00000.json",
+        "optimizer-rank00000.safetensors",
+    ]
     shutil.copytree(ckpt, two / "checkpoints" / ckpt.name)
     run_to_end(two_processes(two, ZERO2, "zero2_offload"), tmp_path / "two.log")
     assert [(e["step"], e["world_size"]) for e in events(two, "train_start")] == [(12, 2)]
@@ -327,10 +336,24 @@ def test_two_machines_one_process_each_on_loopback(tmp_path):
     launches = []
     try:
         for rank in (0, 1):
-            flags = ["--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-                     "--main_process_port", str(port)]
-            cmd = accelerate_cli("train", launch_config="multi_node", num_processes=2, launch_args=flags,
-                                 overrides=GLOBAL, output_dir=out)
+            flags = [
+                "--num_machines",
+                "2",
+                "--machine_rank",
+                str(rank),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                str(port),
+            ]
+            cmd = accelerate_cli(
+                "train",
+                launch_config="multi_node",
+                num_processes=2,
+                launch_args=flags,
+                overrides=GLOBAL,
+                output_dir=out,
+            )
             launches.append(Launch(cmd, tmp_path / f"machine{rank}.log"))
         codes = [launch.wait(240) for launch in launches]
     finally:
@@ -340,6 +363,7 @@ def test_two_machines_one_process_each_on_loopback(tmp_path):
     assert events(out, "train_start")[0]["world_size"] == 2
     s = state(out, STEPS)
     assert (s["world_size"], s["grad_accum"], s["step"]) == (2, 1, STEPS)
-    assert {"rng-rank00000.json", "rng-rank00001.json"} <= {p.name for p in (out / "checkpoints" /
-                                                                              f"step-{STEPS:08d}").iterdir()}
+    assert {"rng-rank00000.json", "rng-rank00001.json"} <= {
+        p.name for p in (out / "checkpoints" / f"step-{STEPS:08d}").iterdir()
+    }
     assert sorted(losses(out)) == list(range(1, STEPS + 1))

@@ -15,8 +15,14 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_checkpoint_size_in_the_plan_matches_a_real_checkpoint(tmp_path, method):
     """`plan` says how big a checkpoint is (disk, emergency write time): it must be what training writes."""
-    over = [*TINY, f"model.method={method}", "model.builtin.hidden_size=128", "model.builtin.intermediate_size=256",
-            "train.max_steps=1", "checkpoint.every_steps=1"]
+    over = [
+        *TINY,
+        f"model.method={method}",
+        "model.builtin.hidden_size=128",
+        "model.builtin.intermediate_size=256",
+        "train.max_steps=1",
+        "checkpoint.every_steps=1",
+    ]
     run_cli("train", overrides=over, output_dir=tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000001"
     written = sum(p.stat().st_size for p in ckpt.iterdir() if p.suffix == ".safetensors")

@@ -70,8 +70,13 @@ def test_a_disk_too_small_for_the_remote_checkpoint_exits_69_and_deletes_nothing
     if why:
         pytest.skip(why)
     remote_dir = tmp_path / "remote"
-    over = [*TINY, "model.method=full", "train.max_steps=4", "checkpoint.every_steps=4",
-            f"checkpoint.remote=file://{remote_dir}"]
+    over = [
+        *TINY,
+        "model.method=full",
+        "train.max_steps=4",
+        "checkpoint.every_steps=4",
+        f"checkpoint.remote=file://{remote_dir}",
+    ]
     first = tmp_path / "pod1"
     run_cli("train", overrides=over, output_dir=first)
     ckpt = _disk_usage(first / "checkpoints" / "step-00000004")
@@ -79,14 +84,19 @@ def test_a_disk_too_small_for_the_remote_checkpoint_exits_69_and_deletes_nothing
     remote_before = sorted(str(p.relative_to(remote_dir)) for p in remote_dir.rglob("*") if p.is_file())
     shutil.rmtree(first)
     # room for the base model and the tokenization cache, not for the checkpoint
-    rc, log = _run_on_tmpfs(rest + ckpt // 3, tmp_path / "out", tmp_path / "keep",
-                            ["train", *[x for o in [*over, "train.max_steps=8"] for x in ("--set", o)]])
+    rc, log = _run_on_tmpfs(
+        rest + ckpt // 3,
+        tmp_path / "out",
+        tmp_path / "keep",
+        ["train", *[x for o in [*over, "train.max_steps=8"] for x in ("--set", o)]],
+    )
     assert rc == 69, log[-3000:]
     assert "Traceback" not in log
     line = [ln for ln in log.splitlines() if ln.startswith("error:")][-1]
     assert "step-00000004" in line and "needs" in line and "free" in line and "nothing was deleted" in line, line
-    assert '"loss"' not in (Path(tmp_path / "keep" / "metrics.jsonl").read_text()
-                            if (tmp_path / "keep" / "metrics.jsonl").exists() else "")
+    assert '"loss"' not in (
+        Path(tmp_path / "keep" / "metrics.jsonl").read_text() if (tmp_path / "keep" / "metrics.jsonl").exists() else ""
+    )
     after = sorted(str(p.relative_to(remote_dir)) for p in remote_dir.rglob("*") if p.is_file())
     assert after == remote_before  # nothing deleted remotely
     assert open_store(f"file://{remote_dir}").committed_steps() == [4]

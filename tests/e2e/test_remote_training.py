@@ -16,10 +16,15 @@ LORA = TINY + ["model.method=lora"]
 
 
 def s3_overrides(server, bucket, prefix="runs/exp"):
-    return [f"checkpoint.remote=s3://{bucket}/{prefix}", f"checkpoint.s3.endpoint_url={server.endpoint_url}",
-            "checkpoint.s3.region=us-east-1", "checkpoint.s3.addressing_style=path",
-            "checkpoint.s3.connect_timeout_s=2", "checkpoint.s3.read_timeout_s=10",
-            "checkpoint.s3.deadline_s=60"]
+    return [
+        f"checkpoint.remote=s3://{bucket}/{prefix}",
+        f"checkpoint.s3.endpoint_url={server.endpoint_url}",
+        "checkpoint.s3.region=us-east-1",
+        "checkpoint.s3.addressing_style=path",
+        "checkpoint.s3.connect_timeout_s=2",
+        "checkpoint.s3.read_timeout_s=10",
+        "checkpoint.s3.deadline_s=60",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +61,22 @@ def test_fresh_pod_pulls_remote_and_resumes_bitwise(tmp_path, s3_server, aws_env
     assert 12 in store.committed_steps()
     assert store.get_manifest(12).kind == "final"
     # metrics came back from the checkpoint: complete, no duplicates
-    steps = [json.loads(line)["step"] for line in (out2 / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
+    steps = [
+        json.loads(line)["step"]
+        for line in (out2 / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert steps == list(range(1, 13))
 
 
 def test_server_outage_during_training_does_not_stop_it(tmp_path, own_s3_server, aws_env):
     server = own_s3_server
     bucket = server.bucket()
-    over = TINY + ["model.method=full", "train.max_steps=24", "checkpoint.every_steps=2",
-                   "checkpoint.keep_last=3"] + s3_overrides(server, bucket)
+    over = (
+        TINY
+        + ["model.method=full", "train.max_steps=24", "checkpoint.every_steps=2", "checkpoint.keep_last=3"]
+        + s3_overrides(server, bucket)
+    )
     out = tmp_path / "run"
     proc = start_cli("train", overrides=over, output_dir=out)
     deadline = time.monotonic() + 120
@@ -97,8 +108,12 @@ def test_wrong_credentials_one_line_exit_2_nothing_lost(tmp_path, s3_server, aws
     run_cli("train", overrides=TINY + ["train.max_steps=4"], output_dir=out)
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
     aws_env.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-do-not-print")
-    p = run_cli("train", overrides=TINY + ["train.max_steps=8"] + s3_overrides(s3_server, s3_server.bucket()),
-                output_dir=out, check=False)
+    p = run_cli(
+        "train",
+        overrides=TINY + ["train.max_steps=8"] + s3_overrides(s3_server, s3_server.bucket()),
+        output_dir=out,
+        check=False,
+    )
     assert p.returncode == 2, p.stdout + p.stderr
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: s3://"), p.stderr

@@ -55,8 +55,11 @@ def test_killed_off_boundary_resumes_bitwise(tmp_path, references, method):
     assert len(starts) == 2 and 0 < starts[1]["step"] < 12 and starts[1]["step"] % 4 == 0, (reached, starts)
     assert_bitwise_equal(trainable_weights(tmp_path, 12), references[method])
     # metrics: one line per step, no duplicates or gaps, across the restart
-    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert steps == list(range(1, 13))
 
 

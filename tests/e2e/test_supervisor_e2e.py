@@ -17,8 +17,12 @@ from trainer.metrics import read_jsonl
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
 
 STEPS = 32  # the same run as tests/chaos/test_chaos.py, so the two share one uninterrupted reference
-SUPERVISOR = ["supervisor.backoff_initial_s=0.2", "supervisor.backoff_max_s=1", "supervisor.hang_timeout=120",
-              "preemption.grace_seconds=20"]
+SUPERVISOR = [
+    "supervisor.backoff_initial_s=0.2",
+    "supervisor.backoff_max_s=1",
+    "supervisor.hang_timeout=120",
+    "preemption.grace_seconds=20",
+]
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +96,10 @@ def test_sigterm_to_the_supervisor_exits_75_with_an_emergency_checkpoint_at_the_
     assert exit_["reason"] == "preempted" and exit_["code"] == 75
     # SIGTERM -> committed local checkpoint: the trainer's own measure, and from outside (signal sent -> event)
     sigterm_to_commit = pre["time"] - sent
-    print(f"tiny LoRA: SIGTERM -> committed checkpoint {sigterm_to_commit:.3f} s (trainer: stop_to_commit_s "
-          f"{pre['stop_to_commit_s']} s), SIGTERM -> supervisor exit {exit_s:.2f} s")
+    print(
+        f"tiny LoRA: SIGTERM -> committed checkpoint {sigterm_to_commit:.3f} s (trainer: stop_to_commit_s "
+        f"{pre['stop_to_commit_s']} s), SIGTERM -> supervisor exit {exit_s:.2f} s"
+    )
     assert 0 < pre["stop_to_commit_s"] <= sigterm_to_commit < 10  # loose: 2 shared cores
 
 

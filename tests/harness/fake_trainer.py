@@ -40,8 +40,12 @@ def parse(argv):
     p.add_argument("--hang-at", type=int, default=None, help="stop beating and ignore SIGTERM at this step ...")
     p.add_argument("--hang-attempts", type=int, default=1, help="... on the first N attempts")
     p.add_argument("--notice-at", type=int, default=None, help="a cloud notice arrives at this step")
-    p.add_argument("--preempt-exit-code", type=int, default=75, help="exit code after a preemption "
-                   "(accelerate launch turns 75 into 1)")
+    p.add_argument(
+        "--preempt-exit-code",
+        type=int,
+        default=75,
+        help="exit code after a preemption (accelerate launch turns 75 into 1)",
+    )
     p.add_argument("--on-sigterm", choices=["emergency", "crash", "ignore"], default="emergency")
     args, _unknown = p.parse_known_args(argv)
     return args
@@ -67,8 +71,19 @@ def main(argv) -> int:
     counter.write_text(str(attempt))
     resumed = newest_checkpoint_step(out) or 0
     with open(out / "fake_trainer.jsonl", "a") as f:
-        f.write(json.dumps({"attempt": attempt, "pid": os.getpid(), "pgid": os.getpgid(0), "resumed_from": resumed,
-                            "argv": argv, "env_attempt": os.environ.get("SPOT_TRAINER_ATTEMPT")}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "attempt": attempt,
+                    "pid": os.getpid(),
+                    "pgid": os.getpgid(0),
+                    "resumed_from": resumed,
+                    "argv": argv,
+                    "env_attempt": os.environ.get("SPOT_TRAINER_ATTEMPT"),
+                }
+            )
+            + "\n"
+        )
     events = EventLog(out / "events.jsonl", "trainer")
     if args.exit_code is not None:
         print(f"fake trainer: exiting {args.exit_code}", file=sys.stderr)
@@ -99,8 +114,9 @@ def main(argv) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stuck in a collective: signals do nothing
             while True:
                 time.sleep(60)
-        crash = (args.crash_at == step) or (args.crash_after_steps is not None
-                                             and step - resumed == args.crash_after_steps)
+        crash = (args.crash_at == step) or (
+            args.crash_after_steps is not None and step - resumed == args.crash_after_steps
+        )
         if crash and attempt <= args.crash_attempts:
             print(f"fake trainer: crashing at step {step}", file=sys.stderr, flush=True)
             if args.crash_code == "kill":

@@ -50,7 +50,7 @@ def children(pid: int) -> list[int]:
                 stat = f.read()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
+        fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
         if int(fields[1]) == pid and fields[0] != "Z":
             out.append(int(name))
     return sorted(out)
@@ -70,8 +70,9 @@ class Pod:
 
     def __init__(self, argv: list[str], env: dict, log: BinaryIO):
         self.argv, self.log = argv, log
-        self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.pid = self.proc.pid
         self.started = time.monotonic()
 

@@ -55,9 +55,19 @@ class SeaweedServer:
         self.data.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / "weed.log"
         self.identities = self.workdir / "identities.json"
-        self.identities.write_text(json.dumps({"identities": [{
-            "name": "tester", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        self.identities.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "tester",
+                            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
         self.access_key, self.secret_key = ACCESS_KEY, SECRET_KEY
         self.proc: subprocess.Popen | None = None
         self._pick_ports()
@@ -70,9 +80,19 @@ class SeaweedServer:
         self.endpoint_url = f"http://127.0.0.1:{self.ports['s3']}"
 
     def _command(self) -> list[str]:
-        cmd = [weed_binary(), "mini", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-               "-master.telemetry=false", f"-s3.config={self.identities}"]
+        cmd = [
+            weed_binary(),
+            "mini",
+            f"-dir={self.data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.telemetry=false",
+            f"-s3.config={self.identities}",
+        ]
         for name in _PORTS:
             cmd += [f"-{name}.port={self.ports[name]}", f"-{name}.port.grpc={self.grpc_ports[name]}"]
         return cmd
@@ -83,8 +103,9 @@ class SeaweedServer:
         env = dict(os.environ, OMP_NUM_THREADS="1", GOMAXPROCS="2")
         log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         cwd=self.workdir, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self._command(), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir, start_new_session=True
+            )
         client, t0 = self.client(), time.monotonic()
         while True:
             try:
@@ -98,8 +119,10 @@ class SeaweedServer:
                 if self.proc.poll() is not None or time.monotonic() - t0 > timeout:
                     self.stop()
                     lines = self.log_path.read_bytes()[log_start:].decode(errors="replace").splitlines()
-                    raise RuntimeError(f"weed mini not ready on {self.endpoint_url} ({type(e).__name__}: {e}); "
-                                       f"log {self.log_path}:\n" + "\n".join(lines[:12] + ["..."] + lines[-12:])) from e
+                    raise RuntimeError(
+                        f"weed mini not ready on {self.endpoint_url} ({type(e).__name__}: {e}); "
+                        f"log {self.log_path}:\n" + "\n".join(lines[:12] + ["..."] + lines[-12:])
+                    ) from e
                 time.sleep(0.1)
 
     def kill(self) -> None:
@@ -122,25 +145,40 @@ class SeaweedServer:
 
     def aws_env(self, base: dict | None = None) -> dict:
         """`base` (default os.environ) whose only AWS credentials are this server's: no ~/.aws files, no metadata."""
-        env = {k: v for k, v in (os.environ if base is None else base).items()
-               if k not in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL",
-                            "AWS_CA_BUNDLE")}
-        env.update(AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key,
-                   AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true",
-                   AWS_SHARED_CREDENTIALS_FILE=str(self.workdir / "no-aws-credentials"),
-                   AWS_CONFIG_FILE=str(self.workdir / "no-aws-config"))
+        env = {
+            k: v
+            for k, v in (os.environ if base is None else base).items()
+            if k not in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL", "AWS_CA_BUNDLE")
+        }
+        env.update(
+            AWS_ACCESS_KEY_ID=self.access_key,
+            AWS_SECRET_ACCESS_KEY=self.secret_key,
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_EC2_METADATA_DISABLED="true",
+            AWS_SHARED_CREDENTIALS_FILE=str(self.workdir / "no-aws-credentials"),
+            AWS_CONFIG_FILE=str(self.workdir / "no-aws-config"),
+        )
         return env
 
     def client(self):
         import boto3
         from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key,
-                            aws_secret_access_key=self.secret_key, region_name="us-east-1",
-                            config=Config(s3={"addressing_style": "path"}, connect_timeout=2, read_timeout=10,
-                                          retries={"total_max_attempts": 1},
-                                          request_checksum_calculation="when_required",
-                                          response_checksum_validation="when_required"))
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+            config=Config(
+                s3={"addressing_style": "path"},
+                connect_timeout=2,
+                read_timeout=10,
+                retries={"total_max_attempts": 1},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
 
     def bucket(self, name: str | None = None) -> str:
         """Create a bucket (a fresh unique one by default) and return its name."""
@@ -152,8 +190,16 @@ class SeaweedServer:
         """An S3Config for this server with test-sized timeouts and parts."""
         from trainer.config.schema import S3Config
 
-        values = dict(endpoint_url=self.endpoint_url, region="us-east-1", addressing_style="path",
-                      part_size_mb=5, max_concurrency=4, connect_timeout_s=2.0, read_timeout_s=10.0,
-                      max_attempts=3, deadline_s=30.0)
+        values = dict(
+            endpoint_url=self.endpoint_url,
+            region="us-east-1",
+            addressing_style="path",
+            part_size_mb=5,
+            max_concurrency=4,
+            connect_timeout_s=2.0,
+            read_timeout_s=10.0,
+            max_attempts=3,
+            deadline_s=30.0,
+        )
         values.update(overrides)
         return S3Config(**values)

@@ -61,8 +61,16 @@ def test_packed_loss_equals_unpacked_loss():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).eval()
     g = torch.Generator().manual_seed(1)
     rows = [{"input_ids": torch.randint(3, 50, (n,), generator=g).tolist()} for n in (6, 9, 4)]
     for r in rows:

@@ -92,6 +92,7 @@ def test_bitsandbytes_optimizer_under_deepspeed_is_refused():
 
 
 def test_no_clipping_disables_deepspeed_clipping():
-    cfg = config_from_dict({"train": {"micro_batch_size": 2, "max_grad_norm": None},
-                            "distributed": {"deepspeed": "zero2"}})
+    cfg = config_from_dict(
+        {"train": {"micro_batch_size": 2, "max_grad_norm": None}, "distributed": {"deepspeed": "zero2"}}
+    )
     assert deepspeed_config(cfg, 1, 1)["gradient_clipping"] == 0.0

@@ -30,27 +30,51 @@ def _fake_spot_trainer(tmp_path):
     bin_dir.mkdir()
     record = tmp_path / "argv.json"
     fake = bin_dir / "spot-trainer"
-    fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                    f"json.dump({{'pid': os.getpid(), 'argv': sys.argv[1:]}}, open({str(record)!r}, 'w'))\n")
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        f"json.dump({{'pid': os.getpid(), 'argv': sys.argv[1:]}}, open({str(record)!r}, 'w'))\n"
+    )
     fake.chmod(0o755)
     return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SPOT_OUTPUT_DIR=str(tmp_path / "run")), record
 
 
 def test_entrypoint_execs_spot_trainer_with_env_settings(tmp_path):
     env, record = _fake_spot_trainer(tmp_path)
-    env.update(SPOT_CONFIG="qlora", SPOT_REMOTE="s3://bucket/runs/exp1", SPOT_S3_ENDPOINT="http://127.0.0.1:8333",
-               SPOT_SET="train.max_steps=50  eval.every_steps=10", AWS_ACCESS_KEY_ID="AKIDEXAMPLE",
-               AWS_SECRET_ACCESS_KEY="very-secret-key")
-    proc = subprocess.Popen(["bash", str(LAUNCH / "entrypoint.sh"), "--set", "train.lr=1e-4"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env.update(
+        SPOT_CONFIG="qlora",
+        SPOT_REMOTE="s3://bucket/runs/exp1",
+        SPOT_S3_ENDPOINT="http://127.0.0.1:8333",
+        SPOT_SET="train.max_steps=50  eval.every_steps=10",
+        AWS_ACCESS_KEY_ID="AKIDEXAMPLE",
+        AWS_SECRET_ACCESS_KEY="very-secret-key",
+    )
+    proc = subprocess.Popen(
+        ["bash", str(LAUNCH / "entrypoint.sh"), "--set", "train.lr=1e-4"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
     got = json.loads(record.read_text())
     assert got["pid"] == proc.pid  # exec: spot-trainer replaced the shell, so it gets the pod's SIGTERM
-    assert got["argv"] == ["run", "qlora", "--output-dir", str(tmp_path / "run"),
-                           "--set", "checkpoint.remote=s3://bucket/runs/exp1",
-                           "--set", "checkpoint.s3.endpoint_url=http://127.0.0.1:8333",
-                           "--set", "train.max_steps=50", "--set", "eval.every_steps=10", "--set", "train.lr=1e-4"]
+    assert got["argv"] == [
+        "run",
+        "qlora",
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--set",
+        "checkpoint.remote=s3://bucket/runs/exp1",
+        "--set",
+        "checkpoint.s3.endpoint_url=http://127.0.0.1:8333",
+        "--set",
+        "train.max_steps=50",
+        "--set",
+        "eval.every_steps=10",
+        "--set",
+        "train.lr=1e-4",
+    ]
     assert "very-secret-key" not in stdout + stderr and "AKIDEXAMPLE" not in stdout + stderr
 
 
@@ -60,5 +84,14 @@ def test_runpod_script_turns_the_watcher_off_and_lets_the_user_override(tmp_path
     env.pop("SPOT_CONFIG", None)
     subprocess.run(["bash", str(LAUNCH / "runpod.sh")], env=env, check=True, capture_output=True, timeout=30)
     argv = json.loads(record.read_text())["argv"]
-    assert argv == ["run", "--output-dir", str(tmp_path / "run"), "--set", "preemption.watch=none",
-                    "--set", "preemption.grace_seconds=5", "--set", "preemption.grace_seconds=3"]
+    assert argv == [
+        "run",
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--set",
+        "preemption.watch=none",
+        "--set",
+        "preemption.grace_seconds=5",
+        "--set",
+        "preemption.grace_seconds=3",
+    ]

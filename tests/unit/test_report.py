@@ -20,16 +20,26 @@ def _write_jsonl(path, records, torn: str | None = None):
 
 
 def _metric(step, t):
-    return {"step": step, "time": t, "loss": 3.0 * math.exp(-step / 40) + 0.5, "lr": 1e-4, "grad_norm": 1.0,
-            "tokens": 4096, "tokens_per_second": 4096.0, "step_time_s": 1.0, "memory_gb": 1.0,
-            "epoch": step / 100, "samples_seen": 8 * step}
+    return {
+        "step": step,
+        "time": t,
+        "loss": 3.0 * math.exp(-step / 40) + 0.5,
+        "lr": 1e-4,
+        "grad_norm": 1.0,
+        "tokens": 4096,
+        "tokens_per_second": 4096.0,
+        "step_time_s": 1.0,
+        "memory_gb": 1.0,
+        "epoch": step / 100,
+        "samples_seen": 8 * step,
+    }
 
 
 def make_run(tmp_path, with_events=True):
     """100 surviving steps of 1 s; preempted at step 50 (resumed from 40), crashed at 70 (resumed from 60)."""
     out = tmp_path / "run"
     out.mkdir()
-    metrics = [_metric(s, T0 + 20 + s) for s in range(1, 41)]            # attempt 1: steps 1-50, 41-50 dropped
+    metrics = [_metric(s, T0 + 20 + s) for s in range(1, 41)]  # attempt 1: steps 1-50, 41-50 dropped
     metrics += [{"step": 40, "time": T0 + 61, "eval_loss": 1.4, "eval_exact_match": 0.2}]
     metrics += [_metric(s, T0 + 100 + (s - 40)) for s in range(41, 61)]  # attempt 2: steps 41-70, 61-70 dropped
     metrics += [_metric(s, T0 + 145 + (s - 60)) for s in range(61, 101)]  # attempt 3: steps 61-100
@@ -42,15 +52,45 @@ def make_run(tmp_path, with_events=True):
         {"time": T0 + 20, "event": "train_start", "step": 0, "world_size": 2, **tr},
         {"time": T0 + 40.5, "event": "checkpoint", "step": 20, "kind": "periodic", "stall_s": 0.5, "commit_s": 1, **tr},
         {"time": T0 + 60.5, "event": "checkpoint", "step": 40, "kind": "periodic", "stall_s": 0.5, "commit_s": 1, **tr},
-        {"time": T0 + 75, "event": "exit", "attempt": 1, "code": 137, "reason": "preempted", "last_step": 50,
-         "runtime_s": 74, **sup},
-        {"time": T0 + 77, "event": "restart", "attempt": 2, "backoff_s": 2, "resumed_from_step": 40, "steps_lost": 10,
-         **sup},
+        {
+            "time": T0 + 75,
+            "event": "exit",
+            "attempt": 1,
+            "code": 137,
+            "reason": "preempted",
+            "last_step": 50,
+            "runtime_s": 74,
+            **sup,
+        },
+        {
+            "time": T0 + 77,
+            "event": "restart",
+            "attempt": 2,
+            "backoff_s": 2,
+            "resumed_from_step": 40,
+            "steps_lost": 10,
+            **sup,
+        },
         {"time": T0 + 100, "event": "train_start", "step": 40, "world_size": 2, **tr},
-        {"time": T0 + 135, "event": "exit", "attempt": 2, "code": 1, "reason": "crash", "last_step": 70,
-         "runtime_s": 57, **sup},
-        {"time": T0 + 137, "event": "restart", "attempt": 3, "backoff_s": 2, "resumed_from_step": 60, "steps_lost": 10,
-         **sup},
+        {
+            "time": T0 + 135,
+            "event": "exit",
+            "attempt": 2,
+            "code": 1,
+            "reason": "crash",
+            "last_step": 70,
+            "runtime_s": 57,
+            **sup,
+        },
+        {
+            "time": T0 + 137,
+            "event": "restart",
+            "attempt": 3,
+            "backoff_s": 2,
+            "resumed_from_step": 60,
+            "steps_lost": 10,
+            **sup,
+        },
         {"time": T0 + 145, "event": "train_start", "step": 60, "world_size": 2, **tr},
         {"time": T0 + 186, "event": "train_end", "step": 100, "status": "done", **tr},
         {"time": T0 + 187, "event": "exit", "attempt": 3, "code": 0, "reason": "done", "last_step": 100, **sup},

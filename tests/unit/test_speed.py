@@ -8,8 +8,16 @@ from trainer.config.loader import load_config
 
 
 def _tiny(attn: str) -> LlamaForCausalLM:
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, attn_implementation=attn)
+    cfg = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation=attn,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).eval()
 
@@ -54,8 +62,9 @@ def test_plan_checkpoints_fewest_layers_that_fit():
     # room for all 8 layers plain: no checkpointing
     assert speed.plan_checkpointing(8, 100, per_token, budget_bytes=10**7, fixed_bytes=0, hidden=10).layers == 0
     # room for about half: the rest checkpointed
-    plan = speed.plan_checkpointing(8, 100, per_token, budget_bytes=int(5 * 100 * per_token * speed.SAFETY),
-                                    fixed_bytes=0, hidden=10)
+    plan = speed.plan_checkpointing(
+        8, 100, per_token, budget_bytes=int(5 * 100 * per_token * speed.SAFETY), fixed_bytes=0, hidden=10
+    )
     assert 0 < plan.layers < 8
     # no room at all: every layer
     assert speed.plan_checkpointing(8, 100, per_token, budget_bytes=10, fixed_bytes=0, hidden=10).layers == 8

@@ -20,8 +20,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from trainer.checkpoint.stream import write_safetensors
-from trainer.durable import write_file as write_bytes
 from trainer.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -64,14 +62,6 @@ def _group_hparams(group: dict) -> dict:
     return out
 
 
-def _write(ckpt_dir: Path, tensors: dict, meta: dict) -> list[Path]:
-    for name, t in tensors.items():
-        write_safetensors(ckpt_dir / name, t)
-    for name, obj in meta.items():
-        write_bytes(ckpt_dir / name, json.dumps(obj, indent=1, sort_keys=True).encode())
-    return [ckpt_dir / n for n in (*tensors, *meta)]
-
-
 # ---------------------------------------------------------------- saving
 
 
@@ -99,12 +89,6 @@ def optimizer_snapshot(accelerator, model, optimizer, copy: bool = True) -> tupl
     else:
         tensors = {k: v.detach() for k, v in tensors.items()}
     return {f"{stem}.safetensors": tensors}, {f"{stem}.json": meta}
-
-
-def save_optimizer_state(accelerator, model, optimizer, ckpt_dir) -> list[Path]:
-    """Write (and fsync) this rank's optimizer files into ckpt_dir; call on every rank, then barrier."""
-    tensors, meta = optimizer_snapshot(accelerator, model, optimizer)
-    return _write(Path(ckpt_dir), tensors, meta)
 
 
 def _torch_state(opt: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict, dict]:
@@ -408,17 +392,3 @@ def _replay_cpu_adam_steps(opt, step: int) -> None:
         opt.ds_opt_adam.adam_update(
             opt.opt_id, t, 0.0, beta1, beta2, group["eps"], 0.0, group.get("bias_correction", True), *buf
         )
-
-
-def consolidate_optimizer_state(ckpt_dir) -> dict[str, dict[str, torch.Tensor]]:
-    """Full per-parameter state {name: {key: tensor}} from any checkpoint layout (for tools and tests)."""
-    saved = SavedOptimizerState(ckpt_dir)
-    out = {}
-    for name in sorted({n for _, meta in saved.files for n in meta["params"]}):
-        e = saved.entries(name)[0][1]
-        numel = 1
-        for d in e["shape"]:
-            numel *= d
-        keys = sorted({k for _, x in saved.entries(name) for k in x["sliced"]})
-        out[name] = {k: saved.read(name, k, 0, numel).view(e["shape"]) for k in keys}
-    return out

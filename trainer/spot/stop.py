@@ -120,17 +120,6 @@ class StopSignal:
         return self._requested.wait(timeout)
 
 
-def worker_init_fn(worker_id: int) -> None:
-    """DataLoader worker_init_fn: workers ignore SIGTERM/SIGINT so they outlive the main process's stop.
-
-    A SIGTERM to the process group reaches the workers too; if they die, the main process gets
-    "DataLoader worker exited unexpectedly" and never writes its emergency checkpoint. The main process
-    ends its workers itself when the DataLoader iterator is closed.
-    """
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
-
 def agreed_stop(local_flag: bool, accelerator: Any = None) -> bool:
     """True on every rank if any rank wants to stop (one 1-element all-reduce MAX); no-op when not distributed."""
     import torch

@@ -23,6 +23,7 @@ from trainer.config.schema import Config
 from trainer.errors import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_STORAGE, EXIT_USAGE, CheckpointError
 from trainer.metrics import EventLog, read_jsonl
 from trainer.run_dir import RunDir
+from trainer.spot.procs import descendants, start_time
 
 CRASH_LOOP_LIMIT = 3  # failures in a row with no new checkpoint and no new step: stop restarting
 HANG_KILL_AFTER_S = 10.0  # after SIGTERM to a hung trainer, SIGKILL this much later (at most grace_seconds)
@@ -166,7 +167,7 @@ class Supervisor:
         if sig == signal.SIGKILL:
             # torchrun starts each rank in a session of its own: the launcher's group does not reach them
             for pid, start in self._tree:
-                if _start_time(pid) == start:  # still the same process, not a reused pid
+                if start_time(pid) == start:  # still the same process, not a reused pid
                     try:
                         os.kill(pid, signal.SIGKILL)
                     except (ProcessLookupError, PermissionError):
@@ -208,7 +209,7 @@ class Supervisor:
             if new_stamp != stamp:
                 stamp, last_beat, beat_seen = new_stamp, now, True
             if now - tree_scan > 1.0:  # remember the ranks while the launcher is alive to name them
-                self._tree |= _descendants(self._proc.pid)
+                self._tree |= descendants(self._proc.pid)
                 tree_scan = now
             if self._signal_mono is not None and kill_at is None:
                 kill_at = self._signal_mono + self.grace
@@ -381,41 +382,6 @@ class Supervisor:
 
 def _or_minus_1(step: int | None) -> int:
     return -1 if step is None else step
-
-
-def _stat(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()  # fields from 'state' on (the name may hold spaces)
-
-
-def _start_time(pid: int) -> int | None:
-    st = _stat(pid)
-    return int(st[19]) if st else None
-
-
-def _descendants(pid: int) -> set[tuple[int, int]]:
-    """(pid, start time) of every process below `pid`, read from /proc (empty where /proc is missing)."""
-    children: dict[int, list[int]] = {}
-    try:
-        pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
-    except OSError:
-        return set()
-    for p in pids:
-        st = _stat(p)
-        if st:
-            children.setdefault(int(st[1]), []).append(p)
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            start = _start_time(c)
-            if start is not None and (c, start) not in out:
-                out.add((c, start))
-                todo.append(c)
-    return out
 
 
 def run_supervisor(cfg: Config, config_source: str | None, overrides: list[str], output_dir: str) -> int:

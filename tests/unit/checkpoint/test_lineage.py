@@ -13,8 +13,9 @@ from trainer.checkpoint.store import CheckpointStore
 from trainer.run_dir import step_dirname
 
 
-def commit(store: CheckpointStore, step: int, run_id: str | None, seq: int | None, parent: Parent | None,
-           at: float) -> None:
+def commit(
+    store: CheckpointStore, step: int, run_id: str | None, seq: int | None, parent: Parent | None, at: float
+) -> None:
     d = store.path(step)
     d.mkdir(parents=True)
     (d / "model.safetensors").write_bytes(step.to_bytes(4, "little") * 100)
@@ -132,8 +133,9 @@ def test_a_read_error_is_retried_then_reported_not_quarantined(tmp_path, monkeyp
     assert store.committed_steps() == [4, 8] and store.corrupt() == []
 
 
-@pytest.mark.parametrize("field,value", [("path", 1), ("path", "../../etc/passwd"), ("size", -1),
-                                         ("sha256", "zz"), ("path", "/abs")])
+@pytest.mark.parametrize(
+    "field,value", [("path", 1), ("path", "../../etc/passwd"), ("size", -1), ("sha256", "zz"), ("path", "/abs")]
+)
 def test_a_malformed_manifest_field_is_a_corrupt_checkpoint_not_a_crash(tmp_path, field, value):
     store = CheckpointStore(tmp_path)
     commit(store, 4, "r", 1, None, at=1.0)

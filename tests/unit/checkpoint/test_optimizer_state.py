@@ -10,12 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from trainer.checkpoint.optimizer_state import (
-    SavedOptimizerState,
-    consolidate_optimizer_state,
-    load_optimizer_state,
-    save_optimizer_state,
-)
+from tests.harness.optimizer import consolidate_optimizer_state, save_optimizer_state
+from trainer.checkpoint.optimizer_state import SavedOptimizerState, load_optimizer_state
 from trainer.errors import CheckpointError
 
 
@@ -40,7 +36,7 @@ def train(model, opt, sched, steps, start=0):
     g = torch.Generator().manual_seed(7)
     xs = torch.randn(64, 6, generator=g)
     for s in range(start, start + steps):
-        loss = model(xs[s * 4:(s + 1) * 4]).pow(2).mean()
+        loss = model(xs[s * 4 : (s + 1) * 4]).pow(2).mean()
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -106,14 +102,32 @@ def test_snapshot_is_a_copy_safe_to_write_later(accelerator, tmp_path):
 
 
 def write_rank_file(d: Path, rank: int, world: int, name: str, shape, start: int, values: torch.Tensor):
-    save_file({f"exp_avg/{name}": values, f"master/{name}": values * 10},
-              str(d / f"optimizer-rank{rank:05d}.safetensors"))
-    (d / f"optimizer-rank{rank:05d}.json").write_text(json.dumps({
-        "format": 1, "layout": "zero-partition", "rank": rank, "world_size": world,
-        "param_groups": [{"lr": 0.1, "params": [name]}],
-        "params": {name: {"shape": list(shape), "group": 0, "start": start, "numel": values.numel(),
-                          "sliced": ["master", "exp_avg"], "whole": [], "values": {"step": 3},
-                          "scalar_tensors": {}}}}))
+    save_file(
+        {f"exp_avg/{name}": values, f"master/{name}": values * 10}, str(d / f"optimizer-rank{rank:05d}.safetensors")
+    )
+    (d / f"optimizer-rank{rank:05d}.json").write_text(
+        json.dumps(
+            {
+                "format": 1,
+                "layout": "zero-partition",
+                "rank": rank,
+                "world_size": world,
+                "param_groups": [{"lr": 0.1, "params": [name]}],
+                "params": {
+                    name: {
+                        "shape": list(shape),
+                        "group": 0,
+                        "start": start,
+                        "numel": values.numel(),
+                        "sliced": ["master", "exp_avg"],
+                        "whole": [],
+                        "values": {"step": 3},
+                        "scalar_tensors": {},
+                    }
+                },
+            }
+        )
+    )
 
 
 def test_slices_from_several_ranks_are_stitched_by_range(tmp_path):

@@ -16,15 +16,18 @@ def test_output_dir_option_wins(tmp_path):
     assert load_config(None, ["output_dir=x"], str(tmp_path)).output_dir == str(tmp_path)
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("train.max_stepz=5", "did you mean 'train.max_steps'"),
-    ("trian.max_steps=5", "did you mean 'train'"),
-    ("train.lr=fast", "train.lr: expected a number"),
-    ("model.method=qlor", "did you mean 'qlora'"),
-    ("train.micro_batch_size=0", "train.micro_batch_size: must be > 0"),
-    ("checkpoint.remote=gs://b/x", "must start with s3:// or file://"),
-    ("model.gradient_checkpointing=maybe", "expected true or false"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("train.max_stepz=5", "did you mean 'train.max_steps'"),
+        ("trian.max_steps=5", "did you mean 'train'"),
+        ("train.lr=fast", "train.lr: expected a number"),
+        ("model.method=qlor", "did you mean 'qlora'"),
+        ("train.micro_batch_size=0", "train.micro_batch_size: must be > 0"),
+        ("checkpoint.remote=gs://b/x", "must start with s3:// or file://"),
+        ("model.gradient_checkpointing=maybe", "expected true or false"),
+    ],
+)
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])

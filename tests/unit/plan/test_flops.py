@@ -29,8 +29,9 @@ def bench():
 def test_bench_and_plan_count_the_same_flops(bench):
     shape = shape_from_config(LlamaConfig(vocab_size=bench.VOCAB, tie_word_embeddings=False, **bench.SHAPES["8b"]))
     assert bench.model_shape("8b") == shape.__class__(**{**shape.__dict__, "name": "8b"})
-    setup = TrainingSetup(method="qlora", seq_len=1024, lora_r=16, lora_targets=tuple(bench.TARGETS),
-                          gradient_checkpointing=True)
+    setup = TrainingSetup(
+        method="qlora", seq_len=1024, lora_r=16, lora_targets=tuple(bench.TARGETS), gradient_checkpointing=True
+    )
     assert flops.flops_per_token(shape, setup) == bench.flops_per_token("8b", 1024.0, 1.0)["hardware"]
     plain = TrainingSetup(method="qlora", seq_len=1024, lora_r=16, lora_targets=tuple(bench.TARGETS))
     assert flops.flops_per_token(shape, plain) == bench.flops_per_token("8b", 1024.0, 0.0)["model"]

@@ -20,16 +20,34 @@ from trainer.plan import memory
 from trainer.plan.planner import make_plan, model_config
 
 GIB = 1024**3
-LLAMA3_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
-                 max_position_embeddings=8192, tie_word_embeddings=False)
+LLAMA3_8B = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    hidden_size=4096,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    intermediate_size=14336,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    tie_word_embeddings=False,
+)
 # (preset, overrides): the speed features set explicitly, so `plan` (which reads "auto" as off) and the GPU
 # path model the same run
 CONFIGS = [
     ("qlora", ["model.liger_kernels=true", "model.kbit_bf16_frozen=true", "data.packing=true"]),
     ("qlora", ["model.liger_kernels=false", "model.kbit_bf16_frozen=false", "lora.dropout=0.0"]),
-    ("qlora", ["model.liger_kernels=true", "model.kbit_bf16_frozen=true", "lora.target_modules=[q_proj,v_proj]",
-               "train.micro_batch_size=2", "data.max_length=2048", "data.packing=true"]),
+    (
+        "qlora",
+        [
+            "model.liger_kernels=true",
+            "model.kbit_bf16_frozen=true",
+            "lora.target_modules=[q_proj,v_proj]",
+            "train.micro_batch_size=2",
+            "data.max_length=2048",
+            "data.packing=true",
+        ],
+    ),
     ("lora", ["model.liger_kernels=true", "data.packing=true", "lora.dropout=0.1"]),
     ("lora", ["model.liger_kernels=false", "train.micro_batch_size=4"]),
     ("full", ["model.liger_kernels=false", "data.max_length=1024"]),
@@ -51,8 +69,7 @@ def _config(preset, over, model_dir=None):
 def _gpu_choices(cfg) -> dict:
     """What trainer.speed would report having turned on for this config on a GPU."""
     m = cfg.model
-    return dict(liger=m.liger_kernels is True, upcast_kbit=m.kbit_bf16_frozen is not True,
-                varlen=cfg.data.packing)
+    return dict(liger=m.liger_kernels is True, upcast_kbit=m.kbit_bf16_frozen is not True, varlen=cfg.data.packing)
 
 
 @pytest.mark.parametrize("model", ["builtin", "llama3-8b"])
@@ -72,8 +89,9 @@ def test_checkpoint_planner_uses_plans_per_layer_bytes(preset, over, model, llam
     allocated = int(plan.memory.get("weights") + plan.memory.get("adapters"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(speed, "plan_checkpointing", spy)
-        cp = speed.plan_checkpoint_layers(shape, setup, free_bytes=8 * GIB, reserved_bytes=GIB,
-                                          allocated_bytes=allocated)
+        cp = speed.plan_checkpoint_layers(
+            shape, setup, free_bytes=8 * GIB, reserved_bytes=GIB, allocated_bytes=allocated
+        )
     per_layer = memory.layer_activation_bytes(plan.shape, plan.setup)
     assert seen["per_token"] == cp.layer_bytes_per_token == per_layer  # exactly plan's number
     budget = 8 * GIB + GIB - GIB // 2
@@ -82,8 +100,10 @@ def test_checkpoint_planner_uses_plans_per_layer_bytes(preset, over, model, llam
     # and plan's own activation total is the same per-layer number times layers and tokens
     tokens = plan.setup.micro_batch_size * plan.setup.seq_len
     head = memory.head_activation_bytes(plan.shape, plan.setup)
-    assert plan.memory.get("activations") == tokens * (plan.shape.num_layers * per_layer + head) \
+    assert (
+        plan.memory.get("activations") == tokens * (plan.shape.num_layers * per_layer + head)
         or plan.setup.gradient_checkpointing
+    )
 
 
 def test_checkpoint_count_follows_the_budget(llama3_dir):
@@ -98,19 +118,35 @@ def test_checkpoint_count_follows_the_budget(llama3_dir):
         need = keep * per_layer + (32 - keep) * ckpt_input + per_layer  # + one layer rebuilt in backward
         # solve budget = allocated + fixed(budget) + need, fixed holding 6% of the budget
         budget = int((allocated + memory.layer_independent_bytes(shape, setup) + need) / 0.94) + 2
-        cp = speed.plan_checkpoint_layers(shape, setup, free_bytes=budget + GIB // 2, reserved_bytes=0,
-                                          allocated_bytes=allocated)
+        cp = speed.plan_checkpoint_layers(
+            shape, setup, free_bytes=budget + GIB // 2, reserved_bytes=0, allocated_bytes=allocated
+        )
         assert cp.layers == 32 - keep, (keep, cp.describe())
-        small = speed.plan_checkpoint_layers(shape, setup, free_bytes=budget + GIB // 2, reserved_bytes=0,
-                                             allocated_bytes=allocated, budget_gb=(budget - per_layer) / GIB)
+        small = speed.plan_checkpoint_layers(
+            shape,
+            setup,
+            free_bytes=budget + GIB // 2,
+            reserved_bytes=0,
+            allocated_bytes=allocated,
+            budget_gb=(budget - per_layer) / GIB,
+        )
         assert small.layers > cp.layers or cp.layers == 32
 
 
 def _tiny_peft_model():
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                         tie_word_embeddings=False))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=101,
+            hidden_size=128,
+            intermediate_size=352,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+        )
+    )
     from peft import LoraConfig, get_peft_model
 
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"))
@@ -158,20 +194,35 @@ H200_LAYERS = [
 @pytest.mark.parametrize("run", H200_LAYERS, ids=[r[0] for r in H200_LAYERS])
 def test_layer_bytes_match_the_h200(run):
     _, method, targets, dropout, liger, upcast, measured = run
-    shape = memory.llama_shape(LlamaConfig(**{**{k: v for k, v in LLAMA3_8B.items()
-                                                 if k not in ("architectures", "model_type")}, "vocab_size": 32000}))
-    setup = memory.TrainingSetup(method=method, seq_len=4096, lora_targets=targets, lora_dropout=dropout,
-                                 liger=liger, upcast_non_quantized=upcast, repeat_kv=False)
+    shape = memory.llama_shape(
+        LlamaConfig(
+            **{**{k: v for k, v in LLAMA3_8B.items() if k not in ("architectures", "model_type")}, "vocab_size": 32000}
+        )
+    )
+    setup = memory.TrainingSetup(
+        method=method,
+        seq_len=4096,
+        lora_targets=targets,
+        lora_dropout=dropout,
+        liger=liger,
+        upcast_non_quantized=upcast,
+        repeat_kv=False,
+    )
     assert abs(memory.layer_activation_bytes(shape, setup) - measured) / measured < 0.005
 
 
 def test_speed_knowledge_lives_in_the_memory_model():
     """Liger's smaller norm/MLP footprint and QLoRA's kept 4-bit inputs are setup fields of the memory model."""
-    shape = memory.llama_shape(LlamaConfig(**{k: v for k, v in LLAMA3_8B.items()
-                                              if k not in ("architectures", "model_type")}))
+    shape = memory.llama_shape(
+        LlamaConfig(**{k: v for k, v in LLAMA3_8B.items() if k not in ("architectures", "model_type")})
+    )
     h, inter = shape.hidden_size, shape.intermediate_size
-    base = memory.TrainingSetup(method="qlora", upcast_non_quantized=False, repeat_kv=False,
-                                lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    base = memory.TrainingSetup(
+        method="qlora",
+        upcast_non_quantized=False,
+        repeat_kv=False,
+        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    )
     plain = memory.layer_activation_bytes(shape, base)
     liger = memory.layer_activation_bytes(shape, replace(base, liger=True))
     assert plain - liger == 2 * ((4 * h + 4) - (2 * h + 4)) + 2 * inter  # RMSNorm keeps bf16 input; SwiGLU 2 of 3

@@ -29,13 +29,39 @@ from trainer.plan.planner import make_plan
 from trainer.plan.render import render_plan
 from trainer.plan.tables import find_gpu, read_bench_results
 
-TINY = dict(hidden_size=48, intermediate_size=136, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=100, max_position_embeddings=64, tie_word_embeddings=False)
-LLAMA3_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
-                 max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False)
-LLAMA32_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                  intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True)
+TINY = dict(
+    hidden_size=48,
+    intermediate_size=136,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=100,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
+LLAMA3_8B = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    hidden_size=4096,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    intermediate_size=14336,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    tie_word_embeddings=False,
+)
+LLAMA32_1B = dict(
+    hidden_size=2048,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    intermediate_size=8192,
+    vocab_size=128256,
+    tie_word_embeddings=True,
+)
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -72,16 +98,32 @@ def measured_saved_bytes(model, tokens: torch.Tensor) -> int:
 
 def cpu_setup(method: str, compute_bytes: int, **kw) -> TrainingSetup:
     # CPU specifics: no autocast, dropout masks in the input dtype, no padding (native GQA in SDPA)
-    return TrainingSetup(method=method, compute_bytes=compute_bytes, micro_batch_size=2, seq_len=24, lora_r=4,
-                         autocast=False, upcast_non_quantized=False, repeat_kv=False,
-                         dropout_mask_bytes=compute_bytes if compute_bytes == 4 else 4, **kw)
+    return TrainingSetup(
+        method=method,
+        compute_bytes=compute_bytes,
+        micro_batch_size=2,
+        seq_len=24,
+        lora_r=4,
+        autocast=False,
+        upcast_non_quantized=False,
+        repeat_kv=False,
+        dropout_mask_bytes=compute_bytes if compute_bytes == 4 else 4,
+        **kw,
+    )
 
 
-@pytest.mark.parametrize("method,dtype,dropout,ckpt", [
-    ("full", torch.float32, 0.0, False), ("full", torch.bfloat16, 0.0, False),
-    ("lora", torch.float32, 0.05, False), ("lora", torch.float32, 0.0, False),
-    ("lora", torch.bfloat16, 0.05, False), ("full", torch.float32, 0.0, True), ("lora", torch.float32, 0.05, True),
-])
+@pytest.mark.parametrize(
+    "method,dtype,dropout,ckpt",
+    [
+        ("full", torch.float32, 0.0, False),
+        ("full", torch.bfloat16, 0.0, False),
+        ("lora", torch.float32, 0.05, False),
+        ("lora", torch.float32, 0.0, False),
+        ("lora", torch.bfloat16, 0.05, False),
+        ("full", torch.float32, 0.0, True),
+        ("lora", torch.float32, 0.05, True),
+    ],
+)
 def test_activation_formula_matches_what_autograd_saves(method, dtype, dropout, ckpt):
     model = tiny_model(method, dtype, dropout, ckpt)
     tokens = torch.randint(0, TINY["vocab_size"], (2, 24))
@@ -138,12 +180,22 @@ H100_RUNS = [
 def test_prediction_matches_recorded_h100_peaks(run):
     name, cfg, method, mb, seq, ckpt, optim, targets, allocated, used, _ = run
     shape = shape_from_config(LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}))
-    est = estimate_memory(shape, TrainingSetup(method=method, micro_batch_size=mb, seq_len=seq,
-                                               gradient_checkpointing=ckpt, optimizer=optim, lora_targets=targets))
+    est = estimate_memory(
+        shape,
+        TrainingSetup(
+            method=method,
+            micro_batch_size=mb,
+            seq_len=seq,
+            gradient_checkpointing=ckpt,
+            optimizer=optim,
+            lora_targets=targets,
+        ),
+    )
     # allocated bytes are modelled to within 3% on all eight runs; the caching allocator's fragmentation on top
     # (2-20% of allocated) is the larger error, so the whole-device peak gets 12%
-    predicted_allocated = sum(c.bytes for c in est.components if c.in_peak and c.name not in
-                              ("allocator slack", "cuda context")) / GIB
+    predicted_allocated = (
+        sum(c.bytes for c in est.components if c.in_peak and c.name not in ("allocator slack", "cuda context")) / GIB
+    )
     assert abs(predicted_allocated - allocated) / allocated < 0.05, (predicted_allocated, allocated)
     assert abs(est.peak_gib - used) / used < 0.12, (est.peak_gib, used)
 
@@ -156,11 +208,24 @@ def write_llama3_8b(tmp_path):
 
 
 def seed_recipe(model_dir, *extra):
-    return load_config(None, [f"model.name_or_path={model_dir}", "model.method=qlora", "quant.bits=4",
-                              "quant.double_quant=true", "model.gradient_checkpointing=true", "lora.r=16",
-                              "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]", "train.micro_batch_size=4",
-                              "data.max_length=1024", "train.optimizer=paged_adamw_8bit", "train.max_steps=500",
-                              "train.grad_accum=4", *extra])
+    return load_config(
+        None,
+        [
+            f"model.name_or_path={model_dir}",
+            "model.method=qlora",
+            "quant.bits=4",
+            "quant.double_quant=true",
+            "model.gradient_checkpointing=true",
+            "lora.r=16",
+            "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",
+            "train.micro_batch_size=4",
+            "data.max_length=1024",
+            "train.optimizer=paged_adamw_8bit",
+            "train.max_steps=500",
+            "train.grad_accum=4",
+            *extra,
+        ],
+    )
 
 
 def test_seed_recipe_datum_and_4070ti_verdict(tmp_path):
@@ -197,8 +262,9 @@ def test_qlora_weights_are_nf4_plus_constants(tmp_path):
     assert s.params_total == 8_030_261_248 and s.params_embedding == 2 * 128256 * 4096
     w = weight_bytes(s, replace(plan.setup, upcast_non_quantized=False))
     # 4.127 bits per quantized weight, bf16 for the 1.05B embedding/lm_head parameters and the norms
-    assert w == pytest.approx(s.params_layer_linear * 4.127 / 8 + (s.params_total - s.params_layer_linear) * 2,
-                              rel=1e-3)
+    assert w == pytest.approx(
+        s.params_layer_linear * 4.127 / 8 + (s.params_total - s.params_layer_linear) * 2, rel=1e-3
+    )
 
 
 def test_gpu_names_and_aliases():
@@ -214,11 +280,20 @@ def test_gpu_names_and_aliases():
 def test_bench_results_supersede_the_flops_estimate(tmp_path):
     bench = tmp_path / "bench"
     bench.mkdir()
-    (bench / "h100.json").write_text(json.dumps(
-        {"gpu": "H100", "model": "builtin:tiny-llama", "method": "full", "tokens_per_second": 123456.0,
-         "peak_memory_gib": 1.2}))
-    (bench / "list.json").write_text(json.dumps([{"gpu": "A100 80GB", "model": "other", "method": "full",
-                                                  "tokens_per_second": 5.0}, "not a record"]))
+    (bench / "h100.json").write_text(
+        json.dumps(
+            {
+                "gpu": "H100",
+                "model": "builtin:tiny-llama",
+                "method": "full",
+                "tokens_per_second": 123456.0,
+                "peak_memory_gib": 1.2,
+            }
+        )
+    )
+    (bench / "list.json").write_text(
+        json.dumps([{"gpu": "A100 80GB", "model": "other", "method": "full", "tokens_per_second": 5.0}, "not a record"])
+    )
     (bench / "torn.json").write_text('{"gpu": "H100", "tokens_per')
     assert len(read_bench_results(bench)) == 2
     cfg = load_config(None, ["train.max_steps=10"])
@@ -237,16 +312,26 @@ def test_flops_per_token():
     # LoRA: frozen base 4N + adapters 6P; checkpointing recomputes the decoder layers (not lm_head) with adapters
     p, layers = lora_params(shape, replace(full, method="lora")), shape.params_layer_linear
     assert flops_per_token(shape, replace(full, method="lora")) == 4 * n + 6 * p + 6 * lhs
-    assert flops_per_token(shape, replace(full, method="lora", gradient_checkpointing=True)) == \
-        4 * n + 6 * p + 2 * (layers + p) + 8 * lhs
+    assert (
+        flops_per_token(shape, replace(full, method="lora", gradient_checkpointing=True))
+        == 4 * n + 6 * p + 2 * (layers + p) + 8 * lhs
+    )
 
 
 def test_cost_spot_savings_with_preemption_overhead(tmp_path):
     prices = tmp_path / "prices.yaml"
     prices.write_text("date: 2025-01-01\ngpus:\n  RTX 4090:\n    cloudx: {on_demand: 1.0, spot: 0.5}\n")
     cfg = load_config(None, ["train.max_steps=1000", "checkpoint.every_steps=100"])
-    plan = make_plan(cfg, gpu="4090", prices_path=prices, price_per_hour=2.0, spot_price_per_hour=1.0,
-                     preemptions_per_day=24, restart_latency_s=300, lost_work_s=60)
+    plan = make_plan(
+        cfg,
+        gpu="4090",
+        prices_path=prices,
+        price_per_hour=2.0,
+        spot_price_per_hour=1.0,
+        preemptions_per_day=24,
+        restart_latency_s=300,
+        lost_work_s=60,
+    )
     assert plan.preemption_overhead == pytest.approx(24 * 360 / 86400)
     given, cloudx = plan.costs
     assert given.provider == "given" and cloudx.provider == "cloudx"
@@ -259,8 +344,16 @@ def test_cost_spot_savings_with_preemption_overhead(tmp_path):
 
 def test_render_plan_reads_as_a_table(tmp_path):
     text = render_plan(make_plan(seed_recipe(write_llama3_8b(tmp_path)), gpu="4070ti"))
-    for needle in ("Memory per GPU", "predicted peak", "RTX 4070 Ti (12 GiB): DOES NOT FIT", "to make it fit",
-                   "H100", "Cost (prices as of", "Assumptions:", "spot"):
+    for needle in (
+        "Memory per GPU",
+        "predicted peak",
+        "RTX 4070 Ti (12 GiB): DOES NOT FIT",
+        "to make it fit",
+        "H100",
+        "Cost (prices as of",
+        "Assumptions:",
+        "spot",
+    ):
         assert needle in text, needle
 
 
@@ -283,10 +376,12 @@ def test_zero2_shards_and_offload_moves_state_to_cpu(tmp_path):
     model_dir = write_llama3_8b(tmp_path)
     full = ["model.method=full", "model.gradient_checkpointing=true", "train.micro_batch_size=1"]
     single = make_plan(load_config(None, [f"model.name_or_path={model_dir}", *full]))
-    zero2 = make_plan(load_config(None, [f"model.name_or_path={model_dir}", *full, "distributed.deepspeed=zero2"]),
-                      num_gpus=4)
-    offload = make_plan(load_config(None, [f"model.name_or_path={model_dir}", *full,
-                                           "distributed.deepspeed=zero2_offload"]), num_gpus=4)
+    zero2 = make_plan(
+        load_config(None, [f"model.name_or_path={model_dir}", *full, "distributed.deepspeed=zero2"]), num_gpus=4
+    )
+    offload = make_plan(
+        load_config(None, [f"model.name_or_path={model_dir}", *full, "distributed.deepspeed=zero2_offload"]), num_gpus=4
+    )
     n = single.shape.params_total
     assert single.memory.get("optimizer state") == 8 * n and single.memory.cpu_bytes == 0
     assert zero2.memory.get("optimizer state") == 8 * n / 4 and zero2.memory.get("master weights") == 4 * n / 4
@@ -296,8 +391,9 @@ def test_zero2_shards_and_offload_moves_state_to_cpu(tmp_path):
 
 
 def test_lora_targets_that_match_nothing_are_a_config_error(tmp_path):
-    cfg = load_config(None, [f"model.name_or_path={write_llama3_8b(tmp_path)}", "model.method=lora",
-                             "lora.target_modules=[qkv_proj]"])
+    cfg = load_config(
+        None, [f"model.name_or_path={write_llama3_8b(tmp_path)}", "model.method=lora", "lora.target_modules=[qkv_proj]"]
+    )
     with pytest.raises(ConfigError, match="matches no linear layer.*q_proj"):
         make_plan(cfg)
 

@@ -30,11 +30,32 @@ def test_packaged_table_is_generated_from_bench_results():
 def _bench_dir(tmp_path) -> Path:
     bench = tmp_path / "bench"
     bench.mkdir()
-    (bench / "h100-tiny.json").write_text(json.dumps(
-        {"gpu": "H100", "model": "builtin:tiny-llama", "method": "full", "tokens_per_second": 123456.0,
-         "gradient_checkpointing": False, "peak_memory_gib": 1.2, "versions": {"torch": "2.11"}}))
-    (bench / "a100.json").write_text(json.dumps([{"gpu": "A100 80GB", "model": "other/llama-1b", "method": "full",
-                                                  "num_params": 1.2e9, "tokens_per_second": 20000.0}]))
+    (bench / "h100-tiny.json").write_text(
+        json.dumps(
+            {
+                "gpu": "H100",
+                "model": "builtin:tiny-llama",
+                "method": "full",
+                "tokens_per_second": 123456.0,
+                "gradient_checkpointing": False,
+                "peak_memory_gib": 1.2,
+                "versions": {"torch": "2.11"},
+            }
+        )
+    )
+    (bench / "a100.json").write_text(
+        json.dumps(
+            [
+                {
+                    "gpu": "A100 80GB",
+                    "model": "other/llama-1b",
+                    "method": "full",
+                    "num_params": 1.2e9,
+                    "tokens_per_second": 20000.0,
+                }
+            ]
+        )
+    )
     return bench
 
 

@@ -25,8 +25,15 @@ def store(remote):
     s.close()
 
 
-def commit(root: Path, step: int, run_id: str | None, seq: int | None, parent: Parent | None = None,
-           at: float = T0, seed: int = 0) -> Path:
+def commit(
+    root: Path,
+    step: int,
+    run_id: str | None,
+    seq: int | None,
+    parent: Parent | None = None,
+    at: float = T0,
+    seed: int = 0,
+) -> Path:
     """A committed local checkpoint with lineage fields."""
     d = make_checkpoint(root, step, seed=seed)
     m = Manifest.load(d)
@@ -45,7 +52,7 @@ def run_a(root: Path) -> dict[int, Path]:
 
 
 def _dirs(remote, under: str = "checkpoints/") -> set[str]:
-    return {k[len(under):].rsplit("/", 1)[0] for k in remote.keys() if k.startswith(under)}
+    return {k[len(under) :].rsplit("/", 1)[0] for k in remote.keys() if k.startswith(under)}
 
 
 def test_a_fresh_run_keeps_its_new_checkpoint_and_archives_the_old_high_steps(store, remote, tmp_path):
@@ -151,10 +158,13 @@ def test_b_legacy_checkpoints_with_other_files_are_archived_under_legacy(store, 
 
     assert store.get_manifest(10) == Manifest.load(third)
     assert sorted(_dirs(remote, "checkpoints/archived/")) == ["legacy/step-00000010", "legacy/step-00000010.1"]
-    assert read(remote, "checkpoints/archived/legacy/step-00000010/manifest.json") == (
-        old / "manifest.json").read_bytes()
-    assert read(remote, "checkpoints/archived/legacy/step-00000010.1/manifest.json") == (
-        other / "manifest.json").read_bytes()
+    assert (
+        read(remote, "checkpoints/archived/legacy/step-00000010/manifest.json") == (old / "manifest.json").read_bytes()
+    )
+    assert (
+        read(remote, "checkpoints/archived/legacy/step-00000010.1/manifest.json")
+        == (other / "manifest.json").read_bytes()
+    )
 
 
 def test_b_upload_over_a_corrupt_manifest_moves_it_to_corrupt(store, remote, tmp_path):
@@ -226,8 +236,10 @@ def test_upload_then_retention_uses_the_newest_uploaded_as_head(store, tmp_path)
     # uploads go newest first: an older one uploaded after a newer one must not make the newer one look like
     # another lineage
     root = tmp_path / "checkpoints"
-    dirs = [commit(root, step, "runA", seq, Parent("runA", step - 10) if seq > 1 else None, at=T0 + seq)
-            for seq, step in enumerate((10, 20, 30), start=1)]
+    dirs = [
+        commit(root, step, "runA", seq, Parent("runA", step - 10) if seq > 1 else None, at=T0 + seq)
+        for seq, step in enumerate((10, 20, 30), start=1)
+    ]
     uploader = CheckpointUploader(store, keep_last=3)
     uploader.submit(dirs[2])
     assert uploader.wait(timeout=30)
@@ -244,16 +256,20 @@ def test_archive_copies_large_objects_server_side_with_their_sha256(s3_server, a
     big = commit(tmp_path, 10, "runA", 1, at=T0)
     (big / "model.safetensors").write_bytes(b"\1" * (6 * 1024 * 1024 + 5))
     m = Manifest.load(big)
-    m.files = [f if f.path != "model.safetensors" else FileEntry(f.path, 6 * 1024 * 1024 + 5,
-                                                                 sha256_file(big / "model.safetensors"))
-               for f in m.files]
+    m.files = [
+        f
+        if f.path != "model.safetensors"
+        else FileEntry(f.path, 6 * 1024 * 1024 + 5, sha256_file(big / "model.safetensors"))
+        for f in m.files
+    ]
     write_manifest(big, m)
     store.upload_checkpoint(big)
 
     store.archive_checkpoint(10, Manifest.load(big))
 
-    head = s3_server.client().head_object(Bucket=bucket, Key="run/checkpoints/archived/runA/step-00000010/"
-                                                               "model.safetensors")
+    head = s3_server.client().head_object(
+        Bucket=bucket, Key="run/checkpoints/archived/runA/step-00000010/model.safetensors"
+    )
     assert head["ContentLength"] == 6 * 1024 * 1024 + 5
     assert head["Metadata"]["sha256"] == sha256_file(big / "model.safetensors")
     assert store.committed_steps() == [] and list(store.archived()["runA"]) == [10]

@@ -66,8 +66,10 @@ def _commit_remote_layout(remote, step: int, files: dict[str, bytes], template: 
 
     m = Manifest.load(template)
     m.step = step
-    m.files = [dataclasses.replace(m.files[0], path=p, size=len(b), sha256=hashlib.sha256(b).hexdigest())
-               for p, b in files.items()]
+    m.files = [
+        dataclasses.replace(m.files[0], path=p, size=len(b), sha256=hashlib.sha256(b).hexdigest())
+        for p, b in files.items()
+    ]
     for p, b in files.items():
         remote.put(f"checkpoints/step-{step:08d}/{p}", b)
     remote.put(f"checkpoints/step-{step:08d}/manifest.json", m.to_json().encode())
@@ -80,8 +82,9 @@ def test_c_file_path_that_is_a_directory_is_a_checkpoint_error_not_an_outage(s3_
     store = _s3_store(s3_server, deadline_s=20)
     remote = S3Remote(s3_server, store.uri.split("/")[2], "run")
     store.upload_checkpoint(make_checkpoint(tmp_path / "local", 10))
-    _commit_remote_layout(remote, 20, {"w": b"a file", "w/x": b"and a file below it"},
-                          tmp_path / "local" / "step-00000010")
+    _commit_remote_layout(
+        remote, 20, {"w": b"a file", "w/x": b"and a file below it"}, tmp_path / "local" / "step-00000010"
+    )
     dest = tmp_path / "out"
 
     t0 = time.monotonic()
@@ -125,8 +128,7 @@ def test_stale_entries_in_the_pull_dir_do_not_block_a_pull(store, tmp_path):
 
     got = store.pull(10, dest)
 
-    assert verify(got) == [] and sorted(p.name for p in got.iterdir()) == ["manifest.json", "model.safetensors",
-                                                                          "tok"]
+    assert verify(got) == [] and sorted(p.name for p in got.iterdir()) == ["manifest.json", "model.safetensors", "tok"]
 
 
 def test_destination_holding_another_checkpoint_is_not_replaced(store, tmp_path):
@@ -175,8 +177,9 @@ print("RESULT " + json.dumps(out))
 def _unshare_problem() -> str | None:
     if not shutil.which("unshare"):
         return "no unshare(1)"
-    p = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True,
-                       text=True)
+    p = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True, text=True
+    )
     return None if p.returncode == 0 else f"cannot mount a tmpfs in a user namespace: {p.stderr.strip()}"
 
 
@@ -192,17 +195,25 @@ def _pull_on_tmpfs(remote, tmp_path: Path, size: int, fake_room: bool) -> dict:
     cfg = dataclasses.asdict(remote.s3_config) if remote.s3_config else {}
     cfg = json.dumps({**cfg, "deadline_s": 10.0})  # an outage would give up after 10 s
     args = " ".join(f"'{a}'" for a in (sys.executable, script, remote.uri, cfg, dest, "1" if fake_room else "0"))
-    p = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size={size} tmpfs '{dest}' && {args}"],
-                       cwd=REPO, capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    p = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size={size} tmpfs '{dest}' && {args}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, p.stdout + p.stderr
-    return json.loads(lines[0][len("RESULT "):])
+    return json.loads(lines[0][len("RESULT ") :])
 
 
 def test_d_checkpoint_that_does_not_fit_is_refused_before_downloading(store, remote, tmp_path):
-    ckpt = make_checkpoint(tmp_path / "local", 10, sizes={"model.safetensors": 400_000, "optimizer.safetensors":
-                                                          500_000, "trainer_state.json": 0})
+    ckpt = make_checkpoint(
+        tmp_path / "local",
+        10,
+        sizes={"model.safetensors": 400_000, "optimizer.safetensors": 500_000, "trainer_state.json": 0},
+    )
     store.upload_checkpoint(ckpt)
     keys = remote.keys()
 
@@ -211,8 +222,10 @@ def test_d_checkpoint_that_does_not_fit_is_refused_before_downloading(store, rem
     assert out["type"] == "InsufficientSpace" and out["exit_code"] == EXIT_STORAGE == 69, out
     assert out["needed"] >= Manifest.load(ckpt).total_bytes > out["free"]
     msg = out["message"]
-    assert msg.startswith(f"pulling {remote.uri}/checkpoints/step-00000010 needs {human_bytes(out['needed'])}, "
-                          f"{human_bytes(out['free'])} free on tmpfs ({tmp_path / 'small-disk'}")
+    assert msg.startswith(
+        f"pulling {remote.uri}/checkpoints/step-00000010 needs {human_bytes(out['needed'])}, "
+        f"{human_bytes(out['free'])} free on tmpfs ({tmp_path / 'small-disk'}"
+    )
     assert msg.endswith("free space or point --output-dir at a larger disk; nothing was deleted")
     assert "\n" not in msg
     # nothing downloaded, nothing deleted: the local checkpoint is whole, the remote as it was
@@ -221,8 +234,11 @@ def test_d_checkpoint_that_does_not_fit_is_refused_before_downloading(store, rem
 
 
 def test_d_disk_filling_up_during_the_pull_is_insufficient_space_not_an_outage(store, remote, tmp_path):
-    ckpt = make_checkpoint(tmp_path / "local", 10, sizes={"model.safetensors": 400_000, "optimizer.safetensors":
-                                                          500_000, "trainer_state.json": 0})
+    ckpt = make_checkpoint(
+        tmp_path / "local",
+        10,
+        sizes={"model.safetensors": 400_000, "optimizer.safetensors": 500_000, "trainer_state.json": 0},
+    )
     store.upload_checkpoint(ckpt)
     keys = remote.keys()
 
@@ -272,8 +288,12 @@ def slow_link(s3_server, aws_env):
 
 
 def _slow_store(s3_server, proxy, bucket: str, mb_s: float):
-    return open_store(f"s3://{bucket}/run", s3_server.s3_config(endpoint_url=proxy.endpoint_url, deadline_s=1.0,
-                                                                min_throughput_mb_s=mb_s, max_concurrency=2))
+    return open_store(
+        f"s3://{bucket}/run",
+        s3_server.s3_config(
+            endpoint_url=proxy.endpoint_url, deadline_s=1.0, min_throughput_mb_s=mb_s, max_concurrency=2
+        ),
+    )
 
 
 def test_f_slow_link_download_longer_than_deadline_s_gets_there(s3_server, slow_link, tmp_path):

@@ -33,7 +33,8 @@ def store(remote):
 def _same_files(a: Path, b: Path) -> bool:
     names = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
     return names == sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file()) and all(
-        (a / n).read_bytes() == (b / n).read_bytes() for n in names)
+        (a / n).read_bytes() == (b / n).read_bytes() for n in names
+    )
 
 
 # ---------------------------------------------------------------- same contract, both backends
@@ -167,8 +168,10 @@ def test_multipart_upload_for_files_over_the_part_size(s3_server, aws_env, tmp_p
     assert _same_files(ckpt, store.download_checkpoint(10, tmp_path / "pulled"))
 
 
-@pytest.mark.parametrize("key_id, secret, code", [("testkey", "not-the-secret", "SignatureDoesNotMatch"),
-                                                  ("AKIANOTAKEY", "testsecret-other", "InvalidAccessKeyId")])
+@pytest.mark.parametrize(
+    "key_id, secret, code",
+    [("testkey", "not-the-secret", "SignatureDoesNotMatch"), ("AKIANOTAKEY", "testsecret-other", "InvalidAccessKeyId")],
+)
 def test_wrong_credentials_fail_fast_in_one_line(s3_server, aws_env, tmp_path, caplog, key_id, secret, code):
     bucket = s3_server.bucket()
     aws_env.setenv("AWS_ACCESS_KEY_ID", key_id)
@@ -180,8 +183,10 @@ def test_wrong_credentials_fail_fast_in_one_line(s3_server, aws_env, tmp_path, c
         store.upload_checkpoint(make_checkpoint(tmp_path, 10))
     assert time.monotonic() - t0 < 5  # not retried
     msg = str(e.value)
-    assert msg == (f"s3://{bucket}/run: access denied with the credentials from env ({code}); "
-                   f"check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+    assert msg == (
+        f"s3://{bucket}/run: access denied with the credentials from env ({code}); "
+        f"check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+    )
     assert secret not in msg and secret not in caplog.text and secret not in repr(store)
     with pytest.raises(StorageError, match=code):
         store.check()
@@ -203,8 +208,11 @@ def test_no_credentials(s3_server, aws_env):
 
 
 def test_bad_uris():
-    for uri, hint in [("s3:///run", "give a bucket"), ("file://relative/path", "absolute path"),
-                      ("gs://bucket/x", "must start with s3:// or file://")]:
+    for uri, hint in [
+        ("s3:///run", "give a bucket"),
+        ("file://relative/path", "absolute path"),
+        ("gs://bucket/x", "must start with s3:// or file://"),
+    ]:
         with pytest.raises(ConfigError, match=hint):
             open_store(uri)
 
@@ -213,8 +221,11 @@ def test_dead_endpoint_gives_up_within_the_deadline(aws_env, tmp_path, caplog):
     port = free_ports(1)[0]  # nothing listens there: connection refused
     cfg_deadline = 2.0
     from trainer.config.schema import S3Config
-    store = open_store("s3://bucket/run", S3Config(endpoint_url=f"http://127.0.0.1:{port}", deadline_s=cfg_deadline,
-                                                   max_attempts=2, connect_timeout_s=1))
+
+    store = open_store(
+        "s3://bucket/run",
+        S3Config(endpoint_url=f"http://127.0.0.1:{port}", deadline_s=cfg_deadline, max_attempts=2, connect_timeout_s=1),
+    )
     t0 = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="trainer.remote"), pytest.raises(StorageUnavailable) as e:
         store.upload_checkpoint(make_checkpoint(tmp_path, 10))
@@ -229,9 +240,16 @@ def test_stalled_endpoint_cannot_hold_an_upload_past_the_deadline(aws_env, tmp_p
         blackhole.bind(("127.0.0.1", 0))
         blackhole.listen(64)
         from trainer.config.schema import S3Config
-        store = open_store("s3://bucket/run", S3Config(
-            endpoint_url=f"http://127.0.0.1:{blackhole.getsockname()[1]}", read_timeout_s=4, max_attempts=1,
-            deadline_s=1.5))
+
+        store = open_store(
+            "s3://bucket/run",
+            S3Config(
+                endpoint_url=f"http://127.0.0.1:{blackhole.getsockname()[1]}",
+                read_timeout_s=4,
+                max_attempts=1,
+                deadline_s=1.5,
+            ),
+        )
         t0 = time.monotonic()
         with pytest.raises(StorageUnavailable):
             store.upload_checkpoint(make_checkpoint(tmp_path, 10))
@@ -291,8 +309,12 @@ def test_network_stalling_mid_multipart_neither_hangs_the_upload_nor_the_exit(s3
     script = tmp_path / "upload.py"
     script.write_text(_UPLOAD_SCRIPT)
     t0 = time.monotonic()
-    child = subprocess.Popen([sys.executable, str(script), f"s3://{bucket}/run", proxy.endpoint_url, str(ckpt), "3"],
-                             stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    child = subprocess.Popen(
+        [sys.executable, str(script), f"s3://{bucket}/run", proxy.endpoint_url, str(ckpt), "3"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     client = s3_server.client()
     while not client.list_objects_v2(Bucket=bucket, Prefix="run/").get("KeyCount") and child.poll() is None:
         time.sleep(0.01)
@@ -303,7 +325,8 @@ def test_network_stalling_mid_multipart_neither_hangs_the_upload_nor_the_exit(s3
     assert out.startswith("gave up after"), out
     assert time.monotonic() - t0 < 8  # deadline 3 s + interpreter start; read_timeout is 60 s
     assert "run/checkpoints/step-00000010/manifest.json" not in [
-        o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="run/").get("Contents", [])]
+        o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="run/").get("Contents", [])
+    ]
 
 
 class _FakeInstanceMetadata(http.server.BaseHTTPRequestHandler):
@@ -315,9 +338,20 @@ class _FakeInstanceMetadata(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         base = "/latest/meta-data/iam/security-credentials/"
         expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
-        self._send({base: "trainer-role", base + "trainer-role": json.dumps({
-            "Code": "Success", "AccessKeyId": "ASIAROLEKEY", "SecretAccessKey": "role-secret-value",
-            "Token": "role-token", "Expiration": expires})}.get(self.path))
+        self._send(
+            {
+                base: "trainer-role",
+                base + "trainer-role": json.dumps(
+                    {
+                        "Code": "Success",
+                        "AccessKeyId": "ASIAROLEKEY",
+                        "SecretAccessKey": "role-secret-value",
+                        "Token": "role-token",
+                        "Expiration": expires,
+                    }
+                ),
+            }.get(self.path)
+        )
 
     def _send(self, body):
         self.send_response(200 if body else 404)

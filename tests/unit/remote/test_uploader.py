@@ -35,8 +35,9 @@ def blackhole():
 
 
 def _stalled_store(endpoint: str, deadline_s: float):
-    return open_store("s3://bucket/run", S3Config(endpoint_url=endpoint, read_timeout_s=3, max_attempts=1,
-                                                  deadline_s=deadline_s))
+    return open_store(
+        "s3://bucket/run", S3Config(endpoint_url=endpoint, read_timeout_s=3, max_attempts=1, deadline_s=deadline_s)
+    )
 
 
 def test_uploads_and_reports_each(store, tmp_path):  # the order: test_g_newest_queued_checkpoint_goes_first
@@ -66,8 +67,10 @@ def test_final_dir_uploaded_beside_the_uploader_survives_its_retention(store, re
     assert uploader.wait(timeout=30)
 
     assert store.committed_steps() == [20]
-    assert [k for k in remote.keys() if k.startswith("final/")] == ["final/adapter_model.safetensors",
-                                                                   "final/manifest.json"]
+    assert [k for k in remote.keys() if k.startswith("final/")] == [
+        "final/adapter_model.safetensors",
+        "final/manifest.json",
+    ]
     uploader.close()
 
 
@@ -80,6 +83,7 @@ def test_g_newest_queued_checkpoint_goes_first(store, tmp_path):
             gate.wait(30)
         uploaded.append(int(ckpt_dir.name[5:]))
         return upload(ckpt_dir, deadline)
+
     store.upload_checkpoint = held
     uploader = CheckpointUploader(store)
     uploader.submit(make_checkpoint(tmp_path, 10))

@@ -225,14 +225,19 @@ def test_azure_empty_events_then_preempt_for_this_vm(serve):
     azure = Azure(vm="spot-vm-1")
     server = serve(azure)
     stop = StopSignal()
-    watcher = NoticeWatcher(stop, "auto", endpoints={"azure": server.url, "aws": server.url, "gcp": server.url},
-                            **FAST)
+    watcher = NoticeWatcher(stop, "auto", endpoints={"azure": server.url, "aws": server.url, "gcp": server.url}, **FAST)
     assert watcher.check_once() is None and watcher.provider == "azure"
     not_before = int(time.time()) + 45
-    event = {"EventId": "602d9444-d2cd-49c7-8624-8643e7171297", "EventType": "Preempt",
-             "ResourceType": "VirtualMachine", "EventStatus": "Scheduled", "EventSource": "Platform",
-             "NotBefore": format_datetime(datetime.fromtimestamp(not_before, timezone.utc), usegmt=True),
-             "Description": "", "DurationInSeconds": -1}
+    event = {
+        "EventId": "602d9444-d2cd-49c7-8624-8643e7171297",
+        "EventType": "Preempt",
+        "ResourceType": "VirtualMachine",
+        "EventStatus": "Scheduled",
+        "EventSource": "Platform",
+        "NotBefore": format_datetime(datetime.fromtimestamp(not_before, timezone.utc), usegmt=True),
+        "Description": "",
+        "DurationInSeconds": -1,
+    }
     azure.events = [{**event, "Resources": ["another-vm"]}]  # same availability set, not us
     azure.incarnation = 2
     assert watcher.check_once() is None and not stop.requested

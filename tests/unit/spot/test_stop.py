@@ -96,55 +96,6 @@ def test_checkpoint_soon_is_separate_from_stop():
     assert not stop.checkpoint_soon
 
 
-DATALOADER_SCRIPT = textwrap.dedent("""
-    import json, os, signal, sys, time
-    import torch
-    from torch.utils.data import DataLoader, Dataset
-    from trainer.spot.stop import StopSignal, worker_init_fn
-
-    class Numbers(Dataset):
-        def __len__(self):
-            return 24
-        def __getitem__(self, i):
-            time.sleep(0.02)
-            return torch.tensor([i])
-
-    protect = sys.argv[1] == "protect"
-    # timeout: notice dead workers within 2 s instead of the default 5 s status check
-    loader = DataLoader(Numbers(), batch_size=2, num_workers=2, timeout=2,
-                        worker_init_fn=worker_init_fn if protect else None)
-    it = iter(loader)
-    seen = [next(it), next(it)]  # one batch from each worker: both are up and initialised
-    stop = StopSignal().install()
-    os.killpg(0, signal.SIGTERM)  # what a pod shutdown does: the whole process group
-    time.sleep(0.5)
-    seen += list(it)
-    print(json.dumps({"values": sorted(int(v) for b in seen for v in b), "requested": stop.requested,
-                      "reason": stop.reason}))
-""")
-
-
-@pytest.mark.slow  # child interpreters with torch
-def test_dataloader_workers_survive_sigterm_to_the_process_group(tmp_path):
-    script = tmp_path / "loader.py"
-    script.write_text(DATALOADER_SCRIPT)
-    procs = {mode: subprocess.Popen([sys.executable, str(script), mode], env=_env(), start_new_session=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for mode in ("protect", "unprotected")}
-    out = {mode: p.communicate(timeout=60) + (p.returncode,) for mode, p in procs.items()}
-
-    stdout, stderr, code = out["protect"]
-    assert code == 0, stderr
-    result = json.loads(stdout.strip().splitlines()[-1])
-    assert result["values"] == list(range(24))  # every batch arrived after the SIGTERM
-    assert result["requested"] and result["reason"] == "SIGTERM"
-
-    # The control: without worker_init_fn the workers die and take the main process down with them.
-    stdout, stderr, code = out["unprotected"]
-    assert code != 0
-    assert "DataLoader worker" in stderr
-
-
 AGREE_SCRIPT = textwrap.dedent("""
     import datetime, json, os
     import torch.distributed as dist
@@ -169,10 +120,18 @@ def test_agreed_stop_two_gloo_ranks_see_one_ranks_flag_at_the_same_call(tmp_path
     script = tmp_path / "agree.py"
     script.write_text(AGREE_SCRIPT)
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                                       WORLD_SIZE="2", LOCAL_RANK=str(rank)))
-             for rank in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
+            ),
+        )
+        for rank in (0, 1)
+    ]
     results = {}
     for p in procs:
         stdout, stderr = p.communicate(timeout=60)

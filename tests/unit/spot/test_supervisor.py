@@ -35,8 +35,11 @@ def _fake(out, *args):
 
 
 def _events(out, source="supervisor", event=None):
-    return [e for e in read_jsonl(Path(out) / "events.jsonl")
-            if e["source"] == source and (event is None or e["event"] == event)]
+    return [
+        e
+        for e in read_jsonl(Path(out) / "events.jsonl")
+        if e["source"] == source and (event is None or e["event"] == event)
+    ]
 
 
 def _attempts(out):
@@ -75,8 +78,9 @@ def test_exit_0_is_done_with_no_restart(tmp_path):
 
 
 def test_crash_twice_then_succeed_restarts_and_resumes(tmp_path):
-    out, code, _ = _supervise(tmp_path, "--steps", "12", "--checkpoint-every", "4", "--crash-at", "6",
-                              "--crash-attempts", "2")
+    out, code, _ = _supervise(
+        tmp_path, "--steps", "12", "--checkpoint-every", "4", "--crash-at", "6", "--crash-attempts", "2"
+    )
     assert code == 0
     assert [e["reason"] for e in _events(out, event="exit")] == ["crash", "crash", "done"]
     assert [e["code"] for e in _events(out, event="exit")] == [1, 1, 0]
@@ -89,8 +93,19 @@ def test_crash_twice_then_succeed_restarts_and_resumes(tmp_path):
 
 
 def test_killed_by_a_signal_is_restarted(tmp_path):
-    out, code, _ = _supervise(tmp_path, "--steps", "6", "--checkpoint-every", "2", "--crash-at", "3",
-                              "--crash-attempts", "1", "--crash-code", "kill")
+    out, code, _ = _supervise(
+        tmp_path,
+        "--steps",
+        "6",
+        "--checkpoint-every",
+        "2",
+        "--crash-at",
+        "3",
+        "--crash-attempts",
+        "1",
+        "--crash-code",
+        "kill",
+    )
     assert code == 0
     first = _events(out, event="exit")[0]
     assert first["reason"] == "killed" and first["code"] == -signal.SIGKILL and first["last_step"] == 3
@@ -115,8 +130,9 @@ def test_crash_loop_without_progress_gives_up_with_exit_1(tmp_path, capsys):
 
 
 def test_max_restarts_is_respected_even_with_progress(tmp_path):
-    out, code, _ = _supervise(tmp_path, "--steps", "100", "--checkpoint-every", "1", "--crash-after-steps", "2",
-                              max_restarts=2)
+    out, code, _ = _supervise(
+        tmp_path, "--steps", "100", "--checkpoint-every", "1", "--crash-after-steps", "2", max_restarts=2
+    )
     assert code == 1
     assert len(_events(out, event="launch")) == 3 and len(_events(out, event="restart")) == 2
     assert "supervisor.max_restarts=2" in _events(out, event="give_up")[0]["reason"]
@@ -125,8 +141,9 @@ def test_max_restarts_is_respected_even_with_progress(tmp_path):
 
 @pytest.mark.slow  # waits out hang timeouts and kill graces
 def test_hang_is_killed_and_restarted_within_the_timeout(tmp_path):
-    out, code, elapsed = _supervise(tmp_path, "--steps", "6", "--checkpoint-every", "2", "--hang-at", "3",
-                                    hang_timeout=1)
+    out, code, elapsed = _supervise(
+        tmp_path, "--steps", "6", "--checkpoint-every", "2", "--hang-at", "3", hang_timeout=1
+    )
     assert code == 0
     exits = _events(out, event="exit")
     assert [e["reason"] for e in exits] == ["hang", "done"]
@@ -142,8 +159,9 @@ def test_hang_is_killed_and_restarted_within_the_timeout(tmp_path):
 
 @pytest.mark.slow  # waits out hang timeouts and kill graces
 def test_no_first_heartbeat_counts_as_a_hang_after_twice_the_timeout(tmp_path):
-    out, code, _ = _supervise(tmp_path, "--steps", "3", "--hang-at", "0", "--step-time", "5",
-                              hang_timeout=0.5, max_restarts=0)
+    out, code, _ = _supervise(
+        tmp_path, "--steps", "3", "--hang-at", "0", "--step-time", "5", hang_timeout=0.5, max_restarts=0
+    )
     assert code == 1
     exit_ = _events(out, event="exit")[0]
     assert exit_["reason"] == "hang" and exit_["last_step"] is None
@@ -162,7 +180,11 @@ def test_preempt_event_counts_when_accelerate_turns_75_into_1(tmp_path):
     out, code, _ = _supervise(tmp_path, "--steps", "20", "--notice-at", "3", "--preempt-exit-code", "1")
     assert code == 75
     assert _events(out, event="exit")[0] | {"runtime_s": 0} == {
-        **_events(out, event="exit")[0], "code": 1, "reason": "preempted", "runtime_s": 0}
+        **_events(out, event="exit")[0],
+        "code": 1,
+        "reason": "preempted",
+        "runtime_s": 0,
+    }
     assert not _events(out, event="restart")
 
 
@@ -177,16 +199,21 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("on_sigterm, reason", [("emergency", "preempted"), ("crash", "crash"),
-                                                ("ignore", "killed")])
+@pytest.mark.parametrize("on_sigterm, reason", [("emergency", "preempted"), ("crash", "crash"), ("ignore", "killed")])
 def test_sigterm_to_the_supervisor_is_forwarded_and_never_restarted(tmp_path, on_sigterm, reason):
     out = tmp_path / "run"
     _, overrides = _cfg(out, "preemption.grace_seconds=1")
-    argv = _fake(out, "--steps", "100000", "--step-time", "0.02", "--checkpoint-every", "1000",
-                 "--on-sigterm", on_sigterm)
-    sup = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(overrides), str(out), json.dumps(argv)],
-                           cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    argv = _fake(
+        out, "--steps", "100000", "--step-time", "0.02", "--checkpoint-every", "1000", "--on-sigterm", on_sigterm
+    )
+    sup = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, json.dumps(overrides), str(out), json.dumps(argv)],
+        cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 20
     while (read_heartbeat(out) or 0) < 3 and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -213,10 +240,14 @@ def test_sigterm_to_the_supervisor_is_forwarded_and_never_restarted(tmp_path, on
 def test_sigterm_during_the_backoff_means_no_relaunch(tmp_path):
     out = tmp_path / "run"
     _, overrides = _cfg(out, backoff_initial_s=30, backoff_max_s=60)
-    sup = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(overrides), str(out),
-                            json.dumps(_fake(out, "--exit-code", "1"))],
-                           cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sup = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, json.dumps(overrides), str(out), json.dumps(_fake(out, "--exit-code", "1"))],
+        cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 20
     while not (out / "events.jsonl").exists() or not _events(out, event="restart"):
         assert time.monotonic() < deadline and sup.poll() is None
@@ -235,15 +266,26 @@ def test_sigterm_during_the_backoff_means_no_relaunch(tmp_path):
 def test_child_command_one_process_and_accelerate(tmp_path):
     cfg = load_config(None, [], str(tmp_path))
     assert child_command(cfg, "qlora", ["train.max_steps=5"], "/w/run") == [
-        sys.executable, "-m", "trainer", "train", "qlora", "--set", "train.max_steps=5",
-        "--output-dir", "/w/run", "--resume", "auto"]
+        sys.executable,
+        "-m",
+        "trainer",
+        "train",
+        "qlora",
+        "--set",
+        "train.max_steps=5",
+        "--output-dir",
+        "/w/run",
+        "--resume",
+        "auto",
+    ]
     cfg = load_config(None, ["supervisor.num_processes=4"], str(tmp_path))
     cmd = child_command(cfg, None, [], "/w/run")
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"] and "--multi_gpu" in cmd
     assert cmd[cmd.index("--num_processes") + 1] == "4"
-    assert cmd[cmd.index("-m", 3):] == ["-m", "trainer", "train", "--output-dir", "/w/run", "--resume", "auto"]
-    cfg = load_config(None, ["supervisor.num_processes=2", "supervisor.accelerate_config=launch/ddp.yaml"],
-                      str(tmp_path))
+    assert cmd[cmd.index("-m", 3) :] == ["-m", "trainer", "train", "--output-dir", "/w/run", "--resume", "auto"]
+    cfg = load_config(
+        None, ["supervisor.num_processes=2", "supervisor.accelerate_config=launch/ddp.yaml"], str(tmp_path)
+    )
     cmd = child_command(cfg, None, [], "/w/run")
     assert cmd[3:5] == ["--config_file", "launch/ddp.yaml"] and "--multi_gpu" not in cmd
 
@@ -265,9 +307,11 @@ def test_hung_ranks_in_sessions_of_their_own_are_killed_too(tmp_path):
     # like torchrun: the launcher starts each rank in a new session, so killing the launcher's group misses them
     out = tmp_path / "run"
     pidfile = tmp_path / "rank.pid"
-    rank = (f"import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-            f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)")
-    launcher = ["bash", "-c", f"setsid {sys.executable} -c \"{rank}\" & wait"]
+    rank = (
+        f"import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    )
+    launcher = ["bash", "-c", f'setsid {sys.executable} -c "{rank}" & wait']
     cfg, _ = _cfg(out, hang_timeout=0.5, max_restarts=0)
     code = Supervisor(cfg, output_dir=str(out), child_argv=launcher, env=dict(os.environ)).run()
     assert code == 1 and _events(out, event="exit")[0]["reason"] == "hang"

@@ -50,6 +50,36 @@ class StallingProxy:
             pass
 
 
+class ThrottlingProxy(StallingProxy):
+    """A loopback TCP proxy that moves at most `bytes_per_s` over all its connections (a slow link)."""
+
+    def __init__(self, target_port: int, bytes_per_s: float):
+        self._rate, self._lock = bytes_per_s, threading.Lock()
+        self._free_at = time.monotonic()  # when the link is free for the next chunk
+        super().__init__(target_port)
+
+    def _take(self, n: int) -> None:
+        with self._lock:
+            start = max(time.monotonic(), self._free_at)
+            self._free_at = start + n / self._rate
+            until = self._free_at
+        time.sleep(max(0.0, until - time.monotonic()))
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(16384):
+                self._take(len(data))
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
 def make_checkpoint(root: Path, step: int, sizes: dict[str, int] | None = None, seed: int = 0) -> Path:
     """A committed local checkpoint dir root/step-XXXXXXXX with random files of the given sizes."""
     from trainer.checkpoint.manifest import build_manifest, write_manifest

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.common import REPO
-from tests.harness.remotes import make_checkpoint
-from tests.unit.remote.helpers import ThrottlingProxy
+from tests.harness.remotes import ThrottlingProxy, make_checkpoint
 from trainer.checkpoint.manifest import Manifest, verify
 from trainer.checkpoint.store import CheckpointStore
 from trainer.errors import EXIT_STORAGE, CheckpointError, CorruptCheckpoint

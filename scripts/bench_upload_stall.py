@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from s3_server import SeaweedServer  # noqa: E402
+sys.path.insert(0, str(ROOT))  # the repo root, for tests.harness
+from tests.harness.s3_server import SeaweedServer  # noqa: E402
 
 
 def train(out: Path, steps: int, every: int, extra: list[str], env: dict) -> tuple[list[dict], list[dict]]:

@@ -10,4 +10,7 @@ export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 export PATH="$(cd "$(dirname "$py")" && pwd):$PATH"
 # DeepSpeed's CPU Adam is compiled once and reused across runs
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/spot-trainer/torch_extensions}"
+# a build killed half way leaves torch's build lock behind, and every later build waits on it forever; a build takes
+# 1-2 minutes, so a lock older than 10 minutes is such a leftover
+if [ -d "$TORCH_EXTENSIONS_DIR" ]; then find "$TORCH_EXTENSIONS_DIR" -maxdepth 2 -name lock -mmin +10 -delete; fi
 exec "$py" -m pytest -m "not gpu and not bench" "$@"

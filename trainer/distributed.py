@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import socket
+from datetime import timedelta
 from importlib import resources
 from pathlib import Path
 
@@ -173,6 +174,8 @@ def make_accelerator(cfg, grad_accum: int):
         # scheduler once per process per optimizer step
         step_scheduler_with_optimizer=False,
     )
+    # a collective waits this long for a peer, then fails (a dead rank becomes a restart, not a hang)
+    group = dict(timeout=timedelta(seconds=cfg.distributed.timeout_s))
     if deepspeed_config_name(cfg) is not None:
         if "LOCAL_RANK" not in os.environ:
             # a plain `python` run: DeepSpeed still wants a process group; make a group of one
@@ -189,10 +192,11 @@ def make_accelerator(cfg, grad_accum: int):
         if not cuda:
             # accelerate only chooses a backend for DeepSpeed on an accelerator; without this
             # each process initialises a world of its own
-            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+            group["backend"] = "gloo"
     elif not cuda:
         # without cpu=True a CPU launch is N single-process runs that all believe they are rank 0
         kwargs["cpu"] = True
+    kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(**group)]
     accelerator = Accelerator(**kwargs)
     if accelerator.num_processes != world_size:
         raise ConfigError(

@@ -1,21 +1,48 @@
-"""Evaluation: loss on held-out rows, and exact-match accuracy of greedy answers to held-out prompts."""
+"""Evaluation: loss on held-out rows, and exact-match accuracy of greedy answers to held-out prompts.
+
+Both take `tick`, called before every batch: it beats the heartbeat (an eval longer than the supervisor's
+hang_timeout is not a hang) and returns True when a stop was requested, which ends the eval at once (Interrupted).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from trainer.batches import collate, count_targets
 
+Tick = Callable[[], bool]
+
+
+class Interrupted(Exception):
+    """A stop was requested during the eval; its result is dropped."""
+
+
+def _check(tick: Tick | None) -> None:
+    if tick is not None and tick():
+        raise Interrupted
+
 
 @torch.no_grad()
-def eval_loss(model, rows: list[dict], pad_id: int, batch_size: int, device: torch.device) -> float | None:
+def eval_loss(
+    model, rows: list[dict], pad_id: int, batch_size: int, device: torch.device, tick: Tick | None = None
+) -> float | None:
     """Token-weighted mean loss over the rows."""
     if not rows:
         return None
     was_training = model.training
     model.eval()
+    try:
+        return _eval_loss(model, rows, pad_id, batch_size, device, tick)
+    finally:
+        model.train(was_training)
+
+
+def _eval_loss(model, rows, pad_id, batch_size, device, tick) -> float | None:
     total, n = 0.0, 0
     for i in range(0, len(rows), batch_size):
+        _check(tick)
         batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
         k = count_targets(batch["labels"])
         if k == 0:
@@ -23,23 +50,36 @@ def eval_loss(model, rows: list[dict], pad_id: int, batch_size: int, device: tor
         out = model(**batch, num_items_in_batch=k, use_cache=False)
         total += float(out.loss) * k
         n += k
-    model.train(was_training)
     return total / n if n else None
 
 
 @torch.no_grad()
 def exact_match(
-    model, tokenizer, prompts: list[dict], max_new_tokens: int, batch_size: int, device: torch.device
+    model,
+    tokenizer,
+    prompts: list[dict],
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device,
+    tick: Tick | None = None,
 ) -> float | None:
     """Share of prompts whose greedy completion equals the reference (whitespace-stripped)."""
     if not prompts:
         return None
     was_training = model.training
     model.eval()
+    try:
+        return _exact_match(model, tokenizer, prompts, max_new_tokens, batch_size, device, tick)
+    finally:
+        model.train(was_training)
+
+
+def _exact_match(model, tokenizer, prompts, max_new_tokens, batch_size, device, tick) -> float:
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     pad = tokenizer.pad_token_id
     hits = 0
     for i in range(0, len(prompts), batch_size):
+        _check(tick)
         chunk = prompts[i : i + batch_size]
         enc = [bos + tokenizer(p["prompt"], add_special_tokens=False)["input_ids"] for p in chunk]
         L = max(len(e) for e in enc)
@@ -60,5 +100,4 @@ def exact_match(
         for j, p in enumerate(chunk):
             text = tokenizer.decode(out[j, L:], skip_special_tokens=True)
             hits += int(text.strip() == p["completion"].strip())
-    model.train(was_training)
     return hits / len(prompts)

@@ -24,11 +24,13 @@ from trainer.checkpoint.store import CheckpointStore
 from trainer.config.schema import Config
 from trainer.data import prepare_data
 from trainer.errors import EXIT_OK, EXIT_PREEMPTED, ConfigError
+from trainer.liveness import Heartbeat, Ranks
 from trainer.metrics import Console, EventLog, MetricsLog
-from trainer.run_dir import RunDir
+from trainer.run_dir import NOTICES_FILE, RunDir
 from trainer.run_lock import RunLock
 from trainer.schedule import lr_at, warmup_steps
-from trainer.spot.stop import StopSignal, agreed_stop
+from trainer.spot.notices import PROVIDERS, NoticeMemory
+from trainer.spot.stop import Decision, StopSignal, agree
 
 
 @dataclass
@@ -50,8 +52,11 @@ class Trainer:
         self.progress = Progress()
         self.checkpointer: Checkpointer | None = None
         self.watcher = None
+        self.notice_memory = NoticeMemory(self.run.root / NOTICES_FILE)
         self.acc = None
         self.lock: RunLock | None = None
+        self._checkpoint_agreed = False  # a vote during this step asked for a checkpoint after it
+        self._notice_ids: list[str] = []  # notices this process voted a checkpoint for, remembered once it is saved
 
     # ------------------------------------------------------------------ setup
 
@@ -77,8 +82,10 @@ class Trainer:
             remote=remote,
             events=self.events,
             metrics=self.metrics,
-            heartbeat=self._heartbeat,
+            heartbeat=self.heartbeat,
             say=self.say,
+            ranks=self.ranks,
+            stop_requested=lambda: self.stop.requested,
             started=started,
         )
         fresh = Progress(
@@ -101,22 +108,30 @@ class Trainer:
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.is_main = self.acc.is_main_process
         self.device = self.acc.device
+        self.ranks = Ranks(self.rank, self.world, self.cfg.distributed.timeout_s)
+        self.heartbeat = Heartbeat(self.run, enabled=self.is_main)
         torch.manual_seed(self.cfg.train.seed)
 
     def _setup_output(self) -> None:
         self.run.root.mkdir(parents=True, exist_ok=True)
-        if self.is_main:
+
+        def own() -> None:
             self.lock = RunLock(self.run.root).acquire()  # one trainer per output dir
             CheckpointStore(self.run.root).clean_stale()
+
+        self.ranks.main_only("lock", own)
+        self.heartbeat(phase="setup", force=True)  # alive from here on, for the supervisor's hang_timeout
+        self.ranks.check_shared_dir(self.run)  # every node writes its ranks' files here: it must be one directory
         self.metrics = MetricsLog(self.run.metrics, enabled=self.is_main)
         self.events = EventLog(self.run.events, "trainer", enabled=self.is_main)
-        self.acc.wait_for_everyone()
 
     def _setup_data(self) -> None:
         self.tokenizer = model_lib.load_tokenizer(self.cfg)
-        if self.is_main:  # rank 0 tokenizes and caches; the others then read the cache
+
+        def tokenize() -> None:  # rank 0 tokenizes and caches; the others then read the cache
             self.data = prepare_data(self.cfg, self.tokenizer, self.run.cache)
-        self.acc.wait_for_everyone()
+
+        self.ranks.main_only("data", tokenize, self.heartbeat)
         if not self.is_main:
             self.data = prepare_data(self.cfg, self.tokenizer, self.run.cache)
         rows = self.data.train
@@ -135,12 +150,15 @@ class Trainer:
 
     def _setup_model(self) -> None:
         torch.manual_seed(self.cfg.train.seed)
-        if self.is_main and model_lib.is_builtin(self.cfg):
-            model_lib.materialize_builtin(self.cfg, self.tokenizer, self.run.root)
-        self.acc.wait_for_everyone()
+        if model_lib.is_builtin(self.cfg):
+            self.ranks.main_only("model", self._materialize)
+        self.heartbeat(phase="model")
         self.model = model_lib.build_model(self.cfg, self.tokenizer, self.device, self.run.root)
         # the same init on every rank (above), then a stream of its own for dropout on each rank
         torch.manual_seed(self.cfg.train.seed + 7919 * self.rank)
+
+    def _materialize(self) -> None:
+        model_lib.materialize_builtin(self.cfg, self.tokenizer, self.run.root)
 
     def _make_optimizer(self, params):
         t = self.cfg.train
@@ -157,6 +175,7 @@ class Trainer:
         return cls(params, **kw)
 
     def _setup_optimizer(self) -> None:
+        self.heartbeat(phase="optimizer")
         params = [p for _, p in model_lib.trainable_parameters(self.model)]
         self.optimizer = self._make_optimizer(params)
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
@@ -168,8 +187,13 @@ class Trainer:
         if self.acc.local_process_index == 0 and self.cfg.preemption.watch != "none":
             from trainer.spot.notices import NoticeWatcher
 
+            p = self.cfg.preemption
             self.watcher = NoticeWatcher(
-                self.stop, mode=self.cfg.preemption.watch, poll_seconds=self.cfg.preemption.poll_seconds
+                self.stop,
+                mode=p.watch,
+                poll_seconds=p.poll_seconds,
+                endpoints=dict.fromkeys(PROVIDERS, p.metadata_url) if p.metadata_url else None,
+                memory=self.notice_memory,
             )
             self.watcher.start()
 
@@ -179,9 +203,24 @@ class Trainer:
         if self.is_main:
             print(text, flush=True)
 
-    def _heartbeat(self) -> None:
-        if self.is_main:
-            self.run.write_heartbeat(self.progress.step)
+    def _tick(self) -> bool:
+        """Inside a long rank-0-only phase (eval): beat, and say whether a stop was requested (end it now)."""
+        self.heartbeat()
+        return self.stop.requested
+
+    def _vote(self) -> Decision:
+        """Every rank's vote before a micro-batch: stop (a signal or notice seen here), checkpoint after this step
+        (rank 0's clock; a notice seen here). The result is the same on every rank."""
+        notices = self.stop.take_checkpoint_request()
+        if notices is not None:
+            self._notice_ids += notices
+        clock = self.checkpointer.due_by_clock()
+        d = agree(self.stop.requested, clock or notices is not None, self.acc)
+        if d.checkpoint and not self._checkpoint_agreed and self.is_main:
+            why = "checkpoint.every_minutes" if clock else "a cloud notice (rebalance recommendation)"
+            self.events.emit("checkpoint_requested", step=self.progress.step + 1, reason=why)
+        self._checkpoint_agreed |= d.checkpoint
+        return d
 
     def _reduce(self, values: list[float]) -> list[float]:
         if self.world == 1:
@@ -193,35 +232,52 @@ class Trainer:
         return t.tolist()
 
     def _evaluate(self) -> dict:
-        out = {}
-        if self.is_main and (self.data.eval or self.data.eval_prompts):
-            e = self.cfg.eval
-            cuda = [torch.cuda.current_device()] if self.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=cuda):
-                out["eval_loss"] = evaluate.eval_loss(
-                    self.raw_model,
-                    self.data.eval,
-                    self.tokenizer.pad_token_id,
-                    self.cfg.train.micro_batch_size,
-                    self.device,
-                )
-                if e.generate and self.data.eval_prompts:
-                    out["eval_exact_match"] = evaluate.exact_match(
-                        self.raw_model,
-                        self.tokenizer,
-                        self.data.eval_prompts,
-                        e.max_new_tokens,
-                        max(self.cfg.train.micro_batch_size, 32),
-                        self.device,
-                    )
-            self.metrics.write(step=self.progress.step, **out)
-            em = out.get("eval_exact_match")
-            self.say(
-                f"eval step {self.progress.step}: loss {out['eval_loss']:.4f}"
-                + (f", exact match {em:.1%}" if em is not None else "")
-            )
-        self.acc.wait_for_everyone()
+        """Eval on rank 0 (the others wait for it outside any collective); {} if there is none or a stop ended it."""
+        out: dict = {}
+
+        def run() -> None:
+            try:
+                self._eval_into(out)
+            except evaluate.Interrupted:
+                out.clear()
+                self.say(f"eval at step {self.progress.step} interrupted: a stop was requested")
+                self.events.emit("eval_interrupted", step=self.progress.step, reason=self.stop.reason)
+
+        if self.data.eval or self.data.eval_prompts:
+            self.ranks.main_only("eval", run, self.heartbeat)
+            self.heartbeat(phase="train")
         return out
+
+    def _eval_into(self, out: dict) -> None:
+        """Eval loss (and exact match) into `out`, logged; raises evaluate.Interrupted when a stop ends it."""
+        e, t0 = self.cfg.eval, time.monotonic()
+        cuda = [torch.cuda.current_device()] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            out["eval_loss"] = evaluate.eval_loss(
+                self.raw_model,
+                self.data.eval,
+                self.tokenizer.pad_token_id,
+                self.cfg.train.micro_batch_size,
+                self.device,
+                tick=self._tick,
+            )
+            if e.generate and self.data.eval_prompts:
+                out["eval_exact_match"] = evaluate.exact_match(
+                    self.raw_model,
+                    self.tokenizer,
+                    self.data.eval_prompts,
+                    e.max_new_tokens,
+                    max(self.cfg.train.micro_batch_size, 32),
+                    self.device,
+                    tick=self._tick,
+                )
+        self.metrics.write(step=self.progress.step, **out)
+        self.events.emit("eval", step=self.progress.step, seconds=round(time.monotonic() - t0, 3))
+        em = out.get("eval_exact_match")
+        self.say(
+            f"eval step {self.progress.step}: loss {out['eval_loss']:.4f}"
+            + (f", exact match {em:.1%}" if em is not None else "")
+        )
 
     # ------------------------------------------------------------------ the loop
 
@@ -231,7 +287,7 @@ class Trainer:
         self.events.emit("train_start", step=p.step, world_size=self.world, total_steps=self.total_steps)
         eval_before = self._evaluate() if p.step == 0 and self.cfg.eval.before_training else {}
         console = Console(self.is_main, self.total_steps, p.step)
-        self._heartbeat()
+        self.heartbeat(step=p.step, phase="train", force=True)
         self.model.train()  # from_pretrained returns eval mode: dropout and checkpointing would be off
         while p.step < self.total_steps:
             rng_at_step_start = model_state.capture_rng()  # raw copies; made JSON only if a stop needs them
@@ -262,7 +318,7 @@ class Trainer:
             g["lr"] = lr
         loss_sum = 0.0
         for m, batch in enumerate(micro):
-            if agreed_stop(self.stop.requested, self.acc):
+            if self._vote().stop:
                 self.optimizer.zero_grad(set_to_none=True)
                 return None
             loss_sum += self._micro_step(batch, last=m == len(micro) - 1, n_targets=n_targets)
@@ -305,7 +361,7 @@ class Trainer:
             samples_seen=p.samples_seen,
         )
         self.metrics.write(**rec)
-        self._heartbeat()
+        self.heartbeat(step=p.step, phase="train")
         console.advance(1, loss=f"{r.loss:.3f}")
         last = p.step == self.total_steps
         if p.step % cfg.train.log_every_steps == 0 or last:
@@ -315,11 +371,15 @@ class Trainer:
             )
         if cfg.eval.every_steps and p.step % cfg.eval.every_steps == 0 and not last:
             self._evaluate()
-        if self.checkpointer.maybe_save(p, last=last):
-            pass
-        elif self.stop.checkpoint_soon:  # e.g. an AWS rebalance recommendation: save now, keep training
-            self.checkpointer.save(p, "periodic")
-            self.stop.checkpoint_taken()
+        agreed, self._checkpoint_agreed = self._checkpoint_agreed, False
+        if self.checkpointer.maybe_save(p, last=last, agreed=agreed):
+            self._remember_notices()
+
+    def _remember_notices(self) -> None:
+        """The notices voted for are checkpointed: a restart seeing them again does not checkpoint again."""
+        if self._notice_ids:
+            self.notice_memory.remember(self._notice_ids)
+            self._notice_ids = []
 
     def _finish(self, eval_before: dict) -> None:
         eval_after = self._evaluate()
@@ -351,6 +411,7 @@ class Trainer:
             )
             return EXIT_PREEMPTED
         commit_s = time.monotonic() - t0
+        self._remember_notices()
         self.events.emit("preempt", step=step, reason=self.stop.reason, stop_to_commit_s=round(commit_s, 3))
         self.checkpointer.wait_uploads(self.stop.grace_left(self.cfg.preemption.grace_seconds))
         self.events.emit("train_end", step=step, status="preempted")

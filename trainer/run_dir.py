@@ -25,6 +25,8 @@ ARCHIVED_DIR = "archived"  # checkpoints/archived/<run-id>/step-XXXXXXXX: anothe
 CORRUPT_DIR = "corrupt"  # checkpoints/corrupt/step-XXXXXXXX: verified damage, moved aside
 LEGACY_RUN = "legacy"  # archived/ name for checkpoints written before lineage existed (no run id)
 LOCK_FILE = ".lock"  # the output dir's owner: host, pid, start time
+NODE_CHECK_FILE = ".node-check"  # rank 0's token: every node of a multi-node run must see it (a shared output dir)
+NOTICES_FILE = "notices.json"  # cloud notices already acted on (a rebalance recommendation: one checkpoint each)
 
 
 def step_dirname(step: int) -> str:
@@ -96,13 +98,18 @@ class RunDir:
 
     def read_heartbeat(self) -> int | None:
         """The step rank 0 last wrote into the heartbeat file, or None."""
-        try:
-            return int(self.heartbeat.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
+        return self.read_heartbeat_phase()[0]
 
-    def write_heartbeat(self, step: int) -> None:
+    def read_heartbeat_phase(self) -> tuple[int | None, str | None]:
+        """(step, phase) from the heartbeat file `<step> [<phase>]`; older versions wrote the step alone."""
+        try:
+            fields = self.heartbeat.read_text().split()
+            return int(fields[0]), (fields[1] if len(fields) > 1 else None)
+        except (OSError, ValueError, IndexError):
+            return None, None
+
+    def write_heartbeat(self, step: int, phase: str | None = None) -> None:
         """Replaced atomically, so the supervisor never reads it half written (not fsynced: it is rewritten often)."""
         from trainer.durable import replace_file
 
-        replace_file(self.heartbeat, f"{step}\n".encode(), fsync=False)
+        replace_file(self.heartbeat, (f"{step} {phase}\n" if phase else f"{step}\n").encode(), fsync=False)

@@ -15,24 +15,22 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.harness.common import (
-    REPO,
     TINY,
     accelerate_cli,
     assert_bitwise_equal,
     cli_args,
-    env,
     free_port,
     heartbeat_step,
     trainable_weights,
 )
-from tests.harness.pod import children, wait_until
+from tests.harness.launch import Launch
+from tests.harness.pod import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -53,54 +51,6 @@ ZERO2 = ["distributed.deepspeed=zero2_offload"]
 #   metrics.jsonl rounds to), weights within 6e-8 absolute. Asserted: 1e-5 relative, 1e-6 absolute.
 ZERO2_LOSS_RTOL = 1e-5
 ZERO2_WEIGHT_ATOL = 1e-6
-
-
-class Launch:
-    """A command in its own session; remembers the torchrun workers it started so it can kill them all."""
-
-    def __init__(self, cmd: list[str], log: Path):
-        self.log = log
-        self._log = open(log, "wb")
-        self.proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env(), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.workers: set[int] = set()
-
-    def poll(self) -> int | None:
-        rc = self.proc.poll()
-        if rc is None:  # a worker seen while its launcher lives is ours (its PID cannot be reused before)
-            self.workers.update(children(self.proc.pid))
-        return rc
-
-    def wait(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while self.poll() is None:
-            if time.monotonic() > deadline:
-                self.close()
-                raise AssertionError(f"{self.log.name}: still running after {timeout} s\n{self.output()}")
-            time.sleep(0.05)
-        return self.proc.returncode
-
-    def signal_all(self, sig: int) -> None:
-        """`sig` to the launcher's group and every worker's group (each worker leads its own session)."""
-        self.poll()
-        for pgid in (self.proc.pid, *self.workers):
-            try:
-                os.killpg(pgid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-    def close(self) -> None:
-        self.signal_all(signal.SIGKILL)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        self._log.close()
-
-    def output(self) -> str:
-        self._log.flush()
-        return self.log.read_text(errors="replace")[-4000:]
 
 
 def alive(pid: int) -> bool:

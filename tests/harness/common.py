@@ -116,7 +116,7 @@ def start_cli(*args: str, overrides: list[str] = (), output_dir: Path | None = N
 
 def heartbeat_step(output_dir: Path) -> int:
     try:
-        return int((output_dir / "heartbeat").read_text().strip() or -1)
+        return int(((output_dir / "heartbeat").read_text().split() or ["-1"])[0])  # "<step> [<phase>]"
     except (OSError, ValueError):
         return -1
 

@@ -89,9 +89,14 @@ class CheckpointWriter:
         self.wait()
         self._write(snap)
 
-    def wait(self) -> None:
-        self._q.join()
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until every submitted checkpoint is written (or failed; its error is raised here); False if `timeout`
+        passed first."""
+        with self._q.all_tasks_done:
+            if not self._q.all_tasks_done.wait_for(lambda: self._q.unfinished_tasks == 0, timeout):
+                return False
         self._raise()
+        return True
 
     def close(self) -> None:
         self._q.put(None)

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 from trainer.spot.stop import StopSignal
 
@@ -52,6 +53,7 @@ class Notice:
     reason: str  # short, for events.jsonl: "aws:terminate", "gcp:preempted", "azure:Preempt"
     deadline: float | None  # unix time the machine goes away
     detail: str
+    id: str | None = None  # names this notice across restarts (a rebalance recommendation: its noticeTime)
 
 
 def _http(method: str, url: str, headers: dict, timeout: float) -> tuple[int, dict, bytes]:
@@ -144,7 +146,14 @@ class AwsMetadata:
                     when = str(json.loads(body).get("noticeTime", ""))
                 except (ValueError, AttributeError):
                     when = ""
-                return Notice("aws", "rebalance", "aws:rebalance", None, f"rebalance recommendation at {when or '?'}")
+                return Notice(
+                    "aws",
+                    "rebalance",
+                    "aws:rebalance",
+                    None,
+                    f"rebalance recommendation at {when or '?'}",
+                    id=f"aws:rebalance:{when[:64]}",
+                )
         return None
 
 
@@ -235,6 +244,34 @@ class AzureMetadata:
 CLIENTS = {"aws": AwsMetadata, "gcp": GcpMetadata, "azure": AzureMetadata}
 
 
+class NoticeMemory:
+    """The notices a checkpoint was taken for, in the run dir (a JSON list of ids), so a restart does not act twice."""
+
+    KEEP = 100
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def _read(self) -> list[str]:
+        try:
+            ids = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return []
+        return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
+
+    def seen(self, notice_id: str) -> bool:
+        return notice_id in self._read()
+
+    def remember(self, ids: list[str]) -> None:
+        if not ids:
+            return
+        from trainer.durable import replace_file
+
+        known = self._read()
+        known += [i for i in ids if i not in known]
+        replace_file(self.path, json.dumps(known[-self.KEEP :]).encode())
+
+
 class NoticeWatcher:
     """Polls the cloud's metadata service in a daemon thread and requests a stop on a preemption notice."""
 
@@ -246,6 +283,7 @@ class NoticeWatcher:
         endpoints: dict | None = None,
         timeout: float = 1.0,
         probe_timeout: float = 0.5,
+        memory: NoticeMemory | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"preemption.watch: {mode!r} is not one of {', '.join(MODES)}")
@@ -255,6 +293,7 @@ class NoticeWatcher:
         self.provider: str | None = None
         self.notice: Notice | None = None
         self.rebalance: Notice | None = None
+        self.memory = memory
         self._client = None
         self._failures = 0
         self._closing = threading.Event()
@@ -348,12 +387,16 @@ class NoticeWatcher:
             self.stop.request(notice.reason, notice.deadline)
         else:
             self.rebalance = notice
+            if self.memory is not None and notice.id is not None and self.memory.seen(notice.id):
+                # a restarted process sees the same recommendation again: its checkpoint was taken already
+                log.info("%s: %s; checkpointed for it already, not again", notice.provider, notice.detail)
+                return
             log.warning(
                 "%s: %s; the machine is at elevated risk of preemption: checkpointing early, training continues",
                 notice.provider,
                 notice.detail,
             )
-            self.stop.request_checkpoint(notice.reason)
+            self.stop.request_checkpoint(notice.reason, notice.id)
 
     def _run(self) -> None:
         if self.mode == "auto":

@@ -1,8 +1,9 @@
 """Stop requests: SIGTERM/SIGINT and cloud notices set a flag; the training loop decides when to stop.
 
 Signal handlers here only record what happened. Everything else (finishing the step, the emergency
-checkpoint, the upload) happens in the loop, where it is safe to do, and all ranks agree on the same
-step through `agreed_stop`.
+checkpoint, the upload) happens in the loop, where it is safe to do. Every rank acts on one agreed decision per
+micro-batch (`agree`: stop, checkpoint after this step), never on what it alone saw or its own clock, so every rank
+stops at the same step and writes the same checkpoints.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -26,6 +28,8 @@ class StopSignal:
         self._wall: float | None = None
         self._checkpoint_soon = threading.Event()
         self._checkpoint_reason: str | None = None
+        self._checkpoint_ids: list[str] = []  # the notices asking for it (remembered once acted on)
+        self._lock = threading.Lock()  # the watcher thread adds requests while the loop takes them
         self._previous: dict[int, Any] = {}
         self._sigint_count = 0
 
@@ -71,14 +75,27 @@ class StopSignal:
             self._monotonic = time.monotonic()
             self._requested.set()
 
-    def request_checkpoint(self, reason: str) -> None:
+    def request_checkpoint(self, reason: str, notice_id: str | None = None) -> None:
         """Ask for an early checkpoint without stopping (e.g. an AWS rebalance recommendation)."""
-        self._checkpoint_reason = reason
-        self._checkpoint_soon.set()
+        with self._lock:
+            self._checkpoint_reason = reason
+            if notice_id is not None:
+                self._checkpoint_ids.append(notice_id)
+            self._checkpoint_soon.set()
+
+    def take_checkpoint_request(self) -> list[str] | None:
+        """The pending checkpoint request, cleared: the ids of the notices behind it ([] if none), or None if none
+        is pending. The loop takes it when it votes, so a request that arrives later waits for the next vote."""
+        with self._lock:
+            if not self._checkpoint_soon.is_set():
+                return None
+            ids, self._checkpoint_ids = self._checkpoint_ids, []
+            self._checkpoint_soon.clear()
+            return ids
 
     def checkpoint_taken(self) -> None:
-        """The loop saved a checkpoint: clear `checkpoint_soon`."""
-        self._checkpoint_soon.clear()
+        """Clear `checkpoint_soon` (and forget which notices asked)."""
+        self.take_checkpoint_request()
 
     # ------------------------------------------------------------ state
 
@@ -120,19 +137,41 @@ class StopSignal:
         return self._requested.wait(timeout)
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What every rank does after one vote: the same on every rank."""
+
+    stop: bool = False  # stop before this micro-batch (emergency checkpoint of the last completed step)
+    checkpoint: bool = False  # checkpoint after this step (rank 0's clock, or a notice some rank saw)
+
+
+def agree(stop: bool, checkpoint: bool = False, accelerator: Any = None) -> Decision:
+    """One vote of every rank (a 2-element all-reduce MAX): each field is true everywhere if any rank voted for it.
+
+    Ranks vote only what they alone can know: a signal or notice they saw, and (rank 0) its clock; what every rank
+    computes alike (checkpoint.every_steps) needs no vote.
+    """
+    stop_, ckpt = _all_max([int(bool(stop)), int(bool(checkpoint))], accelerator)
+    return Decision(bool(stop_), bool(ckpt))
+
+
 def agreed_stop(local_flag: bool, accelerator: Any = None) -> bool:
-    """True on every rank if any rank wants to stop (one 1-element all-reduce MAX); no-op when not distributed."""
+    """True on every rank if any rank wants to stop; no-op when not distributed."""
+    return agree(local_flag, False, accelerator).stop
+
+
+def _all_max(values: list[int], accelerator: Any) -> list[int]:
     import torch
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return bool(local_flag)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
     if accelerator is not None and getattr(accelerator, "device", None) is not None:
         device = accelerator.device
     elif dist.get_backend() == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    flag = torch.tensor([1 if local_flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    t = torch.tensor(values, dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()

@@ -7,6 +7,7 @@ restarts after crashes and hangs with exponential backoff, and exits 75 when the
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -195,6 +196,9 @@ class Supervisor:
         stamp = _heartbeat_stamp(self.output_dir)
         last_beat, beat_seen = start, False
         env = dict(self.env, SPOT_TRAINER_SUPERVISED="1", SPOT_TRAINER_ATTEMPT=str(attempt))
+        # torchrun (under `accelerate launch`) SIGKILLs its ranks this long after forwarding SIGTERM (default 30 s):
+        # give them the whole grace, as we do
+        env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(max(1, math.ceil(self.grace))))
         self._forwarded = False
         self._tree = set()
         self._proc = subprocess.Popen(self.argv, start_new_session=True, env=env)
@@ -217,12 +221,15 @@ class Supervisor:
             limit = s.hang_timeout if beat_seen else 2 * s.hang_timeout
             if not hang and self._signalled is None and now - last_beat > limit:
                 hang = True
+                step, phase = RunDir(self.output_dir).read_heartbeat_phase() if beat_seen else (None, None)
+                where = f" at step {step} in phase {phase or '?'}" if step is not None else " before its first beat"
                 print(
-                    f"spot-trainer supervisor: no heartbeat for {now - last_beat:.0f} s "
+                    f"spot-trainer supervisor: no heartbeat for {now - last_beat:.0f} s{where} "
                     f"(supervisor.hang_timeout={s.hang_timeout:g}): stopping the trainer",
                     file=sys.stderr,
                     flush=True,
                 )
+                self.events.emit("hang", step=step, phase=phase, silent_s=round(now - last_beat, 1))
                 self._kill_group(signal.SIGTERM)
                 kill_at = now + min(HANG_KILL_AFTER_S, self.grace)
             if kill_at is not None and now >= kill_at and not killed:

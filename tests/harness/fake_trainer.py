@@ -80,6 +80,7 @@ def main(argv) -> int:
                     "resumed_from": resumed,
                     "argv": argv,
                     "env_attempt": os.environ.get("SPOT_TRAINER_ATTEMPT"),
+                    "env_shutdown_timeout": os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"),
                 }
             )
             + "\n"
@@ -107,10 +108,11 @@ def main(argv) -> int:
             return args.preempt_exit_code
         time.sleep(args.step_time)
         step += 1
-        (out / "heartbeat").write_text(f"{step}\n")
+        (out / "heartbeat").write_text(f"{step} train\n")
         if step % args.checkpoint_every == 0:
             commit_checkpoint(out, step, "periodic")
         if args.hang_at == step and attempt <= args.hang_attempts:
+            (out / "heartbeat").write_text(f"{step} eval\n")  # where it is stuck, as the trainer says
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stuck in a collective: signals do nothing
             while True:
                 time.sleep(60)

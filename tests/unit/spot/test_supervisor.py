@@ -66,6 +66,13 @@ def _supervise(tmp_path, *fake_args, **supervisor):
 # ---------------------------------------------------------------- outcomes
 
 
+def test_the_ranks_get_the_whole_grace_from_torchrun(tmp_path):
+    # torchrun SIGKILLs ranks TORCH_ELASTIC_SHUTDOWN_TIMEOUT s (default 30) after forwarding SIGTERM
+    out, code, _ = _supervise(tmp_path, "--steps", "2")
+    assert code == 0
+    assert _attempts(out)[0]["env_shutdown_timeout"] == "2"  # preemption.grace_seconds=2
+
+
 def test_exit_0_is_done_with_no_restart(tmp_path):
     out, code, _ = _supervise(tmp_path, "--steps", "6", "--checkpoint-every", "3")
     assert code == 0
@@ -140,11 +147,14 @@ def test_max_restarts_is_respected_even_with_progress(tmp_path):
 
 
 @pytest.mark.slow  # waits out hang timeouts and kill graces
-def test_hang_is_killed_and_restarted_within_the_timeout(tmp_path):
+def test_hang_is_killed_and_restarted_within_the_timeout(tmp_path, capfd):
     out, code, elapsed = _supervise(
         tmp_path, "--steps", "6", "--checkpoint-every", "2", "--hang-at", "3", hang_timeout=1
     )
     assert code == 0
+    (hang,) = _events(out, event="hang")
+    assert (hang["step"], hang["phase"]) == (3, "eval")  # what it was doing when it went silent
+    assert "at step 3 in phase eval" in capfd.readouterr().err
     exits = _events(out, event="exit")
     assert [e["reason"] for e in exits] == ["hang", "done"]
     assert exits[0]["code"] == -signal.SIGKILL  # it ignored SIGTERM, so SIGKILL after the grace

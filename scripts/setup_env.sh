@@ -15,7 +15,7 @@ fi
 stamp="$venv/.spot-trainer-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "installing spot-trainer and its dependencies into $venv ..." >&2
-  "$py" -m pip install -q --disable-pip-version-check -e ".[test]" >&2
+  "$py" -m pip install -q --disable-pip-version-check -e ".[test,trackers]" >&2
   touch "$stamp"
 fi
 echo "$py"

@@ -3,6 +3,7 @@
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_OOM = 3  # out of GPU memory: the last completed step is checkpointed; the same config would run out again
 EXIT_STORAGE = 69  # EX_UNAVAILABLE: storage the run needs cannot be used yet (remote down, disk too small); resumable
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request, resumable from the last checkpoint
 
@@ -32,6 +33,12 @@ class CheckpointError(SpotTrainerError):
 class CorruptCheckpoint(CheckpointError):
     """Verified damage: a file's sha256 or size differs from the manifest, a file is missing, or the manifest itself
     is not a manifest. Such a checkpoint is moved to checkpoints/corrupt/, never deleted."""
+
+
+class UntrustedCheckpoint(CorruptCheckpoint):
+    """Signing is on (checkpoint.sign_key_env) and the manifest's signature is missing or does not verify: the
+    choice goes to the previous checkpoint, as for a corrupt one, but this one is skipped and kept, never moved
+    or deleted."""
 
 
 class UnsupportedCheckpoint(CheckpointError):

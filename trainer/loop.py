@@ -31,6 +31,7 @@ from trainer.run_lock import RunLock
 from trainer.schedule import lr_at, warmup_steps
 from trainer.spot.notices import PROVIDERS, NoticeMemory
 from trainer.spot.stop import Decision, StopSignal, agree
+from trainer.trackers import Trackers
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Trainer:
         self.notice_memory = NoticeMemory(self.run.root / NOTICES_FILE)
         self.acc = None
         self.lock: RunLock | None = None
+        self.trackers: Trackers | None = None
         self._checkpoint_agreed = False  # a vote during this step asked for a checkpoint after it
         self._notice_ids: list[str] = []  # notices this process voted a checkpoint for, remembered once it is saved
 
@@ -65,6 +67,7 @@ class Trainer:
 
         hf_logging.disable_progress_bar()  # our own progress line is enough; keeps logs one line per event
         self._setup_distributed()
+        self._check_memory()  # before anything is loaded or written: a run that cannot fit says so (exit 2)
         self._setup_output()
         started = time.monotonic()  # checkpoint.every_minutes counts from here
         remote = open_remote(self.cfg, self.is_main)  # first: a remote with bad credentials fails before any work
@@ -98,6 +101,9 @@ class Trainer:
             method=self.cfg.model.method,
         )
         self.progress = self.checkpointer.resume(self.resume, fresh) or fresh
+        # rank 0; after the resume, which rewound metrics.jsonl to the checkpoint: the steps a tracker lacks
+        self.trackers = Trackers.open(self.cfg, self.run, self.progress.step, self.resume != "never", self.is_main)
+        self.metrics.sink = self.trackers.log
         self._setup_stop()
 
     def _setup_distributed(self) -> None:
@@ -111,6 +117,12 @@ class Trainer:
         self.ranks = Ranks(self.rank, self.world, self.cfg.distributed.timeout_s)
         self.heartbeat = Heartbeat(self.run, enabled=self.is_main)
         torch.manual_seed(self.cfg.train.seed)
+
+    def _check_memory(self) -> None:
+        from trainer import preflight
+
+        vocab = len(model_lib.load_tokenizer(self.cfg)) if model_lib.is_builtin(self.cfg) else None
+        preflight.check_fits(self.cfg, self.device, self.world, vocab)
 
     def _setup_output(self) -> None:
         self.run.root.mkdir(parents=True, exist_ok=True)
@@ -291,14 +303,17 @@ class Trainer:
         self.model.train()  # from_pretrained returns eval mode: dropout and checkpointing would be off
         while p.step < self.total_steps:
             rng_at_step_start = model_state.capture_rng()  # raw copies; made JSON only if a stop needs them
-            result = self._train_step()
+            try:
+                result = self._train_step()
+            except torch.OutOfMemoryError:
+                console.close()
+                return self._out_of_memory(rng_at_step_start)
             if result is None:
                 console.close()
                 return self._preempted(rng_at_step_start)
             self._after_step(result, console)
         console.close()
-        self._finish(eval_before)
-        return EXIT_OK
+        return self._finish(eval_before)
 
     def _train_step(self) -> StepResult | None:
         """One optimizer step over this rank's micro-batches; None if the ranks agreed to stop before it ended."""
@@ -332,6 +347,7 @@ class Trainer:
     def _micro_step(self, batch: dict, last: bool, n_targets: float) -> float:
         """Forward and backward of one micro-batch; its loss (this rank's share of the step's mean)."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
+        self._micro_tokens = batch["input_ids"].numel()  # for the out-of-memory report
         ctx = self.acc.no_sync(self.model) if (self.world > 1 and not last) else nullcontext()
         # under DeepSpeed the engine steps inside the last micro-batch's backward
         self.acc.sync_gradients = last
@@ -381,7 +397,7 @@ class Trainer:
             self.notice_memory.remember(self._notice_ids)
             self._notice_ids = []
 
-    def _finish(self, eval_before: dict) -> None:
+    def _finish(self, eval_before: dict) -> int:
         eval_after = self._evaluate()
         if eval_before and eval_after and eval_before.get("eval_loss") is not None:
             em = (
@@ -393,9 +409,15 @@ class Trainer:
                 f"eval before -> after training: loss {eval_before['eval_loss']:.4f} -> "
                 f"{eval_after['eval_loss']:.4f}{em}"
             )
-        self.checkpointer.finish(self.progress, self.tokenizer)
+        if not self.checkpointer.finish(self.progress, self.tokenizer):
+            self.checkpointer.wait_uploads(self.stop.grace_left(self.cfg.preemption.grace_seconds))
+            self.events.emit("preempt", step=self.progress.step, reason=self.stop.reason, stop_to_commit_s=0.0)
+            self.events.emit("train_end", step=self.progress.step, status="preempted")
+            self.say(f"stopped while uploading final/; exiting {EXIT_PREEMPTED} (preempted, resumable)")
+            return EXIT_PREEMPTED
         self.checkpointer.wait_uploads(None)
         self.events.emit("train_end", step=self.progress.step, status="done")
+        return EXIT_OK
 
     def _preempted(self, rng: tuple) -> int:
         """Agreed stop: commit the state at the last completed step locally, then upload with the grace left."""
@@ -420,8 +442,36 @@ class Trainer:
         )
         return EXIT_PREEMPTED
 
+    def _out_of_memory(self, rng: tuple) -> int:
+        """A CUDA OOM inside a step: one line (step, micro-batch tokens, peak, plan's suggestion), the state of the
+        last completed step committed (one process; with several, a rank cannot stop the others' collectives, and
+        the newest periodic checkpoint stands), exit EXIT_OOM so the supervisor does not rerun the same config."""
+        import gc
+
+        from trainer.preflight import OutOfMemory, oom_message
+
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        step = self.progress.step
+        vocab = len(self.tokenizer) if model_lib.is_builtin(self.cfg) else None
+        committed = self.world == 1 and step > 0 and self.checkpointer.emergency(self.progress, rng)
+        newest = self.checkpointer.store.committed_steps()
+        if committed:
+            saved = f"step {step} is checkpointed"
+        else:
+            saved = f"the newest checkpoint is step {newest[-1]}" if newest else "no checkpoint yet"
+        tokens = getattr(self, "_micro_tokens", 0)
+        message = oom_message(self.cfg, self.device, self.world, step + 1, tokens, vocab, saved)
+        self.events.emit("oom", step=step + 1, committed_step=step if committed else None, message=message[:500])
+        self.events.emit("train_end", step=step, status="oom")
+        raise OutOfMemory(message)
+
     def cleanup(self) -> None:
         self.stop.uninstall()
+        if self.trackers is not None:
+            self.trackers.close()
         if self.watcher is not None:
             self.watcher.close()
         if self.checkpointer is not None:

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from trainer.durable import replace_file
@@ -45,14 +46,18 @@ def read_jsonl(path: Path, warnings: list[str] | None = None) -> list[dict]:
 
 
 class MetricsLog:
-    """`metrics.jsonl`: written by rank 0; rewound to the checkpoint's copy on resume."""
+    """`metrics.jsonl`: written by rank 0; rewound to the checkpoint's copy on resume. Each record written also goes
+    to `sink` when there is one (the experiment trackers), after the line is on the disk."""
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, sink: Callable[[dict], None] | None = None):
+        self.path, self.enabled, self.sink = path, enabled, sink
 
     def write(self, **fields) -> None:
         if self.enabled:
-            _append_line(self.path, {"time": round(time.time(), 3), **fields})
+            obj = {"time": round(time.time(), 3), **fields}
+            _append_line(self.path, obj)
+            if self.sink is not None:
+                self.sink(obj)
 
     def rewind(self, saved_copy: str | None, step: int) -> None:
         """Make the file hold exactly the lines up to `step` (from the checkpoint's copy when there is one)."""

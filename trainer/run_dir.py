@@ -27,6 +27,9 @@ LEGACY_RUN = "legacy"  # archived/ name for checkpoints written before lineage e
 LOCK_FILE = ".lock"  # the output dir's owner: host, pid, start time
 NODE_CHECK_FILE = ".node-check"  # rank 0's token: every node of a multi-node run must see it (a shared output dir)
 NOTICES_FILE = "notices.json"  # cloud notices already acted on (a rebalance recommendation: one checkpoint each)
+TRACKERS_FILE = "trackers.json"  # the experiment trackers' run ids, so a restarted process continues the same runs
+TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files (logging.report_to: tensorboard)
+MLRUNS_DIR = "mlruns"  # MLflow's file store when no tracking URI is configured
 
 
 def step_dirname(step: int) -> str:

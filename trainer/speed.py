@@ -86,6 +86,10 @@ def use_varlen(cfg, device: torch.device, get_model_config) -> bool:
                 getattr(model_config, "model_type", None),
             )
         return False
+    if torch.cuda.get_device_capability(device) < (8, 0):  # torch's flash kernels need Ampere or newer (not a T4)
+        if want == "varlen":
+            log.warning("model.packed_attention varlen: a GPU before Ampere has no flash attention; using the mask")
+        return False
     return hasattr(torch.ops.aten, "_flash_attention_forward")
 
 
@@ -284,11 +288,12 @@ def plan_checkpointing(
     budget_bytes: int,
     fixed_bytes: int,
     hidden: int,
-    input_bytes: int = 2,
+    input_bytes: float = 2,
 ) -> CheckpointPlan:
     """The fewest checkpointed layers whose activations fit `budget_bytes` after `fixed_bytes`."""
     per_layer = int(per_token_layer * tokens * SAFETY)
-    # every checkpointed layer keeps its input (hidden x input_bytes); one layer's activations are rebuilt at a time
+    # every checkpointed layer keeps its input (hidden x input_bytes per token); one layer's activations are rebuilt
+    # at a time
     room = budget_bytes - fixed_bytes - per_layer
     best = n_layers
     for ckpt in range(n_layers + 1):
@@ -347,7 +352,8 @@ def plan_checkpoint_layers(
         budget,
         fixed,
         shape.hidden_size,
-        input_bytes=checkpointed_layer_bytes(shape, setup) // shape.hidden_size,
+        # per hidden unit: an LLM.int8 layer keeps more than its input (its int8 linears' inputs), not a multiple
+        input_bytes=checkpointed_layer_bytes(shape, setup) / shape.hidden_size,
     )
 
 

@@ -137,16 +137,20 @@ def test_an_eval_longer_than_the_timeouts_is_neither_a_timeout_nor_a_hang(tmp_pa
     # and the supervisor's hang_timeout is 8 s: the eval beats. (Lower timeouts fail in DDP's own setup collectives
     # on 2 busy cores: tried 2 s.)
     out = tmp_path / "run"
-    overrides = TWO_RANKS + SLOW_EVAL + [
-        "train.max_steps=3",
-        "checkpoint.every_steps=2",
-        "distributed.timeout_s=8",
-        "supervisor.hang_timeout=8",
-        "eval.max_new_tokens=480",
-        "supervisor.num_processes=2",
-        "supervisor.accelerate_config=launch/cpu_2proc.yaml",
-        "supervisor.max_restarts=0",
-    ]
+    overrides = (
+        TWO_RANKS
+        + SLOW_EVAL
+        + [
+            "train.max_steps=3",
+            "checkpoint.every_steps=2",
+            "distributed.timeout_s=8",
+            "supervisor.hang_timeout=8",
+            "eval.max_new_tokens=480",
+            "supervisor.num_processes=2",
+            "supervisor.accelerate_config=launch/cpu_2proc.yaml",
+            "supervisor.max_restarts=0",
+        ]
+    )
     launch = Launch(cli_args("run", overrides=overrides, output_dir=out), tmp_path / "run.log")
     try:
         rc = launch.wait(240)
@@ -168,7 +172,8 @@ def test_a_sigterm_during_eval_ends_it_and_commits_the_last_completed_step(tmp_p
     launch = _launch(
         tmp_path,
         out,
-        SLOW_EVAL + ["train.max_steps=40", "checkpoint.every_steps=4", "eval.every_steps=10", "eval.max_new_tokens=480"],
+        SLOW_EVAL
+        + ["train.max_steps=40", "checkpoint.every_steps=4", "eval.every_steps=10", "eval.max_new_tokens=480"],
     )
     try:
         assert wait_until(lambda: _phase(out) == "eval" and heartbeat_step(out) == 10 or launch.poll() is not None, 120)

@@ -1,7 +1,9 @@
-"""Helpers for storage tests: committed local checkpoints, direct access to a remote's objects, a stalling network."""
+"""Helpers for storage tests: committed local checkpoints, direct access to a remote's objects, a stalling network,
+a store that refuses expired credentials."""
 
 from __future__ import annotations
 
+import email.utils
 import json
 import random
 import socket
@@ -36,9 +38,12 @@ class StallingProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self._target))
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+            self._serve(client)
+
+    def _serve(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self._target))
+        for src, dst in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
@@ -78,6 +83,67 @@ class ThrottlingProxy(StallingProxy):
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+EXPIRED_TOKEN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>ExpiredToken</Code>'
+    b"<Message>The provided token has expired.</Message><RequestId>5NDA2YMK0QS0WX5J</RequestId>"
+    b"<HostId>jV2Hp8cBQQDd0fTzDkEmSMYUuc3fbxnxrP4ymQ9hV1GiLQ7+I4r9HgV3q9ZmFfpT0bqk7pVYhHk=</HostId></Error>"
+)
+
+
+class ExpiringProxy(StallingProxy):
+    """A loopback proxy to an S3 server; while expire() is on, every request gets the answer S3 documents for an
+    expired session token (HTTP 400, `<Code>ExpiredToken</Code>`) instead of reaching the server."""
+
+    def __init__(self, target_port: int):
+        self._expired = threading.Event()
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()  # forwarded connections, cut when the credentials expire
+        self.refused = 0  # requests answered with ExpiredToken
+        super().__init__(target_port)
+
+    def expire(self, on: bool = True) -> None:
+        if not on:
+            self._expired.clear()
+            return
+        self._expired.set()
+        with self._lock:  # requests in flight and kept-alive connections see it now, as after a real expiry
+            for s in self._open:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _serve(self, client: socket.socket) -> None:
+        if not self._expired.is_set():
+            with self._lock:
+                self._open.add(client)
+            super()._serve(client)
+            return
+        threading.Thread(target=self._refuse, args=(client,), daemon=True).start()
+
+    def _refuse(self, client: socket.socket) -> None:
+        """Read one request (a body announced with `Expect: 100-continue` is never sent), answer, close."""
+        with client, client.makefile("rb") as r:
+            head = []
+            while (line := r.readline(65537)) not in (b"\r\n", b"\n", b""):
+                head.append(line.decode("latin-1").strip())
+            if not head:
+                return
+            fields = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:])}
+            if fields.get("expect", "").lower() != "100-continue":
+                r.read(int(fields.get("content-length") or 0))
+            with self._lock:
+                self.refused += 1
+            body = b"" if head[0].startswith("HEAD ") else EXPIRED_TOKEN
+            date = email.utils.formatdate(usegmt=True)
+            client.sendall(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/xml\r\n"
+                b"x-amz-request-id: 5NDA2YMK0QS0WX5J\r\nServer: AmazonS3\r\nConnection: close\r\n"
+                + f"Date: {date}\r\nContent-Length: {len(EXPIRED_TOKEN)}\r\n\r\n".encode()
+                + body
+            )
 
 
 def make_checkpoint(root: Path, step: int, sizes: dict[str, int] | None = None, seed: int = 0) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from trainer import model as model_lib
-from trainer.checkpoint import model_state, resume
+from trainer.checkpoint import model_state, resume, signing
 from trainer.checkpoint.final import write_final
 from trainer.checkpoint.optimizer_state import load_optimizer_state, optimizer_snapshot
 from trainer.checkpoint.progress import Progress
@@ -24,8 +24,9 @@ from trainer.checkpoint.writer import CheckpointWriter, out_of_space
 from trainer.config.schema import Config
 from trainer.distributed import agree_int
 from trainer.errors import CheckpointError, ConfigError, StorageWait
+from trainer.liveness import Heartbeat, Ranks
 from trainer.metrics import EventLog, MetricsLog
-from trainer.remote.objects import StorageUnavailable
+from trainer.remote.objects import CredentialsRefused, StorageUnavailable, UploadInterrupted
 from trainer.remote.store import RemoteStore
 from trainer.run_dir import FINAL_DIR, MANIFEST_NAME, METRICS_FILE, RunDir
 from trainer.schedule import warmup_steps
@@ -39,7 +40,7 @@ def open_remote(cfg: Config, is_main: bool) -> RemoteStore | None:
         return None
     from trainer.remote.store import open_store
 
-    remote = open_store(cfg.checkpoint.remote, cfg.checkpoint.s3)
+    remote = open_store(cfg.checkpoint.remote, cfg.checkpoint.s3, signing.from_config(cfg.checkpoint))
     try:
         remote.check(deadline=remote.deadline(60))  # a typo'd endpoint: within 60 s
     except StorageUnavailable as e:  # down, not wrong: resume() waits for it (checkpoint.remote_wait_s)
@@ -59,8 +60,10 @@ class Checkpointer:
         remote: RemoteStore | None,
         events: EventLog,
         metrics: MetricsLog,
-        heartbeat: Callable[[], None],
+        heartbeat: Heartbeat,
         say: Callable[[str], None],
+        ranks: Ranks,
+        stop_requested: Callable[[], bool] = lambda: False,
         started: float | None = None,
     ):
         self.cfg, self.run, self.acc = cfg, run, acc
@@ -68,7 +71,8 @@ class Checkpointer:
         self.raw_model = acc.unwrap_model(model)
         self.rank, self.world, self.is_main = acc.process_index, acc.num_processes, acc.is_main_process
         self.remote, self.events, self.metrics, self.heartbeat, self.say = remote, events, metrics, heartbeat, say
-        self.store = CheckpointStore(run.root)
+        self.ranks, self.stop_requested = ranks, stop_requested
+        self.store = CheckpointStore(run.root, signing.from_config(cfg.checkpoint))  # signs, trusts only signed
         self.saved_step = -1  # the newest step this run resumed from or handed to the writer (all ranks alike)
         self.lineage = None  # rank 0: what the next checkpoint records (resume() sets it)
         self.disk_full_seen = False
@@ -78,7 +82,13 @@ class Checkpointer:
             from trainer.remote.uploader import CheckpointUploader
 
             keep = cfg.checkpoint.remote_keep_last or cfg.checkpoint.keep_last
-            self.uploader = CheckpointUploader(remote, keep_last=keep, on_uploaded=self._on_uploaded)
+            self.uploader = CheckpointUploader(
+                remote,
+                keep_last=keep,
+                on_uploaded=self._on_uploaded,
+                on_event=self.events.emit,
+                stop=stop_requested,  # a stop leaves periodic uploads for the next start; never an emergency's
+            )
         self.writer = CheckpointWriter(self.store, self.rank, self._on_commit, self._on_failed)
 
     # ------------------------------------------------------------------ resume
@@ -90,33 +100,29 @@ class Checkpointer:
         `fresh` is this run's geometry at step 0; a checkpoint saved with another global batch or other data is
         refused with the setting that would resume it.
         """
-        step = -1  # the step every rank loads; -1: none, -2: waiting for storage, -3: rank 0 failed
-        failure: BaseException | None = None
-        if self.is_main:
+        chosen: dict = {}
+
+        def choose() -> int:  # rank 0; the others wait for its answer without sitting in a collective
             try:
                 choice = resume.choose(
                     mode, self.store, self.remote, self.cfg.checkpoint.remote_wait_s, self.say, self.heartbeat
                 )
-                if choice.path is not None:  # refused before anything is moved aside: nothing touched
-                    saved = Progress.from_json(
-                        read_json(choice.path, "trainer_state.json"), str(choice.path / "trainer_state.json")
-                    )
-                    self._check_compatible(choice.path, saved, fresh)
-                resume.keep_one_lineage(self.store, self.remote, choice, self.say)
-                self.store.clean_stale(pulls=True)
-                self.lineage = choice.lineage
-                step = choice.manifest.step if choice.manifest else -1
-                path = choice.path
             except StorageWait as e:
-                failure, step = e, -2
                 self.events.emit("storage_wait", error=str(e)[:300])
-            except BaseException as e:  # every rank must leave the collective below, whatever rank 0 met
-                failure, step = e, -3
-        step = agree_int(step, self.acc)  # the others wait here and follow rank 0
-        if step == -2:
-            raise failure or StorageWait("rank 0 could not reach the checkpoint storage; exiting 69 (resumable)")
-        if step == -3:
-            raise failure or CheckpointError("rank 0 could not choose a checkpoint to resume; see its output")
+                raise
+            if choice.path is not None:  # refused before anything is moved aside: nothing touched
+                saved = Progress.from_json(
+                    read_json(choice.path, "trainer_state.json"), str(choice.path / "trainer_state.json")
+                )
+                self._check_compatible(choice.path, saved, fresh)
+            resume.keep_one_lineage(self.store, self.remote, choice, self.say)
+            self.store.clean_stale(pulls=True)
+            self.lineage = choice.lineage
+            chosen["path"] = choice.path
+            return choice.manifest.step if choice.manifest else -1
+
+        step = self.ranks.main_only("resume", choose, self.heartbeat)
+        path = chosen.get("path")
         progress = None
         if step < 0:
             self.metrics.rewind("", 0)
@@ -143,7 +149,7 @@ class Checkpointer:
         self.metrics.rewind(saved_metrics, saved.step)
         self.saved_step = saved.step
         self.say(f"resumed from {path} (step {saved.step}/{fresh.total_steps})")
-        return fresh.resumed(saved)
+        return fresh.resumed(saved, where=str(path / "trainer_state.json"))
 
     def _check_compatible(self, path: Path, saved: Progress, fresh: Progress) -> None:
         gb = saved.global_batch
@@ -161,16 +167,20 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ saving
 
-    def due(self, step: int) -> bool:
-        """A periodic checkpoint is due after `step` (checkpoint.every_steps / every_minutes)."""
-        c = self.cfg.checkpoint
-        if c.every_steps and step % c.every_steps == 0:
-            return True
-        return bool(c.every_minutes) and time.monotonic() - self.last_save_time >= 60 * c.every_minutes
+    def due_by_steps(self, step: int) -> bool:
+        """checkpoint.every_steps says to save after `step`: every rank computes the same, no vote needed."""
+        every = self.cfg.checkpoint.every_steps
+        return bool(every) and step % every == 0
 
-    def maybe_save(self, progress: Progress, *, last: bool = False) -> bool:
-        """Save after this step if one is due or it is the last step; True if it did."""
-        if not (last or self.due(progress.step)):
+    def due_by_clock(self) -> bool:
+        """checkpoint.every_minutes have passed since the last save, by this process's clock. Only rank 0's counts:
+        the loop votes it, so every rank saves the same step (the others' clocks are never asked)."""
+        minutes = self.cfg.checkpoint.every_minutes
+        return bool(minutes) and self.is_main and time.monotonic() - self.last_save_time >= 60 * minutes
+
+    def maybe_save(self, progress: Progress, *, last: bool = False, agreed: bool = False) -> bool:
+        """Save after this step if it is the last, every_steps says so, or the ranks agreed to (clock, notice)."""
+        if not (last or agreed or self.due_by_steps(progress.step)):
             return False
         self.save(progress, "final" if last else "periodic")
         return True
@@ -184,7 +194,7 @@ class Checkpointer:
         t0 = time.monotonic()
         # one snapshot in RAM at a time: if the previous checkpoint is still being written, wait for it (every
         # rank does, so they stay in step) instead of queueing copies of the whole state
-        self.writer.wait()
+        self._wait_writer()
         waited = time.monotonic() - t0
         if waited > 1.0 and kind == "periodic":
             log.warning(
@@ -207,7 +217,7 @@ class Checkpointer:
         not commit (a full disk), it is written again after retention made room.
         """
         try:
-            self.writer.wait()
+            self._wait_writer()
         except (CheckpointError, OSError) as e:
             if not out_of_space(e):
                 raise
@@ -218,7 +228,7 @@ class Checkpointer:
         self.saved_step = -1
         try:
             self.save(progress, "emergency", sync=True, rng=rng)
-            self.writer.wait()
+            self._wait_writer()
         except (CheckpointError, OSError) as e:
             if not out_of_space(e):
                 raise
@@ -227,6 +237,12 @@ class Checkpointer:
             self.events.emit("checkpoint_failed", step=progress.step, kind="emergency", error=str(e)[:300], pruned=[])
             return False
         return bool(agree_int(int(self.is_main and self.committed(progress.step)), self.acc))
+
+    def _wait_writer(self) -> None:
+        """The writer is idle (its error, if any, raised here); the heartbeat says so while it is still writing."""
+        while not self.writer.wait(timeout=1.0):
+            self.heartbeat(phase="checkpoint-write")
+        self.heartbeat(phase="train")
 
     def committed(self, step: int) -> bool:
         """Rank 0: the checkpoint of `step` is committed on the disk (its manifest exists)."""
@@ -313,25 +329,26 @@ class Checkpointer:
         while not done:
             left = 30.0 if end is None else min(30.0, max(0.0, end - time.monotonic()))
             done = self.uploader.wait(left)
-            self.heartbeat()
-            if end is not None and time.monotonic() >= end:
-                break
+            self.heartbeat(phase="upload")
+            if (end is not None and time.monotonic() >= end) or self.uploader.gave_up_waiting:
+                break  # paused (credentials refused) for checkpoint.s3.deadline_s of waiting: not forever
         if not done:
             log.warning(
-                "upload not finished within %s s; the checkpoint is committed locally and will be "
-                "uploaded on the next start",
-                None if timeout is None else round(timeout, 1),
+                "upload not finished %s; the checkpoint is committed locally and will be uploaded on the next start",
+                f"within {timeout:.1f} s" if timeout is not None else "(uploads paused: the credentials are refused)",
             )
 
-    def finish(self, progress: Progress, tokenizer) -> None:
-        """After the last step: wait for the writes, write `final/` (rank 0), upload it with the newest checkpoint."""
-        self.writer.wait()
-        if self.is_main:
-            self._write_final(progress, tokenizer)
-        self.acc.wait_for_everyone()
+    def finish(self, progress: Progress, tokenizer) -> bool:
+        """After the last step: wait for the writes, write `final/` (rank 0), upload it with the newest checkpoint.
+        False (on every rank) if a stop ended the upload: the run is then preempted, not done."""
+        self._wait_writer()
+        return not self.ranks.main_only("final", lambda: self._write_final(progress, tokenizer), self.heartbeat)
 
-    def _write_final(self, progress: Progress, tokenizer) -> None:
-        """`final/`: adapter or full weights + tokenizer, loadable with transformers/peft, manifest last."""
+    def _write_final(self, progress: Progress, tokenizer) -> int:
+        """`final/`: adapter or full weights + tokenizer, loadable with transformers/peft, manifest last.
+
+        1 if a stop ended its upload (the run is then preempted: the next start writes and uploads it again), else 0.
+        """
         meta = {
             "method": self.cfg.model.method,
             "step": progress.step,
@@ -339,20 +356,26 @@ class Checkpointer:
             "config": self.cfg.to_dict(),
         }
         run_id = self.lineage.run_id if self.lineage else None
-        final = write_final(self.run, self.raw_model, tokenizer, meta, progress.step, self.world, run_id)
-        if self.remote is not None:
-            self.wait_uploads(None)
-            try:
-                self.remote.upload_dir(final, FINAL_DIR)
-                self.say(f"final/ uploaded to {self.cfg.checkpoint.remote}")
-            except StorageUnavailable as e:
-                log.warning(
-                    "final/ not uploaded (%s); it is complete locally: `spot-trainer export %s --to %s` "
-                    "uploads it later",
-                    e,
-                    self.run.root,
-                    self.cfg.checkpoint.remote,
-                )
+        final = write_final(
+            self.run, self.raw_model, tokenizer, meta, progress.step, self.world, run_id, self.store.signer
+        )
+        if self.remote is None:
+            return 0
+        self.wait_uploads(None)
+        try:
+            self.remote.upload_dir(final, FINAL_DIR, stop=self.stop_requested)
+            self.say(f"final/ uploaded to {self.cfg.checkpoint.remote}")
+        except UploadInterrupted:
+            self.say("final/ upload interrupted by the stop request; the next start uploads it")
+            return 1
+        except (StorageUnavailable, CredentialsRefused) as e:
+            log.warning(
+                "final/ not uploaded (%s); it is complete locally: `spot-trainer export %s --to %s` uploads it later",
+                e,
+                self.run.root,
+                self.cfg.checkpoint.remote,
+            )
+        return 0
 
     def close(self) -> None:
         self.writer.close()

@@ -20,8 +20,11 @@ from trainer.run_dir import ARCHIVED_DIR, FINAL_META, LEGACY_RUN, RunDir
 log = logging.getLogger(__name__)
 
 
-def write_final(run: RunDir, model, tokenizer, meta: dict, step: int, world_size: int, run_id: str | None) -> Path:
-    """Save `model` (adapter or full weights) + tokenizer + `meta` (spot_trainer.json) as `final/`."""
+def write_final(
+    run: RunDir, model, tokenizer, meta: dict, step: int, world_size: int, run_id: str | None, signer=None
+) -> Path:
+    """Save `model` (adapter or full weights) + tokenizer + `meta` (spot_trainer.json) as `final/`; its manifest is
+    signed when a `signer` (checkpoint.sign_key_env) is given."""
     tmp, old = run.root / ".final.tmp", run.root / ".final.old"
     if old.exists() and not run.final.exists():  # killed between the two renames last time: put it back first
         os.replace(old, run.final)
@@ -34,7 +37,8 @@ def write_final(run: RunDir, model, tokenizer, meta: dict, step: int, world_size
         if p.is_file():
             with open(p, "rb+") as f:
                 os.fsync(f.fileno())
-    write_manifest(tmp, build_manifest(tmp, step, world_size=world_size, kind="final", run_id=run_id))
+    manifest = build_manifest(tmp, step, world_size=world_size, kind="final", run_id=run_id)
+    write_manifest(tmp, signer.sign(manifest) if signer is not None else manifest)
     if run.final.exists():
         previous = _run_id_of(run.final)
         if (run.final / "manifest.json").is_file() and previous != run_id:

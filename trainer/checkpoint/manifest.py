@@ -13,16 +13,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from trainer.durable import replace_file
 from trainer.errors import CheckpointError, CorruptCheckpoint, UnsupportedCheckpoint
 from trainer.run_dir import MANIFEST_NAME
+
+if TYPE_CHECKING:
+    from trainer.checkpoint.signing import Signer
 
 FORMAT_VERSION = 1  # lineage fields were added in v1 with defaults: readers of v1 ignore what they do not know
 FORMAT = f"spot-trainer/checkpoint/v{FORMAT_VERSION}"
 _FORMAT_RE = re.compile(r"spot-trainer/checkpoint/v(\d{1,6})")
 RUN_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # also a directory name under checkpoints/archived/
 _CHUNK = 16 * 1024 * 1024
+MAX_BYTES = 1 << 50  # 1 PiB: a manifest declaring more (one file or all of them) is not a checkpoint but a forgery
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -64,6 +69,8 @@ class Manifest:
     run_id: str | None = None
     seq: int | None = None
     parent: Parent | None = None
+    # checkpoint.sign_key_env: {"alg": "hmac-sha256", "key_id", "value"} over every other field (signing.py)
+    signature: dict | None = None
     unknown: dict = field(default_factory=dict)  # fields of a newer version: kept (written back), not used
 
     @property
@@ -75,13 +82,22 @@ class Manifest:
         """Position along its lineage: the commit number, or the step for checkpoints without lineage."""
         return self.seq if self.seq is not None else self.step
 
-    def to_json(self) -> str:
+    def _dict(self) -> dict:
         d = {**self.unknown, **asdict(self)}
         del d["unknown"]
-        for key in ("run_id", "seq", "parent"):  # checkpoints without lineage stay byte-identical
+        for key in ("run_id", "seq", "parent", "signature"):  # checkpoints without them stay byte-identical
             if d[key] is None:
                 del d[key]
-        return json.dumps(d, indent=2, sort_keys=True) + "\n"
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self._dict(), indent=2, sort_keys=True) + "\n"
+
+    def canonical(self) -> bytes:
+        """What a signature covers: every field but the signature, as compact JSON with sorted keys."""
+        d = self._dict()
+        d.pop("signature", None)
+        return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, text: str, where: str = "manifest.json") -> Manifest:
@@ -117,6 +133,8 @@ class Manifest:
             if not isinstance(f, dict) or set(f) - {"path", "size", "sha256"}:
                 raise TypeError(f"file entry {f!r} is not {{path, size, sha256}}")
             entries.append(FileEntry(_safe_rel(f["path"]), _count(f["size"], "size"), _sha256(f["sha256"])))
+        if sum(e.size for e in entries) > MAX_BYTES:
+            raise ValueError(f"its files declare {sum(e.size for e in entries)} bytes, more than any checkpoint")
         parent = d.get("parent")
         if parent is not None:
             if not isinstance(parent, dict):
@@ -134,6 +152,7 @@ class Manifest:
             run_id=_run_id(d.get("run_id"), allow_none=True),
             seq=None if d.get("seq") is None else _count(d["seq"], "seq"),
             parent=parent,
+            signature=_signature(d.get("signature")),
             unknown={k: v for k, v in d.items() if k not in known},
         )
 
@@ -184,6 +203,16 @@ def _mapping(value: object, what: str) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{what} is not an object")
     return value
+
+
+def _signature(value: object) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"alg", "key_id", "value"}:
+        raise ValueError("'signature' is not {alg, key_id, value}")
+    if not all(isinstance(v, str) and len(v) <= 256 for v in value.values()):
+        raise ValueError("'signature' fields are not short strings")
+    return dict(value)
 
 
 def _sha256(value: object) -> str:
@@ -276,6 +305,7 @@ class Verdict:
     corrupt: bool = False  # a file's size or sha256 differs from the manifest, a file is missing, a bad manifest
     unsupported: bool = False  # a newer version's format
     uncommitted: bool = False  # no manifest.json: an unfinished write, not a checkpoint
+    untrusted: bool = False  # signing is on and its signature is missing or does not verify: skipped, kept
     manifest: Manifest | None = None
 
     @property
@@ -286,12 +316,15 @@ class Verdict:
 READ_RETRIES = 3  # a read error (EIO, ESTALE on a network volume) is tried again before it is reported
 
 
-def check(ckpt_dir: str | os.PathLike, deep: bool = True, retry_delay_s: float = 0.5) -> Verdict:
-    """Check a checkpoint dir against its manifest; `deep` re-hashes every file."""
+def check(
+    ckpt_dir: str | os.PathLike, deep: bool = True, retry_delay_s: float = 0.5, signer: Signer | None = None
+) -> Verdict:
+    """Check a checkpoint dir against its manifest; `deep` re-hashes every file; with a `signer`
+    (checkpoint.sign_key_env) the manifest's signature must verify too."""
     ckpt_dir = Path(ckpt_dir)
     for attempt in range(READ_RETRIES):
         try:
-            return _check(ckpt_dir, deep)
+            return _check(ckpt_dir, deep, signer)
         except OSError as e:  # not a verdict about the checkpoint: the disk could not be read now
             if attempt == READ_RETRIES - 1:
                 return Verdict(
@@ -301,7 +334,7 @@ def check(ckpt_dir: str | os.PathLike, deep: bool = True, retry_delay_s: float =
     raise AssertionError("unreachable")
 
 
-def _check(ckpt_dir: Path, deep: bool) -> Verdict:
+def _check(ckpt_dir: Path, deep: bool, signer: Signer | None) -> Verdict:
     if not (ckpt_dir / MANIFEST_NAME).is_file():
         return Verdict([f"{ckpt_dir}: no {MANIFEST_NAME} (not committed)"], uncommitted=True)
     try:
@@ -310,6 +343,9 @@ def _check(ckpt_dir: Path, deep: bool) -> Verdict:
         return Verdict([str(e)], unsupported=True)
     except CorruptCheckpoint as e:
         return Verdict([str(e)], corrupt=True)
+    untrusted = signer.problem(m) if signer is not None else None
+    if untrusted:  # before any hashing: nothing it says is worth reading
+        return Verdict([f"{ckpt_dir / MANIFEST_NAME}: {untrusted}"], untrusted=True, manifest=m)
     problems, to_hash = [], []
     for f in m.files:
         p = ckpt_dir / f.path
@@ -333,6 +369,6 @@ def _read_text(path: Path) -> str:
         raise CorruptCheckpoint(f"{path}: not a valid manifest (not UTF-8 text)") from None
 
 
-def verify(ckpt_dir: str | os.PathLike, deep: bool = True) -> list[str]:
-    """Problems with a checkpoint dir (empty list = valid). `deep` re-hashes every file."""
-    return check(ckpt_dir, deep).problems
+def verify(ckpt_dir: str | os.PathLike, deep: bool = True, signer: Signer | None = None) -> list[str]:
+    """Problems with a checkpoint dir (empty list = valid). `deep` re-hashes every file; `signer`: see check()."""
+    return check(ckpt_dir, deep, signer=signer).problems

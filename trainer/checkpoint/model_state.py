@@ -11,7 +11,7 @@ import random
 import numpy as np
 import torch
 
-from trainer.errors import CheckpointError
+from trainer.errors import CheckpointError, CorruptCheckpoint
 
 
 def trainable_state(model, copy: bool = True) -> dict[str, torch.Tensor]:
@@ -31,6 +31,12 @@ def load_trainable_state(model, tensors: dict[str, torch.Tensor], where: str) ->
             f"{where}: weights do not match the model (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}); was it saved with another model or method?"
         )
+    for n, p in params.items():  # all checked before any is copied (copy_ would broadcast a smaller one)
+        if tensors[n].shape != p.shape:
+            raise CheckpointError(
+                f"{where}: parameter {n!r} has shape {list(tensors[n].shape)} in the checkpoint, "
+                f"{list(p.shape)} in the model; was it saved with another model or method?"
+            )
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[n].to(p.device, p.dtype))
@@ -63,7 +69,15 @@ def rng_json(raw: tuple) -> dict:
     return out
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, where: str = "rng state") -> None:
+    """Restore capture_rng()'s states from rng_json()'s form; anything else is CorruptCheckpoint."""
+    try:
+        _set_rng_state(state)
+    except (KeyError, IndexError, TypeError, ValueError, OverflowError, RuntimeError) as e:
+        raise CorruptCheckpoint(f"{where}: not a valid RNG state ({str(e)[:100]}); the checkpoint is damaged") from None
+
+
+def _set_rng_state(state: dict) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]

@@ -14,13 +14,15 @@ set of files, so 2 -> 1 or 1 -> 2 processes is a file operation, not a collectiv
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from trainer.errors import CheckpointError
+from trainer.checkpoint.optimizer_json import STEP_LIMIT, check_meta, step_limit
+from trainer.errors import CheckpointError, CorruptCheckpoint
 
 FORMAT_VERSION = 1
 FULL_NAME = "optimizer"
@@ -81,6 +83,9 @@ def optimizer_snapshot(accelerator, model, optimizer, copy: bool = True) -> tupl
     elif accelerator.is_main_process:
         tensors, meta = _torch_state(_torch_optimizer(optimizer), names)
         stem = FULL_NAME
+        scaler = scaler_state(getattr(accelerator, "scaler", None))
+        if scaler:  # fp16 mixed precision: the loss scale and its growth tracker, so a resume scales the same
+            meta["loss_scaler"] = scaler
     else:
         return {}, {}
     meta.update(rank=accelerator.process_index, world_size=accelerator.num_processes)
@@ -206,11 +211,14 @@ class SavedOptimizerState:
                 ) from None
             self.files.append((self.dir / f"{stem}.safetensors", meta))
         self.meta = self.files[0][1]
-        if "layout" not in self.meta or "param_groups" not in self.meta:
+        if not isinstance(self.meta, dict) or "layout" not in self.meta or "param_groups" not in self.meta:
             raise CheckpointError(
                 f"{self.dir}: optimizer state in an older or unknown format; resume from a "
                 f"checkpoint written by this version, or use --resume never"
             )
+        limit = step_limit(self.dir)
+        for path, meta in self.files:
+            check_meta(meta, str(path.with_suffix(".json")), limit)
         saved_ws = self.meta.get("world_size", len(stems))
         if self.meta["layout"] == "zero-partition" and len(stems) != saved_ws:
             raise CheckpointError(
@@ -232,13 +240,20 @@ class SavedOptimizerState:
         found = self.entries(name)
         return bool(found) and all(key in e["sliced"] for _, e in found)
 
-    def values(self, name: str) -> tuple[dict, dict]:
+    def values(self, name: str, shape: torch.Size | None = None) -> tuple[dict, dict]:
+        """The scalar state of parameter `name`, whose saved shape must be `shape` (the model's)."""
         found = self.entries(name)
         if not found:
             raise CheckpointError(
                 f"{self.dir}: no optimizer state for parameter {name!r}; the checkpoint "
                 f"belongs to a different model or method"
             )
+        for path, e in found:
+            if shape is not None and e["shape"] != list(shape):
+                raise CheckpointError(
+                    f"{path.with_suffix('.json')}: optimizer state of parameter {name!r} has shape {e['shape']}, "
+                    f"the model's is {list(shape)}; it was saved with another model or method"
+                )
         return found[0][1]["values"], found[0][1]["scalar_tensors"]
 
     def read(self, name: str, key: str, start: int, numel: int) -> torch.Tensor:
@@ -250,7 +265,7 @@ class SavedOptimizerState:
                 continue
             if key not in e["sliced"]:
                 raise CheckpointError(f"{path}: no {key!r} state for {name!r}")
-            piece = self._open(path).get_slice(f"{key}/{name}")[lo - e["start"] : hi - e["start"]]
+            piece = self._slice(path, f"{key}/{name}", e["numel"])[lo - e["start"] : hi - e["start"]]
             if out is None:
                 out = torch.empty(numel, dtype=piece.dtype)
             out[lo - start : hi - start] = piece
@@ -264,7 +279,24 @@ class SavedOptimizerState:
 
     def read_whole(self, name: str, key: str) -> torch.Tensor:
         path, _ = self.entries(name)[0]
-        return self._open(path).get_tensor(f"{key}/{name}")
+        try:
+            return self._open(path).get_tensor(f"{key}/{name}")
+        except Exception as e:  # safetensors' own error types: a missing tensor, a damaged file
+            raise CorruptCheckpoint(f"{path}: cannot read {key}/{name} ({e})") from None
+
+    def _slice(self, path: Path, tensor: str, numel: int):
+        """The 1-D tensor of `numel` elements its JSON says, or CorruptCheckpoint."""
+        try:
+            sl = self._open(path).get_slice(tensor)
+            shape, dtype = sl.get_shape(), sl.get_dtype()
+        except Exception as e:  # safetensors' own error types: a missing tensor, a damaged file
+            raise CorruptCheckpoint(f"{path}: cannot read {tensor} ({e})") from None
+        if list(shape) != [numel]:
+            raise CorruptCheckpoint(
+                f"{path}: {tensor} has shape {list(shape)} ({dtype}), its JSON says {numel} elements; the checkpoint "
+                f"is damaged: resume from an earlier one"
+            )
+        return sl
 
 
 # ---------------------------------------------------------------- loading
@@ -283,6 +315,39 @@ def load_optimizer_state(accelerator, model, optimizer, ckpt_dir) -> None:
         _load_zero(zero, names, saved)
     else:
         _load_torch(_torch_optimizer(optimizer), names, saved)
+        load_scaler_state(getattr(accelerator, "scaler", None), saved.meta.get("loss_scaler"), saved.dir)
+
+
+SCALER_KEYS = {"scale": float, "growth_factor": float, "backoff_factor": float, "growth_interval": int}
+
+
+def scaler_state(scaler) -> dict:
+    """A torch GradScaler's state as plain numbers ({} without one, or before its first step)."""
+    if scaler is None or not scaler.is_enabled():
+        return {}
+    state = scaler.state_dict()
+    if not state or state.get("scale") is None:
+        return {}
+    return {k: (float(v) if isinstance(v, float) or k == "scale" else int(v)) for k, v in state.items()}
+
+
+def load_scaler_state(scaler, state: dict | None, where) -> None:
+    """Put a saved loss scale back into this run's GradScaler; a checkpoint without one (bf16/fp32, or an older
+    version) leaves the scaler at its start values. Every value is checked: the file may come from a bucket."""
+    if scaler is None or not scaler.is_enabled() or not state:
+        return
+    want = {**SCALER_KEYS, "_growth_tracker": int}
+    if set(state) - set(want) or not set(SCALER_KEYS) <= set(state):
+        raise CorruptCheckpoint(f"{where}: loss_scaler has keys {sorted(state)}, expected {sorted(want)}")
+    for k, kind in want.items():
+        v = state.get(k, 0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise CorruptCheckpoint(f"{where}: loss_scaler.{k} is {v!r}, not a finite number >= 0")
+        if kind is int and v != int(v):
+            raise CorruptCheckpoint(f"{where}: loss_scaler.{k} is {v!r}, not an integer")
+    if not 0 < state["scale"] <= 2.0**128:
+        raise CorruptCheckpoint(f"{where}: loss_scaler.scale {state['scale']!r} is out of range")
+    scaler.load_state_dict({k: want[k](state.get(k, 0)) for k in want})
 
 
 def _restore_groups(groups: list[dict], saved: SavedOptimizerState, group_names: list[list[str]]) -> None:
@@ -321,7 +386,7 @@ def _load_torch(opt: torch.optim.Optimizer, names: dict[int, str], saved: SavedO
             if id(p) not in names:
                 continue
             name = names[id(p)]
-            values, scalar_tensors = saved.values(name)
+            values, scalar_tensors = saved.values(name, p.shape)  # first: the shapes are checked
             state = opt.state[p]
             for key in sorted({k for _, e in saved.entries(name) for k in e["sliced"]} - {"master"}):
                 state[key] = saved.read(name, key, 0, p.numel()).view(p.shape).to(p.device)
@@ -349,6 +414,7 @@ def _load_zero(zero, names: dict[int, str], saved: SavedOptimizerState) -> None:
                 continue
             name, lp = names[id(p)], mapping.lp_fragment_address
             hp = mapping.hp_fragment_address
+            values, scalar_tensors = saved.values(name, p.shape)  # first: the shapes are checked
             if saved.has(name, "master"):
                 mapping.hp_fragment.data.copy_(saved.read(name, "master", lp.start, lp.numel))
             else:
@@ -359,7 +425,6 @@ def _load_zero(zero, names: dict[int, str], saved: SavedOptimizerState) -> None:
                 if key not in state:
                     state[key] = torch.zeros_like(flat)
                 state[key].narrow(0, hp.start, hp.numel).copy_(saved.read(name, key, lp.start, lp.numel))
-            values, scalar_tensors = saved.values(name)
             if "step" in values:
                 step = values["step"]
                 state["step"] = _step_value(inner, int(step), None if _is_cpu_adam(inner) else "float32")
@@ -385,6 +450,8 @@ def _replay_cpu_adam_steps(opt, step: int) -> None:
     them with pow() at step t+1, which differs in the last bits, so resumed weights would not be bitwise
     equal to an uninterrupted run. Replaying the increments on a 1-element dummy costs ~2 us per step.
     """
+    if not 0 <= step <= STEP_LIMIT:  # checked when read; a replay is never longer than this
+        raise CorruptCheckpoint(f"optimizer step {step} is not between 0 and {STEP_LIMIT}; not replayed")
     group = opt.param_groups[0]
     beta1, beta2 = group["betas"]
     buf = [torch.zeros(1) for _ in range(4)]

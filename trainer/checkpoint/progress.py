@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 from trainer.batches import Position
-from trainer.errors import CheckpointError
+from trainer.errors import CheckpointError, CorruptCheckpoint
+
+MAX_COUNT = 1 << 53  # a count above this (not even exact as a JSON number) is not one a run reached
 
 
 @dataclass
@@ -40,8 +42,14 @@ class Progress:
         self.samples_seen += samples
         self.tokens_seen += tokens
 
-    def resumed(self, saved: Progress) -> Progress:
-        """This run's geometry with the saved progress (step, position, counters)."""
+    def resumed(self, saved: Progress, where: str = "trainer_state.json") -> Progress:
+        """This run's geometry with the saved progress (step, position, counters), whose position must lie inside
+        this run's data."""
+        if self.n_rows is not None and saved.epoch_offset > self.n_rows:
+            raise CorruptCheckpoint(
+                f"{where}: epoch_offset {saved.epoch_offset} is past the {self.n_rows} rows of the data; the "
+                f"checkpoint is damaged or forged: resume from an earlier one (--resume PATH)"
+            )
         return replace(
             self,
             step=saved.step,
@@ -71,7 +79,7 @@ class Progress:
             elif value is None:
                 ok = f.name in ("global_batch", "n_rows")
             else:
-                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+                ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
             if not ok:
                 raise CheckpointError(f"{where}: {f.name}={value!r} is not valid; the checkpoint is damaged")
             kwargs[f.name] = value

@@ -104,6 +104,9 @@ def choose(
     if mode != "auto":
         path = Path(mode)  # verified by the CLI
         manifest = Manifest.load(path)
+        untrusted = store.signer.problem(manifest) if store.signer is not None else None
+        if untrusted:
+            raise ConfigError(f"--resume {path}: {untrusted}")
         local, _ = store.manifests()
         head = lineage.newest(local)
         is_head = head is not None and store.path(head).resolve() == path.resolve()

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from trainer.checkpoint import lineage
 from trainer.checkpoint.lineage import Lineage
 from trainer.checkpoint.manifest import Manifest, Verdict, build_manifest, check, write_manifest
+from trainer.checkpoint.signing import Signer
 from trainer.checkpoint.stream import write_safetensors
 from trainer.durable import fsync_dir, write_file
 from trainer.errors import CheckpointError
@@ -73,10 +74,12 @@ def read_json(ckpt: Path, name: str):
 
 
 class CheckpointStore:
-    """The `checkpoints/` dir of an output dir."""
+    """The `checkpoints/` dir of an output dir. With a `signer` (checkpoint.sign_key_env) it signs what it commits
+    and trusts only checkpoints whose signature verifies: the others are skipped, never moved or deleted."""
 
-    def __init__(self, output_dir: str | os.PathLike):
+    def __init__(self, output_dir: str | os.PathLike, signer: Signer | None = None):
         self.root = Path(output_dir) / CHECKPOINTS_DIR
+        self.signer = signer
 
     def path(self, step: int) -> Path:
         return self.root / step_dirname(step)
@@ -89,13 +92,20 @@ class CheckpointStore:
         return committed_steps(self.root)
 
     def manifests(self) -> tuple[dict[int, Manifest], dict[int, Verdict]]:
-        """(step -> manifest of each committed checkpoint whose manifest reads, step -> verdict of the others)."""
+        """(step -> manifest of each committed checkpoint whose manifest reads (and, with a signer, verifies),
+        step -> verdict of the others)."""
         good, bad = {}, {}
         for step in self.committed_steps():
             try:
-                good[step] = Manifest.load(self.path(step))
+                m = Manifest.load(self.path(step))
             except CheckpointError:
                 bad[step] = check(self.path(step), deep=False)  # corrupt, a newer format, or a read error
+                continue
+            problem = self.signer.problem(m) if self.signer is not None else None
+            if problem:  # left out of the choice, retention and lineage: kept exactly where it is
+                bad[step] = Verdict([f"{self.path(step) / MANIFEST_NAME}: {problem}"], untrusted=True, manifest=m)
+            else:
+                good[step] = m
         return good, bad
 
     def latest_valid(
@@ -111,7 +121,7 @@ class CheckpointStore:
         for step, verdict in sorted(bad.items()):
             self._skipped(step, verdict, warn, quarantine)
         for step in lineage.recency(good):
-            verdict = check(self.path(step), deep=deep)
+            verdict = check(self.path(step), deep=deep, signer=self.signer)
             if verdict.ok:
                 return step, self.path(step)
             self._skipped(step, verdict, warn, quarantine)
@@ -265,6 +275,8 @@ class CheckpointStore:
             seq=lin.seq if lin else None,
             parent=lin.parent if lin else None,
         )
+        if self.signer is not None:
+            self.signer.sign(manifest)
         write_manifest(tmp, manifest)
         final = self.path(snap.step)
         if (final / MANIFEST_NAME).exists():  # a committed checkpoint of the same step from another lineage

@@ -7,7 +7,7 @@ import time
 
 import click
 
-from trainer.checkpoint import lineage
+from trainer.checkpoint import lineage, signing
 from trainer.checkpoint.manifest import check, verify
 from trainer.checkpoint.store import CheckpointStore
 from trainer.cli.options import config_options, run_cli
@@ -20,13 +20,18 @@ def _cfg(config, overrides, output_dir):
     return load_config(config, list(overrides), output_dir)
 
 
+def _store(cfg) -> CheckpointStore:
+    """The output dir's checkpoints; with checkpoint.sign_key_env, only signed ones count (ConfigError if unset)."""
+    return CheckpointStore(cfg.output_dir, signing.from_config(cfg.checkpoint))
+
+
 def _remote(cfg, uri: str | None):
     uri = uri or cfg.checkpoint.remote
     if not uri:
         return None
     from trainer.remote.store import open_store
 
-    return open_store(uri, cfg.checkpoint.s3)
+    return open_store(uri, cfg.checkpoint.s3, signing.from_config(cfg.checkpoint))
 
 
 def _required_remote(cfg, command: str):
@@ -62,7 +67,7 @@ def list_cmd(config, overrides, output_dir, remote_uri, deep):
     """Step, time, size, kind, where (local/remote/both), lineage (run, seq, parent) and whether it verifies;
     then the archived (other lineages) and corrupt (moved aside) ones."""
     cfg = _cfg(config, overrides, output_dir)
-    store = CheckpointStore(cfg.output_dir)
+    store = _store(cfg)
     good, bad = store.manifests()
     rows: dict[int, dict] = {}
     for step, m in good.items():
@@ -124,18 +129,33 @@ def _ts(t: float) -> str:
 @click.option("--step", type=int, default=None, help="Only this step (default: all local checkpoints).")
 @run_cli
 def verify_cmd(config, overrides, output_dir, step):
-    """Re-hash every file of local checkpoints against their manifests (exit 1 if any fails)."""
+    """Re-hash every file of local checkpoints against their manifests and, with checkpoint.sign_key_env, check
+    their signatures: signed, UNSIGNED or BAD SIGNATURE (exit 1 if any fails)."""
     cfg = _cfg(config, overrides, output_dir)
-    store = CheckpointStore(cfg.output_dir)
+    store = _store(cfg)
     steps = [step] if step is not None else store.committed_steps()
     if not steps:
         raise ConfigError(f"{store.root}: no committed checkpoints to verify")
     bad = 0
     for s in steps:
-        problems = verify(store.path(s), deep=True)
-        click.echo(f"step {s}: " + ("ok" if not problems else "; ".join(problems)))
-        bad += bool(problems)
+        verdict = check(store.path(s), deep=True)
+        sig, failed = _signature(verdict.manifest, store.signer)
+        files = "ok" if verdict.ok else "; ".join(verdict.problems)
+        click.echo(f"step {s}: " + (sig if failed else files + (f", {sig}" if sig else "")))
+        bad += failed or not verdict.ok
     return 1 if bad else 0
+
+
+def _signature(manifest, signer) -> tuple[str, bool]:
+    """(what to say about a manifest's signature, whether that fails the check)."""
+    if manifest is None:
+        return "", False
+    if signer is None:
+        return ("signed, not checked (checkpoint.sign_key_env is not set)" if manifest.signature else ""), False
+    problem = signer.problem(manifest)
+    if problem is None:
+        return f"signed (key {signer.key_id})", False
+    return ("UNSIGNED: " if manifest.signature is None else "BAD SIGNATURE: ") + problem, True
 
 
 @ckpt.command("prune")
@@ -153,7 +173,7 @@ def prune_cmd(config, overrides, output_dir, keep_last, also_remote, archived):
     """Keep the newest N checkpoints of the current lineage (never the newest); others are archived, not deleted.
     With --archived: delete the archived ones (the only way anything archived goes away)."""
     cfg = _cfg(config, overrides, output_dir)
-    store = CheckpointStore(cfg.output_dir)
+    store = _store(cfg)
     if archived:
         gone = [f"{run_id}/{name}" for run_id, dirs in store.archived().items() for name in dirs]
         shutil.rmtree(store.root / ARCHIVED_DIR, ignore_errors=True)
@@ -187,7 +207,7 @@ def pull_cmd(config, overrides, output_dir, step):
     """Download a checkpoint from the remote into the output dir (sha256 verified)."""
     cfg = _cfg(config, overrides, output_dir)
     remote = _required_remote(cfg, "ckpt pull")
-    store = CheckpointStore(cfg.output_dir)
+    store = _store(cfg)
     store.root.mkdir(parents=True, exist_ok=True)
     manifests, problems = remote.committed()
     for problem in problems:
@@ -224,11 +244,11 @@ def push_cmd(config, overrides, output_dir, step):
     """Upload committed local checkpoints the remote does not have (manifest last)."""
     cfg = _cfg(config, overrides, output_dir)
     remote = _required_remote(cfg, "ckpt push")
-    store = CheckpointStore(cfg.output_dir)
+    store = _store(cfg)
     have = set(remote.committed_steps())
     steps = [step] if step is not None else [s for s in store.committed_steps() if s not in have]
     for s in steps:
-        problems = verify(store.path(s))
+        problems = verify(store.path(s), signer=store.signer)
         if problems:
             click.echo(f"step {s}: not pushed, it does not verify ({problems[0]})", err=True)
             continue

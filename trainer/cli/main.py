@@ -6,9 +6,10 @@ from pathlib import Path
 
 import click
 
+from trainer.checkpoint import signing
 from trainer.cli.ckpt import ckpt
 from trainer.cli.options import config_options, resolve_run_dir, run_cli
-from trainer.config.loader import list_presets, load_config
+from trainer.config.loader import list_presets, load_config, preset_cards
 from trainer.errors import ConfigError
 
 
@@ -40,6 +41,7 @@ def main():
 def train(config, overrides, output_dir, resume, archive_existing):
     """Train (one process, or one rank under `accelerate launch`)."""
     cfg = load_config(config, list(overrides), output_dir)
+    signer = signing.from_config(cfg.checkpoint)  # now: an unset key variable fails before any work
     if archive_existing and resume != "never":
         raise ConfigError(
             "--archive-existing goes with --resume never (starting over); with --resume auto the "
@@ -48,7 +50,7 @@ def train(config, overrides, output_dir, resume, archive_existing):
     if resume not in ("auto", "never"):
         from trainer.checkpoint.manifest import verify
 
-        problems = verify(resume)
+        problems = verify(resume, signer=signer)
         if problems:
             raise ConfigError(f"--resume {resume}: not a valid checkpoint ({problems[0]})")
     from trainer.loop import run_training
@@ -62,6 +64,7 @@ def train(config, overrides, output_dir, resume, archive_existing):
 def run(config, overrides, output_dir):
     """Supervise training: restart after crashes and hangs, resume, exit 75 when preempted."""
     cfg = load_config(config, list(overrides), output_dir)
+    signing.from_config(cfg.checkpoint)  # the trainer needs the key: an unset variable fails here, not restarting
     from trainer.spot.supervisor import run_supervisor
 
     return run_supervisor(cfg, config, list(overrides), cfg.output_dir)
@@ -83,10 +86,11 @@ def run(config, overrides, output_dir):
 @run_cli
 def export(config, overrides, output_dir, merge, to, overwrite):
     """Export final/: the adapter as is, or merged into the base model, loadable by transformers."""
-    run_dir, cfg = resolve_run_dir(config, overrides, output_dir)
     from trainer.export import export as do_export
+    from trainer.export import run_config
 
-    where = do_export(run_dir, to, merge, cfg.checkpoint.s3, overwrite=overwrite)
+    run_dir, cfg, source = run_config(config, list(overrides), output_dir)  # never final/'s copy of the config
+    where = do_export(run_dir, to, merge, cfg, source, overwrite=overwrite, say=lambda m: click.echo(m, err=True))
     click.echo(f"exported {'merged model' if merge else 'final/'} to {where}")
     return 0
 
@@ -172,12 +176,16 @@ def report(config, overrides, output_dir, price_per_hour, plot_path, no_plot):
 @config_options
 @run_cli
 def presets(config, overrides, output_dir):
-    """List the built-in presets (CONFIG given: print it resolved, with overrides applied)."""
+    """List the built-in presets, each with the GPU it is sized for (CONFIG given: print it resolved, with
+    overrides applied)."""
     if config or overrides:
         click.echo(load_config(config, list(overrides), output_dir).to_yaml(), nl=False)
         return 0
-    for name, desc in list_presets().items():
-        click.echo(f"{name:10s} {desc}")
+    names, cards = list_presets(), preset_cards()
+    width = max(map(len, names))
+    card_width = max(len(card) for card in cards.values())
+    for name, desc in names.items():
+        click.echo(f"{name:{width}s}  {cards[name] or '-':{card_width}s}  {desc}")
     return 0
 
 

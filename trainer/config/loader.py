@@ -16,8 +16,11 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from trainer.checkpoint.signing import check_env_name
 from trainer.config.schema import Config
 from trainer.errors import ConfigError
+from trainer.remote.uri import reject_credentials
+from trainer.trackers import check_logging
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,15 @@ def list_presets() -> dict[str, str]:
     for p in sorted(PRESET_DIR.glob("*.yaml")):
         first = p.read_text().splitlines()[0] if p.read_text() else ""
         out[p.stem] = first.lstrip("# ").strip()
+    return out
+
+
+def preset_cards() -> dict[str, str]:
+    """Preset name -> the GPU it is sized for, from its `# card: ...` comment line ("" when it has none)."""
+    out = {}
+    for p in sorted(PRESET_DIR.glob("*.yaml")):
+        cards = [line.split(":", 1)[1].strip() for line in p.read_text().splitlines() if line.startswith("# card:")]
+        out[p.stem] = cards[0] if cards else ""
     return out
 
 
@@ -177,6 +189,8 @@ def _type_name(tp) -> str:
         )
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict or tp is dict:
+        return "mapping"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -209,6 +223,13 @@ def _coerce(tp, value, key: str):
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:  # dict[K, V] checks keys and values; a bare dict is passed on as it is
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        if origin is None:
+            return dict(value)
+        kt, vt = typing.get_args(tp)
+        return {_coerce(kt, k, key): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -262,6 +283,10 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.lora.dropout < 1:
         raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
     remote = cfg.checkpoint.remote
+    # first: the checks below repeat the URI, and a secret in it must appear nowhere
+    reject_credentials(remote, "checkpoint.remote")
+    reject_credentials(cfg.checkpoint.s3.endpoint_url, "checkpoint.s3.endpoint_url")
+    check_env_name(cfg.checkpoint.sign_key_env)  # the variable is read when a command needs the key
     if remote is not None and not (remote.startswith("s3://") or remote.startswith("file://")):
         raise ConfigError(f"checkpoint.remote: {remote!r} must start with s3:// or file://")
     if remote is not None and remote.startswith("s3://") and len(remote) <= 5:
@@ -269,3 +294,9 @@ def validate(cfg: Config) -> None:
     if cfg.supervisor.num_processes != "auto":
         _positive(cfg.supervisor.num_processes, "supervisor.num_processes")
     _positive(cfg.supervisor.hang_timeout, "supervisor.hang_timeout")
+    _positive(cfg.distributed.timeout_s, "distributed.timeout_s")
+    check_logging(cfg.logging)
+    _positive(cfg.preemption.grace_seconds, "preemption.grace_seconds", allow_zero=True)
+    url = cfg.preemption.metadata_url
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise ConfigError(f"preemption.metadata_url: {url!r} must be an http:// URL (e.g. http://169.254.169.254)")

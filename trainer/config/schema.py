@@ -137,6 +137,9 @@ class CheckpointConfig:
     remote: str | None = None  # s3://bucket/prefix or file:///path
     remote_keep_last: int | None = None  # None: same as keep_last
     remote_wait_s: float = 600.0  # at start, how long to wait for an unreachable remote before exiting 69 (resumable)
+    # the NAME of an environment variable holding a signing key (never the key): manifests are signed with
+    # HMAC-SHA256 and unsigned or badly signed checkpoints (local or remote) are refused; None: signing off
+    sign_key_env: str | None = None
     s3: S3Config = field(default_factory=S3Config)
 
 
@@ -145,6 +148,7 @@ class PreemptionConfig:
     watch: Literal["auto", "none", "aws", "gcp", "azure"] = "auto"
     poll_seconds: float = 5.0
     grace_seconds: float = 25.0  # assumed time left after SIGTERM when no notice gave a deadline
+    metadata_url: str | None = None  # the metadata service's base URL; None: the cloud's link-local address
 
 
 @dataclass
@@ -160,6 +164,25 @@ class SupervisorConfig:
 @dataclass
 class DistributedConfig:
     deepspeed: str | None = None  # zero2 | zero2_offload | path to a DeepSpeed JSON
+    # seconds a collective may wait for a peer, and the others for a silent rank 0, before the run stops to be
+    # restarted (rank-0-only phases such as a pull are not bounded by it while rank 0 is alive)
+    timeout_s: float = 600.0
+
+
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
+
+
+@dataclass
+class LoggingConfig:
+    """Experiment trackers (trainer/trackers.py): one tracker run per output dir, continued across restarts."""
+
+    report_to: list[Tracker] = field(default_factory=list)  # none by default; metrics.jsonl is always written
+    project: str | None = None  # W&B project, MLflow experiment; None: "spot-trainer"
+    run_name: str | None = None  # None: the output dir's name
+    tags: list[str] = field(default_factory=list)
+    # per tracker, passed on to it: wandb -> wandb.init (entity, mode, dir...), mlflow -> tracking_uri, description,
+    # tensorboard -> SummaryWriter (flush_secs...); never secrets: those stay in the environment (WANDB_API_KEY...)
+    init_kwargs: dict[Tracker, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -175,6 +198,7 @@ class Config:
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from trainer.plan import int8
 from trainer.plan.shape import LinearShape, ModelShape, target_linears
 
 if TYPE_CHECKING:
@@ -28,6 +29,8 @@ def layer_activation_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
       full fine-tuning: the two norm outputs as linear inputs, b*h each
       QLoRA with kbit_keeps_input: each distinct input of the 4-bit linears (attention's and the MLP's normed
         input, r*h each, and down's input), o_proj's being attention's saved output already
+      8-bit (LLM.int8) QLoRA: those same inputs, always (bitsandbytes' MatMul8bitLt keeps A on its ctx), and
+        each int8 linear's copy of its input's outlier columns (trainer.plan.int8)
       LoRA, per adapted linear with input width n: dropout mask*n; lora_A's input, which is the fp32 dropout
         output (4n), or its bf16 autocast copy (b*n); lora_A's output (4r or b*r) for lora_B. Without dropout
         and without casts, adapters on one input share it (so do QLoRA's under autocast on a bf16 input: peft's
@@ -53,16 +56,17 @@ def layer_activation_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
     if full:
         return total + 2 * b * h + b * inter
 
-    def width(source: str) -> int:
-        return inter if source == "mlp_act" else h
+    width = {_input_of(lin, shape): lin.in_features for lin in shape.layer_linears}
 
     def input_bytes(source: str) -> int:
-        return rb if source in ("attn_in", "mlp_in") else (mb if source == "mlp_act" else b)
+        return _input_bytes(source, setup)
 
-    kept = set()  # inputs held for the 4-bit linears' backward
-    if setup.method == "qlora" and setup.kbit_keeps_input:
-        kept = {_input_of(lin, shape) for lin in shape.layer_linears} - {"attn_out"}  # out: saved by SDPA
-        total += sum(input_bytes(source) * width(source) for source in kept)
+    kept = set()  # inputs held for the k-bit linears' backward
+    if setup.method == "qlora" and (setup.kbit_keeps_input or setup.int8):
+        kept = set(width) - {"attn_out"}  # out: saved by SDPA
+        total += sum(input_bytes(source) * width[source] for source in kept)
+    if setup.int8:
+        total += int8.outlier_bytes(shape, setup, lambda lin: input_bytes(_input_of(lin, shape)))
     ab = b if setup.amp else setup.adapter_bytes  # what lora_A saves: autocast re-casts its input to bf16
     shared_inputs = set()
     for lin in target_linears(shape, setup.lora_targets):
@@ -77,7 +81,18 @@ def layer_activation_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
             shared_inputs.add(source)
         total += ab * setup.lora_r
     shared_inputs -= kept | {"attn_out"}  # out: saved by SDPA
-    return total + sum(input_bytes(source) * width(source) for source in shared_inputs)
+    return total + sum(input_bytes(source) * width[source] for source in shared_inputs)
+
+
+def _input_bytes(source: str, setup: TrainingSetup) -> int:
+    """Bytes per element of what a decoder linear reads: the normed inputs are in the residual stream's dtype,
+    attention's output in the compute dtype, the MLP activation in the MLP's (QLoRA: its input's, as
+    bitsandbytes casts a k-bit linear's output back to its input's dtype)."""
+    if source in ("attn_in", "mlp_in"):
+        return setup.residual_bytes
+    if source == "mlp_act" and setup.method == "qlora":
+        return setup.residual_bytes
+    return setup.compute_bytes
 
 
 def _input_of(lin: LinearShape, shape: ModelShape) -> str:
@@ -118,8 +133,15 @@ def saved_activation_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
 
 
 def checkpointed_layer_bytes(shape: ModelShape, setup: TrainingSetup) -> int:
-    """Per token, what a checkpointed decoder layer keeps: its input (the residual stream)."""
-    return setup.residual_bytes * shape.hidden_size
+    """Per token, what a checkpointed decoder layer keeps: its input (the residual stream). An LLM.int8 layer
+    keeps the input of each of its int8 linears as well, attention's output included, and their outlier columns:
+    bitsandbytes holds them on the autograd node, where checkpointing does not reach (trainer.plan.int8)."""
+    own = setup.residual_bytes * shape.hidden_size
+    if not setup.int8:
+        return own
+    inputs = {_input_of(lin, shape): lin.in_features for lin in shape.layer_linears}
+    own += sum(_input_bytes(source, setup) * n for source, n in inputs.items())
+    return own + int8.outlier_bytes(shape, setup, lambda lin: _input_bytes(_input_of(lin, shape), setup))
 
 
 def logits_dtype_bytes(setup: TrainingSetup) -> int:
@@ -146,9 +168,12 @@ def logits_working_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
 
 
 def backward_working_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
-    """Gradients in flight inside one layer's backward, plus that layer's recomputed activations."""
+    """Gradients in flight inside one layer's backward, plus that layer's recomputed activations; an LLM.int8
+    layer adds its largest int8 linear's temporaries (the weight dequantized for the input's gradient)."""
     tokens = setup.micro_batch_size * setup.seq_len
     work = tokens * setup.compute_bytes * (2 * shape.hidden_size + 2 * shape.intermediate_size)
     if setup.gradient_checkpointing:
         work += tokens * layer_activation_bytes(shape, setup)
+    if setup.int8:
+        work += int8.transient_bytes(shape, setup, lambda lin: _input_bytes(_input_of(lin, shape), setup))
     return work

@@ -18,7 +18,7 @@ GIB = 1024**3
 # NF4 stores two weights a byte; blockwise absmax per 64 weights is fp32 (4 B), or with double quantization
 # an 8-bit absmax (1 B per 64) plus one fp32 second-level constant per 256 blocks (~0.127 bits/param in all).
 NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
-INT8_BYTES = 1.0 + 4 / 4096  # LLM.int8: one byte per weight plus fp32 row statistics
+INT8_BYTES = 1.0 + 4 / 4096  # LLM.int8: one byte per weight plus an fp32 scale per row (SCB)
 # bitsandbytes 8-bit Adam: two 8-bit moments plus an fp32 absmax per 2048-element block each
 OPTIMIZER_STATE_BYTES = {"adamw_8bit": 2.0 + 8 / 2048, "paged_adamw_8bit": 2.0 + 8 / 2048}
 # Measured on an H100 (torch 2.11, CUDA 13): device memory in use minus torch's reserved memory was 0.75 GiB
@@ -39,6 +39,7 @@ class TrainingSetup:
 
     method: str  # full | lora | qlora
     compute_bytes: int = 2  # bf16/fp16 = 2, fp32 = 4
+    half: str = "bf16"  # which 2-byte type (model.dtype fp16: fp16); names only, the bytes are the same
     micro_batch_size: int = 1
     seq_len: int = 512
     gradient_checkpointing: bool = False
@@ -70,6 +71,11 @@ class TrainingSetup:
     def amp(self) -> bool:
         """Autocast changes anything only when the compute dtype is half precision."""
         return self.autocast and self.compute_bytes == 2 and not self.deepspeed
+
+    @property
+    def int8(self) -> bool:
+        """An LLM.int8 base (bitsandbytes Linear8bitLt): more than its weights, see trainer.plan.int8."""
+        return self.method == "qlora" and self.quant_bits == 8
 
     @property
     def weight_bytes(self) -> int:
@@ -227,6 +233,11 @@ def estimate_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
     weights, adapters, master, grads, optim, cpu = st.weights, st.adapters, st.master, st.grads, st.optim, st.cpu
     if setup.deepspeed == "zero2_offload":
         notes.append("ZeRO-2 offload: optimizer state, fp32 master weights and fp32 gradients live in CPU RAM")
+    if setup.int8:
+        notes.append(
+            "LLM.int8 base: bitsandbytes keeps each int8 linear's input until backward, in checkpointed layers too,"
+            " and dequantizes a layer's weight to compute its input's gradient (counted above)"
+        )
     if setup.optimizer.startswith("paged"):
         notes.append("paged optimizer: its state can spill to CPU RAM under pressure (slower, not an OOM)")
 
@@ -251,12 +262,8 @@ def estimate_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
         Component("master weights", master, "fp32 copy in the ZeRO optimizer" if master else ""),
         Component("gradients", grads, grad_note if grads else ""),
         Component("optimizer state", optim, f"{setup.optimizer}: {per_param:.2f} B/param" if optim else ""),
-        Component("autocast copies", casts, "bf16 copies of fp32 weights, kept for backward" if casts else ""),
-        Component(
-            "activations",
-            saved,
-            "layer inputs (gradient checkpointing)" if setup.gradient_checkpointing else "saved for backward",
-        ),
+        Component("autocast copies", casts, f"{setup.half} copies of fp32 weights, kept for backward" if casts else ""),
+        Component("activations", saved, _activations_note(setup)),
         Component(
             "logits + loss",
             logits,
@@ -326,10 +333,18 @@ def checkpoint_bytes(shape: ModelShape, setup: TrainingSetup) -> dict[str, float
 
 
 def _weights_note(setup: TrainingSetup) -> str:
-    rest = "fp32" if setup.weight_bytes == 4 else ("bf16" if setup.weight_bytes == 2 else "")
+    rest = "fp32" if setup.weight_bytes == 4 else (setup.half if setup.weight_bytes == 2 else "")
+    if setup.int8:
+        return f"LLM.int8 decoder linears (int8 + fp32 row scales); embeddings, lm_head, norms in {rest}"
     if setup.method == "qlora":
         dq = " + double quant" if setup.double_quant else ""
         return f"NF4{dq} decoder linears; embeddings, lm_head, norms in {rest}"
     if setup.method == "full" and setup.amp:
-        return "fp32 (the master copy; autocast computes in bf16)"
+        return f"fp32 (the master copy; autocast computes in {setup.half})"
     return f"{rest} base weights"
+
+
+def _activations_note(setup: TrainingSetup) -> str:
+    if not setup.gradient_checkpointing:
+        return "saved for backward"
+    return "layer inputs" + (" and the int8 linears' inputs" if setup.int8 else "") + " (gradient checkpointing)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 from trainer.config.schema import Config
 from trainer.errors import ConfigError
@@ -19,10 +20,19 @@ from trainer.plan.memory import (
     TrainingSetup,
     checkpoint_bytes,
     estimate_memory,
+    llama_shape,
     shape_from_config,
 )
 from trainer.plan.run_setup import setup_from_config  # noqa: F401 (plan's Config -> TrainingSetup rule)
-from trainer.plan.tables import GpuSpec, find_gpu, load_gpus, load_prices, read_bench_results
+from trainer.plan.tables import (
+    GpuSpec,
+    find_gpu,
+    known_model_config,
+    load_gpus,
+    load_models,
+    load_prices,
+    read_bench_results,
+)
 from trainer.plan.throughput import Throughput, count_tokens, estimate_throughput, step_seconds
 
 TIGHT = 0.90  # above this share of the card the verdict is "tight": measured peaks varied by about 10%
@@ -67,13 +77,15 @@ class Plan:
 
 
 def model_config(cfg: Config, vocab_size: int | None = None):
-    """The transformers config of cfg.model (builtin, local dir or hub id); never loads weights."""
+    """The transformers config of cfg.model (builtin, local dir, a hub id plan knows, or any hub id); never loads
+    weights. The hub ids of trainer/plan/tables/models.yaml need no network."""
     from trainer.model import builtin_config, is_builtin
     from trainer.model import model_config as trainer_model_config
 
     if is_builtin(cfg) and vocab_size is not None:
         return builtin_config(cfg, vocab_size)
-    return trainer_model_config(cfg)
+    known = known_model_config(cfg.model.name_or_path)
+    return known if known is not None else trainer_model_config(cfg)
 
 
 # ---------------------------------------------------------------- memory search
@@ -137,6 +149,8 @@ def suggestions(shape: ModelShape, setup: TrainingSetup, gpu: GpuSpec, table: li
                 )
                 break
             seq //= 2
+    if setup.int8 and peak(quant_bits=4) <= cap:
+        out.append(f"quant.bits=4 (NF4 base, none of LLM.int8's kept inputs and buffers): {peak(quant_bits=4):.1f} GiB")
     if setup.method == "full" and peak(method="lora", micro_batch_size=1, gradient_checkpointing=True) <= cap:
         out.append("model.method=lora (frozen bf16 base, fp32 adapters)")
     qlora_peak = peak(method="qlora", micro_batch_size=1, gradient_checkpointing=True)
@@ -146,10 +160,29 @@ def suggestions(shape: ModelShape, setup: TrainingSetup, gpu: GpuSpec, table: li
         out.append(f"train.optimizer=paged_adamw_8bit: {peak(optimizer='paged_adamw_8bit'):.1f} GiB")
     if setup.method == "full" and setup.num_gpus > 1 and setup.deepspeed != "zero2_offload":
         out.append(f"distributed.deepspeed=zero2_offload: {peak(deepspeed='zero2_offload'):.1f} GiB per GPU")
+    for name, size in smaller_models(shape, setup, cap):
+        out.append(f"model.name_or_path={name} (a smaller model, same settings): {size:.1f} GiB")
     bigger = [f.gpu.name for f in table if f.verdict == "fits" and f.gpu.memory_gib > gpu.memory_gib]
     if bigger:
         out.append(f"a larger GPU: {', '.join(bigger[:4])}")
     return out
+
+
+def smaller_models(shape: ModelShape, setup: TrainingSetup, cap_gib: float, most: int = 2) -> list[tuple[str, float]]:
+    """The largest models of trainer/plan/tables/models.yaml, smaller than `shape`, that fit `cap_gib` with the
+    same settings: (hub id, predicted peak GiB), largest first."""
+    fits = []
+    for name, fields in load_models().items():
+        known = llama_shape(SimpleNamespace(**fields), name)
+        if known.params_total >= shape.params_total:
+            continue
+        try:
+            peak = estimate_memory(known, setup).peak_gib
+        except ConfigError:  # LoRA targets it does not have
+            continue
+        if peak <= cap_gib:
+            fits.append((known.params_total, name, peak))
+    return [(name, peak) for _, name, peak in sorted(fits, reverse=True)[:most]]
 
 
 # ---------------------------------------------------------------- the plan
@@ -213,7 +246,7 @@ def make_plan(
     kbit = (
         "QLoRA via prepare_model_for_kbit_training, so embeddings/lm_head/norms fp32"
         if setup.upcast_non_quantized
-        else "QLoRA with model.kbit_bf16_frozen, so embeddings/lm_head/norms bf16"
+        else f"QLoRA with model.kbit_bf16_frozen, so embeddings/lm_head/norms {setup.half}"
     )
     loss = (
         "Liger kernels (model.liger_kernels): fused RMSNorm/SwiGLU, cross-entropy without full logits"
@@ -221,8 +254,8 @@ def make_plan(
         else "unfused HF cross-entropy"
     )
     assumptions = [
-        "memory: trainer's GPU path (bf16 autocast; full FT keeps fp32 weights + fused AdamW; LoRA adapters fp32;"
-        f" {kbit}); {loss}",
+        f"memory: trainer's GPU path ({setup.half} autocast; full FT keeps fp32 weights + fused AdamW;"
+        f" LoRA adapters fp32; {kbit}); {loss}",
         f"verdict 'tight' above {TIGHT:.0%} of the card: H100 peaks measured 11% above to 4% below the prediction",
     ]
     if chosen:

@@ -51,6 +51,7 @@ def setup_from_config(
     return TrainingSetup(
         method=m.method,
         compute_bytes=4 if fp32 else 2,
+        half="fp16" if m.dtype == "fp16" else "bf16",
         micro_batch_size=cfg.train.micro_batch_size,
         seq_len=cfg.data.max_length,
         gradient_checkpointing=m.gradient_checkpointing,

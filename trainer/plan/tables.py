@@ -1,4 +1,5 @@
-"""The tables plan reads, all package data under trainer/plan/tables/: GPUs, prices, and measured throughput.
+"""The tables plan reads, all package data under trainer/plan/tables/: GPUs, prices, measured throughput, and the
+shapes of well-known hub models (models.yaml, so plan needs no network for them).
 
 measured.json is generated from the repo's bench/results/*.json by scripts/measured_table.py (only the records
 and fields plan uses), so a non-editable install plans with the same numbers as a checkout.
@@ -97,6 +98,33 @@ def load_prices(path: Path | None = None) -> dict:
     if not isinstance(data, dict) or "gpus" not in data:
         raise ConfigError(f"--prices {path}: expected 'date:' and 'gpus:' mappings (see {TABLES_DIR / 'prices.yaml'})")
     return data
+
+
+# ---------------------------------------------------------------- known models
+
+
+@functools.lru_cache(maxsize=4)
+def load_models(path: Path | None = None) -> dict[str, dict]:
+    """models.yaml: hub id -> the config.json fields that fix its shape (aliases not included)."""
+    data = yaml.safe_load((path or TABLES_DIR / "models.yaml").read_text())
+    return {m["name"]: dict(m["config"]) for m in data["models"]}
+
+
+@functools.lru_cache(maxsize=4)
+def _model_names(path: Path | None = None) -> dict[str, str]:
+    data = yaml.safe_load((path or TABLES_DIR / "models.yaml").read_text())
+    return {str(n).lower(): m["name"] for m in data["models"] for n in (m["name"], *m.get("aliases", ()))}
+
+
+def known_model_config(name: str):
+    """The transformers config of a hub id in models.yaml (no network), or None for any other name or a local dir."""
+    known = _model_names().get(str(name).rstrip("/").lower())
+    if known is None or Path(name).is_dir():
+        return None
+    from transformers import AutoConfig
+
+    fields = dict(load_models()[known])
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
 # ---------------------------------------------------------------- measured throughput

@@ -3,7 +3,12 @@
 A deadline is an absolute `time.monotonic()` value. An operation starts with one (default: now +
 checkpoint.s3.deadline_s) and a transfer of N bytes adds N / checkpoint.s3.min_throughput_mb_s seconds to it, so a
 large checkpoint on a slow link still gets there; each transfer also gets its own deadline, so one stalled object
-is noticed (and retried) without waiting for the whole checkpoint's.
+is noticed (and retried) without waiting for the whole checkpoint's. Both backends run under these rules alike: a
+hung file:// mount and a silent S3 socket both cost a call its deadline (CallTimeout, retried), and the stuck
+worker thread is abandoned (a daemon), never waited for.
+
+An operation may also get `stop` (a callable): checked between files and before every retry, it ends the operation
+early with UploadInterrupted.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import TypeVar
 
 import tenacity
 
-from trainer.remote.objects import CallTimeout, Missing, ObjectStore, StorageUnavailable, one_line
+from trainer.remote.objects import CallTimeout, Missing, ObjectStore, StorageUnavailable, UploadInterrupted, one_line
 
 log = logging.getLogger(__name__)
 _POLL_S = 0.05
@@ -24,15 +29,19 @@ T = TypeVar("T")
 
 
 class Budget:
-    """One operation's deadline: `at`, raised (never lowered) by the bytes its transfers move."""
+    """One operation's deadline: `at`, raised (never lowered) by the bytes its transfers move; and its `stop`."""
 
-    def __init__(self, at: float, bytes_per_s: float):
+    def __init__(self, at: float, bytes_per_s: float, stop: Callable[[], bool] | None = None):
         self.base = self.at = at
         self._rate = bytes_per_s
+        self.stop = stop
 
     def allow(self, nbytes: int) -> None:
         """Make room for moving `nbytes` (the remaining bytes, on a retry: the largest amount counts)."""
         self.at = max(self.at, self.base + nbytes / self._rate)
+
+    def stopped(self) -> bool:
+        return self.stop is not None and bool(self.stop())
 
 
 class Calls:
@@ -50,13 +59,22 @@ class Calls:
     def abort(self) -> None:
         self._abort.set()
 
-    def retry(self, what: str, attempt: Callable[[Budget], T], deadline: float | None) -> T:
-        """attempt(budget) until it succeeds, fails for good, or the budget's deadline passes (StorageUnavailable)."""
-        budget = Budget(self.deadline() if deadline is None else deadline, self.bytes_per_s)
+    def retry(
+        self, what: str, attempt: Callable[[Budget], T], deadline: float | None, stop: Callable[[], bool] | None = None
+    ) -> T:
+        """attempt(budget) until it succeeds, fails for good, or the budget's deadline passes (StorageUnavailable);
+        `stop()` turning true ends it too (UploadInterrupted)."""
+        budget = Budget(self.deadline() if deadline is None else deadline, self.bytes_per_s, stop)
         start = time.monotonic()
 
-        def stop(rs: tenacity.RetryCallState) -> bool:
-            return self._abort.is_set() or time.monotonic() + (rs.upcoming_sleep or 0) >= budget.at
+        def give_up(rs: tenacity.RetryCallState) -> bool:
+            return self._abort.is_set() or budget.stopped() or time.monotonic() + (rs.upcoming_sleep or 0) >= budget.at
+
+        def sleep(seconds: float) -> None:  # woken by abort(), and (polled) by stop()
+            end = time.monotonic() + seconds
+            while (left := end - time.monotonic()) > 0 and not budget.stopped():
+                if self._abort.wait(min(left, 0.2)):
+                    return
 
         def warn(rs: tenacity.RetryCallState) -> None:
             log.warning(
@@ -70,10 +88,10 @@ class Calls:
         try:
             for a in tenacity.Retrying(
                 retry=tenacity.retry_if_exception(self.objects.is_transient),
-                stop=stop,
+                stop=give_up,
                 wait=tenacity.wait_random_exponential(multiplier=0.5, max=30),
                 before_sleep=warn,
-                sleep=self._abort.wait,
+                sleep=sleep,
                 reraise=True,
             ):
                 with a:
@@ -82,12 +100,23 @@ class Calls:
             fatal = self.objects.explain(e)
             if fatal is not None:
                 raise fatal from None
+            if isinstance(e, UploadInterrupted) or (self.objects.is_transient(e) and budget.stopped()):
+                raise UploadInterrupted(
+                    f"{self.uri}: {what} stopped on request before it was complete; nothing of it counts as "
+                    f"committed there (its manifest was not written)"
+                ) from None
             if self.objects.is_transient(e):
                 raise StorageUnavailable(
                     f"{self.uri}: {what} gave up after {time.monotonic() - start:.1f}s of retries ({one_line(e)})"
                 ) from None
             raise
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def check_stop(budget: Budget) -> None:
+        """Raise UploadInterrupted if the operation's stop() says so (between files; retry() words the message)."""
+        if budget.stopped():
+            raise UploadInterrupted("stopped on request")
 
     def call(self, fn: Callable, *args, deadline: float):
         """Run one store call in a daemon thread, so a stalled socket cannot hold the caller past the deadline."""
@@ -121,15 +150,17 @@ class Calls:
         for rel, n in sizes:
             queued += n
             due[rel] = min(budget.at, t0 + self.deadline_s + queued / self.bytes_per_s)
-        start(lambda futures: self.wait(futures, due, budget.at))
+        start(lambda futures: self.wait(futures, due, budget.at, budget))
 
-    def wait(self, futures: list, due: dict[str, float], deadline: float) -> None:
-        """Wait for (rel, future) pairs, each until its own deadline; the first failure, a deadline or abort cancels
-        the rest."""
+    def wait(self, futures: list, due: dict[str, float], deadline: float, budget: Budget | None = None) -> None:
+        """Wait for (rel, future) pairs, each until its own deadline; the first failure, a deadline, abort or the
+        budget's stop() cancels the rest (files already running may still finish: none is committed by that)."""
         pending = list(futures)
         try:
             while True:
                 self._check(deadline)
+                if budget is not None:
+                    self.check_stop(budget)
                 now = time.monotonic()
                 for item in list(pending):
                     rel, future = item

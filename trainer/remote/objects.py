@@ -22,6 +22,16 @@ class StorageUnavailable(SpotTrainerError):
     """The store kept failing with retryable errors until the deadline, or the call was aborted."""
 
 
+class UploadInterrupted(StorageUnavailable):
+    """An upload stopped between files because its `stop()` said so: its manifest was not written, so nothing of it
+    counts as committed remotely; the local copy is complete and is uploaded again later."""
+
+
+class CredentialsRefused(StorageError):
+    """The store refused the credentials (expired, revoked, denied). At start it is fatal (exit 2) like any
+    StorageError; after a successful start the uploader pauses instead and retries, as credentials get refreshed."""
+
+
 class InsufficientSpace(StorageWait):
     """A pull does not fit on the local disk (checked before downloading, or the disk filled up meanwhile): exit 69,
     resumable once there is room; nothing was deleted."""
@@ -71,6 +81,9 @@ class ObjectStore(Protocol):
 
     def explain(self, e: BaseException) -> StorageError | None:
         """A one-line StorageError for errors that retrying cannot fix; None for the others."""
+
+    def refresh_credentials(self) -> bool:
+        """Ask the credential chain again (after the store refused them); True if it gave different ones."""
 
     def close(self) -> None: ...
 

@@ -6,9 +6,11 @@ failure (the trainer's clean-up removes only `.tmp-step-*`): a pull that failed 
 stopped, and files whose size and sha256 already match are not downloaded again. Only a complete, verified copy gets
 its manifest and is renamed to `<dest>/step-XXXXXXXX`.
 
-Errors say what to do next: `InsufficientSpace` (exit 69) when it does not fit; `CorruptCheckpoint` for a bad or
-missing remote object; `CheckpointError` naming the local path when this machine cannot write it (the caller tries
-the previous checkpoint); `StorageUnavailable` when the remote kept failing until the deadline.
+Nothing is downloaded before the manifest was checked: its signature (with checkpoint.sign_key_env), its declared
+sizes against the objects' and against the free space here. Errors say what to do next: `InsufficientSpace`
+(exit 69) when it does not fit; `UntrustedCheckpoint` when it is not signed with the key; `CorruptCheckpoint` for
+a bad or missing remote object; `CheckpointError` naming the local path when this machine cannot write it (the
+caller tries the previous checkpoint); `StorageUnavailable` when the remote kept failing until the deadline.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from trainer.checkpoint.manifest import FileEntry, Manifest, sha256_file
 from trainer.durable import fsync_dir, write_file
-from trainer.errors import CheckpointError, CorruptCheckpoint
+from trainer.errors import CheckpointError, CorruptCheckpoint, UntrustedCheckpoint
 from trainer.remote.calls import Budget, Calls
 from trainer.remote.objects import InsufficientSpace, Missing, ObjectStore
 from trainer.run_dir import CHECKPOINTS_DIR, MANIFEST_NAME, PULL_PREFIX, step_dirname
@@ -50,8 +52,8 @@ def pull_dir(dest_root: Path, step: int) -> Path:
 class Puller:
     """Downloads committed checkpoints of one remote store."""
 
-    def __init__(self, uri: str, objects: ObjectStore, calls: Calls):
-        self.uri, self.objects, self.calls = uri, objects, calls
+    def __init__(self, uri: str, objects: ObjectStore, calls: Calls, signer=None):
+        self.uri, self.objects, self.calls, self.signer = uri, objects, calls, signer
 
     def pull(self, step: int, dest_root: Path, manifest: Manifest | None = None, deadline: float | None = None) -> Path:
         """Download, verify and commit `step` as dest_root/step-XXXXXXXX (see the module docstring)."""
@@ -66,6 +68,9 @@ class Puller:
             found = Manifest.from_json(raw.decode("utf-8", "replace"), where=f"{where}/{MANIFEST_NAME}")
             if found.step != step:
                 raise CorruptCheckpoint(f"{where}/{MANIFEST_NAME}: says step {found.step}")
+            untrusted = self.signer.problem(found) if self.signer is not None else None
+            if untrusted:
+                raise UntrustedCheckpoint(f"{where}/{MANIFEST_NAME}: {untrusted}")
             if manifest is not None and found != manifest:
                 raise CheckpointError(
                     f"{where}: changed remotely since it was listed (another writer, or it was "
@@ -92,6 +97,7 @@ class Puller:
         work.mkdir(parents=True, exist_ok=True)
         _tidy(work, m)
         todo = [f for f in m.files if not _have(work / f.path, f)]
+        self._check_sizes(where, rel, todo, budget)
         needed = sum(_on_disk(f.size) for f in todo) + _on_disk(len(raw))
         free = shutil.disk_usage(work).free
         if needed > free:
@@ -122,6 +128,19 @@ class Puller:
         os.replace(work, final)
         fsync_dir(dest_root)
         return final
+
+    def _check_sizes(self, where: str, rel: str, todo: list[FileEntry], budget: Budget) -> None:
+        """An object bigger or smaller than its manifest says is refused before it is downloaded: the free-space
+        check trusts the declared sizes, so an object must not be able to bring more bytes than that."""
+        if not todo:
+            return
+        present = self.calls.call(self.objects.list, f"{rel}/", deadline=budget.at)
+        for f in todo:
+            size = present.get(f"{rel}/{f.path}")
+            if size is not None and size != f.size:  # a missing one is reported by the download
+                raise CorruptCheckpoint(
+                    f"{where}/{f.path}: {size} bytes remotely, its manifest says {f.size} (corrupt object)"
+                )
 
     def _check_destination(self, final: Path, m: Manifest, where: str) -> None:
         """A committed local checkpoint of another lineage at the same step is never replaced by a pull."""

@@ -6,6 +6,7 @@ own chain (environment, profile, instance role); none is ever read from our conf
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from s3transfer.manager import TransferManager
 
 from trainer.config.schema import S3Config
 from trainer.errors import StorageError
-from trainer.remote.objects import DaemonPool, one_line, transient_os_error
+from trainer.remote.objects import CredentialsRefused, DaemonPool, one_line, transient_os_error
 
 _TRANSIENT_CODES = {
     "RequestTimeout",
@@ -56,6 +57,17 @@ def _status(e: bex.ClientError) -> int:
     return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
 
 
+def _digest(creds) -> str | None:
+    """A fingerprint of credentials, to compare them without keeping another copy; None when they cannot be resolved
+    now (a role's, deferred: the first request says what is wrong)."""
+    try:
+        frozen = creds.get_frozen_credentials()
+    except Exception:
+        return None
+    text = "\0".join(str(x) for x in (frozen.access_key, frozen.secret_key, frozen.token))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _is_transient(e: BaseException) -> bool:
     if isinstance(e, bex.ClientError):
         return _status(e) >= 500 or _status(e) in (408, 429) or _code(e) in _TRANSIENT_CODES
@@ -84,15 +96,20 @@ class S3Objects:
     """Objects under s3://bucket/prefix through one boto3 client and one transfer manager."""
 
     def __init__(self, uri: str, bucket: str, prefix: str, cfg: S3Config):
-        self.uri, self.bucket, self.prefix = uri.rstrip("/"), bucket, prefix
+        self.uri, self.bucket, self.prefix, self._cfg = uri.rstrip("/"), bucket, prefix, cfg
         self.endpoint = cfg.endpoint_url or "AWS S3"
         self.profile = cfg.profile or os.environ.get("AWS_PROFILE") or "default"
+        session, creds = self._credentials()
+        self._connect(session, creds)
+
+    def _credentials(self):
+        """(session, credentials) from boto3's chain, as it is now; StorageError when it has none."""
         try:
-            session = boto3.session.Session(profile_name=cfg.profile)
+            session = boto3.session.Session(profile_name=self._cfg.profile)
             creds = session.get_credentials()
         except bex.ProfileNotFound:
             raise StorageError(
-                f"{self.uri}: AWS profile {cfg.profile!r} not found in ~/.aws/config or "
+                f"{self.uri}: AWS profile {self._cfg.profile!r} not found in ~/.aws/config or "
                 f"~/.aws/credentials; fix checkpoint.s3.profile"
             ) from None
         except bex.BotoCoreError as e:
@@ -105,7 +122,13 @@ class S3Objects:
                 f"{self.uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                 f"a profile (checkpoint.s3.profile or AWS_PROFILE) or an instance role"
             )
+        return session, creds
+
+    def _connect(self, session, creds) -> None:
+        """One client and transfer manager signing with `creds` (kept as a digest only, to notice a change)."""
+        cfg = self._cfg
         self.source = _SOURCES.get(creds.method, creds.method)
+        self._creds_digest = _digest(creds)
         style = cfg.addressing_style
         if style == "auto":  # every S3-compatible store takes path-style; AWS prefers virtual-hosted
             style = "path" if cfg.endpoint_url else "auto"
@@ -132,6 +155,22 @@ class S3Objects:
             TransferConfig(multipart_threshold=part, multipart_chunksize=part, max_concurrency=cfg.max_concurrency),
             executor_cls=DaemonPool,
         )
+
+    def refresh_credentials(self) -> bool:
+        """Ask boto3's chain again; with different credentials (new env or profile keys, a new session token), use a
+        new client. Refreshable ones (roles, SSO) renew themselves; static ones are read once per client."""
+        try:
+            session, creds = self._credentials()
+        except StorageError:  # none right now: keep the client we have
+            return False
+        digest = _digest(creds)
+        changed = digest is not None and digest != self._creds_digest
+        if changed:
+            old = self.transfers
+            self._connect(session, creds)
+            # transfers still running on the old client finish there; its threads end with them
+            threading.Thread(target=old.shutdown, args=(False,), name="s3-retire", daemon=True).start()
+        return changed
 
     def _key(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel
@@ -200,7 +239,7 @@ class S3Objects:
     def explain(self, e: BaseException) -> StorageError | None:
         """A one-line StorageError for errors that retrying cannot fix; None for the others."""
         if isinstance(e, bex.NoCredentialsError):
-            return StorageError(
+            return CredentialsRefused(
                 f"{self.uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                 f"a profile or an instance role"
             )
@@ -220,7 +259,7 @@ class S3Objects:
                 hint = "allow s3:ListBucket, s3:GetObject, s3:PutObject and s3:DeleteObject on this bucket and prefix"
             elif code in ("ExpiredToken", "InvalidToken"):
                 hint = "refresh the credentials (AWS_SESSION_TOKEN or the profile's session)"
-            return StorageError(
+            return CredentialsRefused(
                 f"{self.uri}: access denied with the credentials from {self.source} ({code or status}); {hint}"
             )
         if code in ("NoSuchBucket", "InvalidBucketName"):
@@ -232,6 +271,11 @@ class S3Objects:
             return StorageError(f"{self.uri}: the bucket is in another region ({code}); set checkpoint.s3.region")
         if code == "RequestTimeTooSkewed":
             return StorageError(f"{self.uri}: this machine's clock is off ({code}); sync it (NTP) and restart")
+        if code == "400" and status == 400:  # a HEAD's error has no body: S3's answer to an expired token there
+            return CredentialsRefused(
+                f"{self.uri}: HTTP 400 without a reason (to a HEAD request; an expired session token answers so); "
+                f"refresh the credentials (AWS_SESSION_TOKEN or the profile's session)"
+            )
         return StorageError(f"{self.uri}: {code or status} ({one_line(e)}); not retried")
 
     def close(self) -> None:

@@ -12,19 +12,22 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 from trainer.checkpoint import lineage
 from trainer.checkpoint.manifest import FileEntry, Manifest, sha256_file
+from trainer.checkpoint.signing import Signer
 from trainer.config.schema import S3Config
-from trainer.errors import CheckpointError, ConfigError, CorruptCheckpoint, UnsupportedCheckpoint
+from trainer.errors import CheckpointError, ConfigError, CorruptCheckpoint, UnsupportedCheckpoint, UntrustedCheckpoint
 from trainer.remote.archive import Archiver
 from trainer.remote.calls import Budget, Calls
 from trainer.remote.layout import Listing, ckpt_rel, manifest_rel, parse_listing
 from trainer.remote.objects import ObjectStore
 from trainer.remote.pull import Puller, same_checkpoint
+from trainer.remote.uri import reject_credentials
 from trainer.run_dir import CHECKPOINTS_DIR, MANIFEST_NAME, parse_step_dirname
 
 log = logging.getLogger(__name__)
@@ -41,9 +44,12 @@ class UploadResult:
     files_skipped: int
 
 
-def open_store(uri: str, s3: S3Config | None = None) -> RemoteStore:
-    """A RemoteStore for `s3://bucket/prefix` or `file:///abs/path`; credentials come from boto3's chain."""
+def open_store(uri: str, s3: S3Config | None = None, signer: Signer | None = None) -> RemoteStore:
+    """A RemoteStore for `s3://bucket/prefix` or `file:///abs/path`; credentials come from boto3's chain, never from
+    the URI. With a `signer` (checkpoint.sign_key_env) only checkpoints whose signature verifies are used."""
     s3 = s3 or S3Config()
+    reject_credentials(uri, "remote URI")  # first: the messages below repeat the URI
+    reject_credentials(s3.endpoint_url, "checkpoint.s3.endpoint_url")
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         if not parsed.netloc:
@@ -59,7 +65,7 @@ def open_store(uri: str, s3: S3Config | None = None) -> RemoteStore:
         objects = FileObjects(Path(parsed.path))
     else:
         raise ConfigError(f"checkpoint.remote {uri!r}: must start with s3:// or file://")
-    return RemoteStore(uri, objects, s3.deadline_s, s3.min_throughput_mb_s)
+    return RemoteStore(uri, objects, s3.deadline_s, s3.min_throughput_mb_s, signer=signer)
 
 
 class RemoteStore:
@@ -69,11 +75,18 @@ class RemoteStore:
     transfer's size takes at checkpoint.s3.min_throughput_mb_s.
     """
 
-    def __init__(self, uri: str, objects: ObjectStore, deadline_s: float, min_throughput_mb_s: float = 1.0):
-        self.uri, self.objects = uri.rstrip("/"), objects
+    def __init__(
+        self,
+        uri: str,
+        objects: ObjectStore,
+        deadline_s: float,
+        min_throughput_mb_s: float = 1.0,
+        signer: Signer | None = None,
+    ):
+        self.uri, self.objects, self.signer = uri.rstrip("/"), objects, signer
         self.calls = Calls(self.uri, objects, deadline_s, min_throughput_mb_s)
         self._archiver = Archiver(self.uri, objects, self.calls)
-        self._puller = Puller(self.uri, objects, self.calls)
+        self._puller = Puller(self.uri, objects, self.calls, signer)
         self._warned: set[str] = set()
 
     def __repr__(self) -> str:
@@ -107,7 +120,8 @@ class RemoteStore:
 
     def committed(self, deadline: float | None = None) -> tuple[dict[int, Manifest], list[str]]:
         """(step -> validated manifest of every committed checkpoint, one line per checkpoint whose manifest is
-        corrupt or in a newer format: those are left out here, and nothing deletes or archives them)."""
+        corrupt, in a newer format or (with a signer) not signed with its key: those are left out here, and nothing
+        deletes or archives them)."""
         return self._manifests(self._scan(deadline).committed, deadline)
 
     def archived(self, deadline: float | None = None) -> dict[str, dict[int, Manifest]]:
@@ -124,11 +138,14 @@ class RemoteStore:
 
     # ---------------------------------------------------------------- uploads
 
-    def upload_checkpoint(self, local_dir: Path, deadline: float | None = None) -> UploadResult:
+    def upload_checkpoint(
+        self, local_dir: Path, deadline: float | None = None, stop: Callable[[], bool] | None = None
+    ) -> UploadResult:
         """Upload a locally committed checkpoint: changed files (in parallel) first, manifest.json last.
 
         A different checkpoint committed remotely at that step is archived first (or moved to corrupt/ when its
         manifest does not read), unless it is an earlier write of this same checkpoint (same run id and step).
+        `stop()`, checked between files, ends it early with UploadInterrupted: the manifest is not written then.
         """
         local_dir = Path(local_dir)
         step = parse_step_dirname(local_dir.name)
@@ -137,6 +154,9 @@ class RemoteStore:
         manifest = Manifest.load(local_dir)
         if manifest.step != step:
             raise CheckpointError(f"{local_dir}: manifest says step {manifest.step}; not uploaded")
+        untrusted = self.signer.problem(manifest) if self.signer is not None else None
+        if untrusted:  # never into the bucket under the run's name, where it could replace a good copy
+            raise UntrustedCheckpoint(f"{local_dir / MANIFEST_NAME}: {untrusted}; not uploaded")
         raw = (local_dir / MANIFEST_NAME).read_bytes()
         result = self._upload(
             local_dir,
@@ -145,12 +165,17 @@ class RemoteStore:
             raw,
             deadline,
             lambda remote, b: self._make_room(step, remote, manifest, b),
+            stop,
         )
         result.step = step
         return result
 
-    def upload_dir(self, local_dir: Path, remote_rel: str, deadline: float | None = None) -> UploadResult:
-        """Upload a dir (e.g. final/) under remote_rel; its manifest.json, if any, lists the files and goes last."""
+    def upload_dir(
+        self, local_dir: Path, remote_rel: str, deadline: float | None = None, stop: Callable[[], bool] | None = None
+    ) -> UploadResult:
+        """Upload a dir (e.g. final/) under remote_rel; its manifest.json, if any, lists the files and goes last.
+        `stop()`, checked between files, ends it early with UploadInterrupted (a StorageUnavailable): the manifest
+        is not written then, so nothing partial counts as committed."""
         local_dir = Path(local_dir)
         if (local_dir / MANIFEST_NAME).is_file():
             files, raw = Manifest.load(local_dir).files, (local_dir / MANIFEST_NAME).read_bytes()
@@ -161,7 +186,7 @@ class RemoteStore:
                 if p.is_file()
             ]
             raw = None
-        return self._upload(local_dir, remote_rel.strip("/"), files, raw, deadline, None)
+        return self._upload(local_dir, remote_rel.strip("/"), files, raw, deadline, None, stop)
 
     # ---------------------------------------------------------------- retention and moving aside
 
@@ -267,6 +292,15 @@ class RemoteStore:
         """Compatible form of pull()."""
         return self.pull(step, dest_root, deadline=deadline)
 
+    def refresh_credentials(self) -> bool:
+        """Ask the credential chain again after the store refused them (bounded like any call); True if the backend
+        now signs with different credentials."""
+        try:
+            return bool(self.calls.call(self.objects.refresh_credentials, deadline=self.deadline()))
+        except Exception as e:  # the next upload attempt says what is wrong
+            log.debug("%s: refreshing credentials failed: %s", self.uri, e)
+            return False
+
     def abort(self) -> None:
         """Make running and later operations stop at once with StorageUnavailable (used at shutdown)."""
         self.calls.abort()
@@ -302,8 +336,12 @@ class RemoteStore:
             except CheckpointError as e:  # corrupt, or a newer format: reported, never touched
                 problems.append(str(e))
                 continue
+            where = f"{self.uri}/{manifest_rel(ckpt_rel(step))}"
+            untrusted = self.signer.problem(m) if m is not None and self.signer is not None else None
             if m is not None and m.step != step:
-                problems.append(f"{self.uri}/{manifest_rel(ckpt_rel(step))}: not a valid manifest (says step {m.step})")
+                problems.append(f"{where}: not a valid manifest (says step {m.step})")
+            elif untrusted:
+                problems.append(f"{where}: {untrusted}")
             elif m is not None:
                 out[step] = m
         return out, problems
@@ -346,6 +384,13 @@ class RemoteStore:
             dst = self._archiver.quarantine(step, raw, b)
             log.warning("%s; moved to %s/%s before uploading step %d", e, self.uri, dst, step)
             return
+        untrusted = self.signer.problem(remote) if self.signer is not None else None
+        if untrusted:  # not replaced in place, even if it claims to be this checkpoint: kept for a person to look at
+            dst = self._archiver.quarantine(step, raw, b)
+            log.warning(
+                "%s/%s: %s; moved to %s/%s before uploading step %d", self.uri, rel, untrusted, self.uri, dst, step
+            )
+            return
         if same_checkpoint(remote, local):  # an earlier write of this checkpoint: uncommit, then replace its files
             self.calls.call(self.objects.delete, [manifest_rel(rel)], deadline=b.at)
             return
@@ -367,12 +412,14 @@ class RemoteStore:
         manifest_raw: bytes | None,
         deadline: float | None,
         make_room,
+        stop: Callable[[], bool] | None = None,
     ) -> UploadResult:
         start, sent = time.monotonic(), None
         man_rel = manifest_rel(rel)
 
         def attempt(b: Budget) -> None:
             nonlocal sent
+            self.calls.check_stop(b)
             for f in files:  # the local copy may have been pruned or damaged since it was committed
                 p = local_dir / f.path
                 if not p.is_file() or p.stat().st_size != f.size:
@@ -387,12 +434,16 @@ class RemoteStore:
                 elif remote is not None:  # a different upload of this dir: uncommit before replacing its files
                     self.calls.call(self.objects.delete, [man_rel], deadline=b.at)
             present = self.calls.call(self.objects.list, f"{rel}/", deadline=b.at)
-            todo = [
-                f
-                for f in files
-                if present.get(f"{rel}/{f.path}") != f.size
-                or self.calls.call(self.objects.sha256, f"{rel}/{f.path}", deadline=b.at) != f.sha256
-            ]
+            b.allow(sum(f.size for f in files))  # file:// hashes what is there: as long as moving it
+            todo = []
+            for f in files:
+                self.calls.check_stop(b)
+                if (
+                    present.get(f"{rel}/{f.path}") != f.size
+                    or self.calls.call(self.objects.sha256, f"{rel}/{f.path}", deadline=self.calls.sized(f.size, b))
+                    != f.sha256
+                ):
+                    todo.append(f)
             sent = todo if sent is None else sent
             try:
                 self.calls.transfer(
@@ -410,10 +461,11 @@ class RemoteStore:
                 raise CheckpointError(
                     f"{os.fsdecode(e.filename)}: cannot read it ({e.strerror or e}); not uploaded"
                 ) from None
+            self.calls.check_stop(b)  # every file is there; without the manifest none of them counts
             if manifest_raw is not None:
                 self.calls.call(self.objects.write, man_rel, manifest_raw, sha256_bytes(manifest_raw), deadline=b.at)
 
-        self.calls.retry(f"upload of {rel}", attempt, deadline)
+        self.calls.retry(f"upload of {rel}", attempt, deadline, stop)
         return UploadResult(
             remote=f"{self.uri}/{rel}",
             step=None,

@@ -21,7 +21,7 @@ from tenacity import wait_exponential, wait_random
 
 from trainer.checkpoint.manifest import Manifest
 from trainer.config.schema import Config
-from trainer.errors import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_STORAGE, EXIT_USAGE, CheckpointError
+from trainer.errors import EXIT_FAILED, EXIT_OK, EXIT_OOM, EXIT_PREEMPTED, EXIT_STORAGE, EXIT_USAGE, CheckpointError
 from trainer.metrics import EventLog, read_jsonl
 from trainer.run_dir import RunDir
 from trainer.spot.procs import descendants, start_time
@@ -106,7 +106,7 @@ def child_command(cfg: Config, config_source: str | None, overrides: list[str], 
 @dataclass
 class AttemptResult:
     code: int  # exit status; negative = killed by that signal
-    reason: str  # done | preempted | storage_wait | crash | config_error | hang | killed
+    reason: str  # done | preempted | storage_wait | crash | config_error | oom | hang | killed
     last_step: int | None  # heartbeat step written during this attempt
     runtime_s: float
 
@@ -252,6 +252,8 @@ class Supervisor:
             reason = "storage_wait"
         elif code == EXIT_USAGE:
             reason = "config_error"
+        elif code == EXIT_OOM or _trainer_reported(self.output_dir, "oom", start_wall):  # 3 becomes 1 under accelerate
+            reason = "oom"
         elif killed or code < 0:
             reason = "killed"
         else:
@@ -328,6 +330,15 @@ class Supervisor:
                     reason="config_error",
                 )
                 return EXIT_USAGE
+            if r.reason == "oom":
+                self._emit(
+                    "give_up",
+                    f"the trainer ran out of GPU memory (exit {EXIT_OOM}); the last completed step is checkpointed "
+                    f"and the same config would run out again: change it (the trainer's message says how) and run "
+                    f"again",
+                    reason="oom",
+                )
+                return EXIT_OOM
             if self._signalled or r.reason == "preempted":
                 # The machine (or a person) asked us to stop: never restart, the next machine resumes.
                 why = self._signalled or "cloud notice"

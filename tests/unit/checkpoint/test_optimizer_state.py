@@ -188,3 +188,44 @@ def test_cpu_adam_resume_is_bitwise_only_with_the_step_replay():
     assert torch.equal(run(resume_at=19), ref)
     # without the replay, C++ recomputes beta^t with pow() and the last bits differ
     assert not torch.equal(run(resume_at=19, replay=False), ref)
+
+
+# ---------------------------------------------------------------- fp16: the loss scaler
+
+
+def _stepped_scaler():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=3)
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    for g in (1.0, float("inf"), 1.0, 1.0):  # one overflow: the scale backs off, the tracker counts again
+        opt.zero_grad()
+        scaler.scale((w * g).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+    return scaler
+
+
+def test_the_loss_scale_and_its_growth_tracker_survive_a_checkpoint_as_plain_numbers():
+    from trainer.checkpoint.optimizer_state import load_scaler_state, scaler_state
+
+    saved = json.loads(json.dumps(scaler_state(_stepped_scaler())))  # through JSON, as in optimizer.json
+    assert saved["scale"] == 2.0**11 and saved["_growth_tracker"] == 2
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=3)
+    load_scaler_state(fresh, saved, "ckpt")
+    assert scaler_state(fresh) == saved
+    load_scaler_state(fresh, None, "ckpt")  # bf16 checkpoints and older versions have none: unchanged
+    assert scaler_state(fresh) == saved
+    assert scaler_state(None) == {} and scaler_state(torch.amp.GradScaler("cpu", enabled=False)) == {}
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [{"scale": float("inf")}, {"scale": -1.0}, {"scale": 1e300}, {"_growth_tracker": 1.5}, {"evil": 1}, {"scale": "8"}],
+)
+def test_a_forged_loss_scale_is_refused(forged):
+    from trainer.checkpoint.optimizer_state import load_scaler_state, scaler_state
+    from trainer.errors import CorruptCheckpoint
+
+    state = {**scaler_state(_stepped_scaler()), **forged}
+    with pytest.raises(CorruptCheckpoint, match="loss_scaler"):
+        load_scaler_state(torch.amp.GradScaler("cpu"), state, "ckpt")

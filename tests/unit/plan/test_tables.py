@@ -79,3 +79,41 @@ def test_plan_reads_the_packaged_table_not_the_repo(tmp_path, monkeypatch):
     assert "implied by a100.json" in make_plan(cfg, gpu="a100-80gb").throughput.source
     monkeypatch.setattr(tables, "MEASURED_TABLE", tmp_path / "missing.json")
     assert "default" in make_plan(cfg, gpu="h100").throughput.source  # no table: FLOPs alone
+
+
+# parameter counts published on the models' hub pages (safetensors metadata)
+PUBLISHED_PARAMS = {
+    "meta-llama/Meta-Llama-3-8B": 8_030_261_248,
+    "meta-llama/Llama-3.2-1B": 1_235_814_400,
+    "meta-llama/Llama-3.2-3B": 3_212_749_824,
+    "meta-llama/Llama-2-7b-hf": 6_738_415_616,
+    "mistralai/Mistral-7B-v0.1": 7_241_732_096,
+    "Qwen/Qwen2.5-1.5B": 1_543_714_304,
+}
+
+
+def test_known_models_plan_offline_at_their_published_sizes(monkeypatch):
+    import trainer.model
+
+    def no_hub(cfg):
+        raise AssertionError(f"plan read {cfg.model.name_or_path}'s config from the hub")
+
+    monkeypatch.setattr(trainer.model, "model_config", no_hub)
+    assert set(PUBLISHED_PARAMS) <= set(tables.load_models())
+    for name, params in PUBLISHED_PARAMS.items():
+        plan = make_plan(load_config("lora", [f"model.name_or_path={name}"]))
+        assert plan.shape.params_total == params, name
+    # an alias and any case name the same table row
+    instruct = make_plan(load_config("lora", ["model.name_or_path=META-LLAMA/Meta-Llama-3-8B-Instruct"]))
+    assert instruct.shape.params_total == PUBLISHED_PARAMS["meta-llama/Meta-Llama-3-8B"]
+
+
+def test_a_local_dir_of_that_name_wins(tmp_path, monkeypatch):
+    local = tmp_path / "meta-llama" / "Llama-3.2-1B"
+    local.mkdir(parents=True)
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+    (local / "config.json").write_text(json.dumps({**config, "num_attention_heads": 4, "vocab_size": 100}))
+    monkeypatch.chdir(tmp_path)
+    assert tables.known_model_config("meta-llama/Llama-3.2-1B") is None
+    plan = make_plan(load_config("lora", ["model.name_or_path=meta-llama/Llama-3.2-1B"]))
+    assert plan.shape.num_layers == 2

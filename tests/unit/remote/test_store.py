@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.remotes import StallingProxy, make_checkpoint
+from tests.harness.remotes import ExpiringProxy, StallingProxy, make_checkpoint
 from tests.harness.s3_server import free_ports
 from trainer.checkpoint.manifest import Manifest, verify
 from trainer.errors import CheckpointError, ConfigError, StorageError
-from trainer.remote.objects import StorageUnavailable
+from trainer.remote.objects import CredentialsRefused, StorageUnavailable, UploadInterrupted
 from trainer.remote.store import open_store
 
 
@@ -145,6 +145,23 @@ def test_upload_dir_puts_manifest_last_and_lists_files(store, remote, tmp_path):
     assert remote.keys() == ["final/adapter_model.safetensors", "final/manifest.json", "final/tokenizer/vocab.json"]
 
 
+def test_stop_ends_upload_dir_between_files_with_nothing_committed(store, remote, tmp_path):
+    final = make_checkpoint(tmp_path, 7, sizes={f"model-{i:02d}.safetensors": 200_000 for i in range(12)})
+    asked = []
+
+    def stop() -> bool:  # a SIGTERM once the first file is there
+        asked.append(1)
+        return any(k.startswith("final/model-") for k in remote.keys())
+
+    with pytest.raises(UploadInterrupted, match=r"upload of final stopped on request .* manifest was not written"):
+        store.upload_dir(final, "final", stop=stop)
+    assert "final/manifest.json" not in remote.keys() and len(asked) > 1  # asked before and between files
+    assert isinstance(UploadInterrupted("x"), StorageUnavailable)  # callers that log a failed upload catch it
+
+    result = store.upload_dir(final, "final")  # later (export, the next start): files already there are skipped
+    assert "final/manifest.json" in remote.keys() and result.files_uploaded < 12
+
+
 def test_uncommitted_local_checkpoint_is_refused(store, tmp_path):
     ckpt = make_checkpoint(tmp_path / "local", 10)
     (ckpt / "manifest.json").unlink()
@@ -190,6 +207,19 @@ def test_wrong_credentials_fail_fast_in_one_line(s3_server, aws_env, tmp_path, c
     assert secret not in msg and secret not in caplog.text and secret not in repr(store)
     with pytest.raises(StorageError, match=code):
         store.check()
+
+
+def test_expired_token_is_refused_credentials_even_on_a_head(s3_server, aws_env, tmp_path):
+    proxy = ExpiringProxy(s3_server.ports["s3"])  # S3's documented answer: 400 ExpiredToken (a HEAD: no body)
+    store = open_store(f"s3://{s3_server.bucket()}/run", s3_server.s3_config(endpoint_url=proxy.endpoint_url))
+    proxy.expire()
+    with pytest.raises(CredentialsRefused, match=r"\(ExpiredToken\); refresh the credentials"):
+        store.get_manifest(10)  # a GET
+    with pytest.raises(CredentialsRefused, match="HTTP 400 without a reason"):
+        store.calls.retry("stat", lambda b: store.calls.call(store.objects.sha256, "x", deadline=b.at), None)
+    assert issubclass(CredentialsRefused, StorageError)  # fatal at start (exit 2)
+    assert proxy.refused <= 3  # not retried (after a bare 400 botocore asks once for the bucket's region)
+    proxy.close()
 
 
 def test_missing_bucket(s3_server, aws_env, tmp_path):
@@ -284,7 +314,7 @@ _UPLOAD_SCRIPT = """
 import sys, time
 from pathlib import Path
 from trainer.config.schema import S3Config
-from trainer.remote.objects import StorageUnavailable
+from trainer.remote.objects import CredentialsRefused, StorageUnavailable, UploadInterrupted
 from trainer.remote.store import open_store
 uri, endpoint, ckpt, deadline = sys.argv[1:]
 store = open_store(uri, S3Config(endpoint_url=endpoint, part_size_mb=5, max_concurrency=2, read_timeout_s=60,

@@ -1,4 +1,5 @@
-"""The background checkpoint uploader: ordering, retention, resume of pending uploads, failures."""
+"""The background checkpoint uploader: ordering, retention, resume of pending uploads, failures, paused uploads while
+the credentials are refused, stop()."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import time
 
 import pytest
 
-from tests.harness.remotes import make_checkpoint
+from tests.harness.remotes import ExpiringProxy, ThrottlingProxy, make_checkpoint
 from trainer.checkpoint.manifest import Manifest, write_manifest
 from trainer.config.schema import S3Config
 from trainer.errors import CheckpointError, StorageError
-from trainer.remote.objects import StorageUnavailable
+from trainer.remote import uploader as uploader_lib
+from trainer.remote.objects import StorageUnavailable, UploadInterrupted
 from trainer.remote.store import open_store
 from trainer.remote.uploader import CheckpointUploader
 
@@ -78,11 +80,11 @@ def test_g_newest_queued_checkpoint_goes_first(store, tmp_path):
     uploaded, gate = [], threading.Event()
     upload = store.upload_checkpoint
 
-    def held(ckpt_dir, deadline=None):  # the first upload takes a while: the others queue behind it
+    def held(ckpt_dir, deadline=None, stop=None):  # the first upload takes a while: the others queue behind it
         if not uploaded:
             gate.wait(30)
         uploaded.append(int(ckpt_dir.name[5:]))
-        return upload(ckpt_dir, deadline)
+        return upload(ckpt_dir, deadline, stop)
 
     store.upload_checkpoint = held
     uploader = CheckpointUploader(store)
@@ -148,12 +150,11 @@ def test_sync_pending_uploads_local_checkpoints_missing_remotely(store, tmp_path
 
 
 def test_non_retryable_error_is_raised_at_the_next_check(s3_server, aws_env, tmp_path):
-    aws_env.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
-    store = open_store(f"s3://{s3_server.bucket()}/run", s3_server.s3_config())
+    store = open_store("s3://no-such-bucket-here/run", s3_server.s3_config())  # refused credentials pause instead
     uploader = CheckpointUploader(store)
     uploader.submit(make_checkpoint(tmp_path, 10))
 
-    with pytest.raises(StorageError, match=r"access denied .* \(SignatureDoesNotMatch\)"):
+    with pytest.raises(StorageError, match=r"bucket 'no-such-bucket-here' does not exist"):
         uploader.wait(timeout=30)
     assert isinstance(uploader.last_error, StorageError)
     uploader.submit(make_checkpoint(tmp_path, 20))  # reported once: the caller decided what to do
@@ -218,3 +219,128 @@ def test_queue_skips_checkpoints_retention_would_delete(blackhole, aws_env, tmp_
         uploader.submit(make_checkpoint(tmp_path, step))
     assert uploader.pending_steps == [10, 40, 50]
     uploader.close(timeout=0.2)
+
+
+# ---------------------------------------------------------------- credentials refused after the start
+
+
+@pytest.fixture
+def expiring(s3_server, aws_env, monkeypatch):
+    """(store, proxy): a store on the session server through an ExpiringProxy; retries while paused every 0.2-0.4 s."""
+    monkeypatch.setattr(uploader_lib, "PAUSE_RETRY_S", (0.2, 0.4))
+    proxy = ExpiringProxy(s3_server.ports["s3"])
+    store = open_store(
+        f"s3://{s3_server.bucket()}/run", s3_server.s3_config(endpoint_url=proxy.endpoint_url, deadline_s=2.0)
+    )
+    yield store, proxy
+    store.close()
+    proxy.close()
+
+
+def _paused_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "paused: the credentials were refused" in r.getMessage()]
+
+
+def test_refused_credentials_pause_uploads_until_they_work_again(expiring, tmp_path, caplog):
+    store, proxy = expiring
+    events = []
+    uploader = CheckpointUploader(store, keep_last=3, on_event=lambda name, **f: events.append((name, f)))
+    uploader.submit(make_checkpoint(tmp_path, 10))
+    assert uploader.wait(timeout=30)
+
+    proxy.expire()
+    with caplog.at_level(logging.WARNING, logger="trainer.remote.uploader"):
+        uploader.submit(make_checkpoint(tmp_path, 20))
+        deadline = time.monotonic() + 20
+        while proxy.refused < 5:  # several tries, well inside one minute
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        uploader.submit(make_checkpoint(tmp_path, 30))  # training goes on: submit neither raises nor waits
+        assert uploader.paused and uploader.pending_steps == [20, 30]  # local retention keeps both
+        uploader.raise_if_failed()
+        assert len(_paused_warnings(caplog)) == 1, _paused_warnings(caplog)
+        assert "ExpiredToken" in _paused_warnings(caplog)[0] and "training goes on" in _paused_warnings(caplog)[0]
+
+        proxy.expire(False)
+        assert uploader.wait(timeout=30)
+    assert store.committed_steps() == [10, 20, 30]
+    assert not uploader.paused and uploader.pending_steps == []
+    assert "uploads to s3://" in caplog.text and "resumed after" in caplog.text
+    assert [name for name, _ in events] == ["upload_paused", "upload_resumed"]
+    assert "ExpiredToken" in events[0][1]["error"] and events[0][1]["pending"] == [20]
+    uploader.close(timeout=5)
+
+
+def test_new_keys_in_the_profile_file_are_picked_up(s3_server, aws_env, tmp_path, monkeypatch):
+    monkeypatch.setattr(uploader_lib, "PAUSE_RETRY_S", (0.2, 0.4))
+    aws_env.delenv("AWS_ACCESS_KEY_ID")
+    aws_env.delenv("AWS_SECRET_ACCESS_KEY")
+    creds = tmp_path / "credentials"
+    creds.write_text("[default]\naws_access_key_id = testkey\naws_secret_access_key = revoked-secret\n")
+    aws_env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    store = open_store(f"s3://{s3_server.bucket()}/run", s3_server.s3_config())  # keys read once per client
+    uploader = CheckpointUploader(store)
+    uploader.submit(make_checkpoint(tmp_path / "ckpts", 10))
+    deadline = time.monotonic() + 20
+    while not uploader.paused:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    creds.write_text(f"[default]\naws_access_key_id = testkey\naws_secret_access_key = {s3_server.secret_key}\n")
+    assert uploader.wait(timeout=20)  # a new client, signing with the rotated keys
+    assert store.committed_steps() == [10] and not uploader.paused
+    uploader.close(timeout=5)
+
+
+def test_waiting_on_paused_uploads_ends_after_the_remote_deadline(expiring, tmp_path, caplog):
+    store, proxy = expiring  # checkpoint.s3.deadline_s = 2
+    proxy.expire()
+    uploader = CheckpointUploader(store)
+    uploader.submit(make_checkpoint(tmp_path, 10))
+
+    t0 = time.monotonic()
+    assert uploader.wait(timeout=30) is False
+    assert 1.5 < time.monotonic() - t0 < 4  # the deadline, not the 30 s asked for, and not forever
+    assert uploader.paused and uploader.gave_up_waiting
+    assert uploader.pending_steps == [10]  # still local, uploaded on the next start
+    assert uploader.wait(timeout=30) is False and time.monotonic() - t0 < 5  # the same pause: no new wait
+    uploader.close(timeout=0)
+
+
+# ---------------------------------------------------------------- stop(): ends an upload between files
+
+
+def test_stop_ends_an_upload_between_files_but_never_an_emergency_one(s3_server, aws_env, tmp_path):
+    proxy = ThrottlingProxy(s3_server.ports["s3"], bytes_per_s=2e6)
+    bucket = s3_server.bucket()
+    store = open_store(f"s3://{bucket}/run", s3_server.s3_config(endpoint_url=proxy.endpoint_url, max_concurrency=1))
+    direct = s3_server.client()
+    stop = threading.Event()
+    uploader = CheckpointUploader(store, stop=stop.is_set)
+    shards = {f"shard-{i}.bin": 400_000 for i in range(8)}  # 3.2 MB at 2 MB/s: about 1.6 s
+    uploader.submit(make_checkpoint(tmp_path, 10, sizes=shards))
+    deadline = time.monotonic() + 20
+    while not direct.list_objects_v2(Bucket=bucket, Prefix="run/checkpoints/step-00000010/").get("KeyCount"):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+    t0 = time.monotonic()
+    stop.set()  # e.g. SIGTERM
+    assert uploader.wait(timeout=10)
+    assert time.monotonic() - t0 < 1.0  # not the rest of the upload
+    assert isinstance(uploader.last_error, UploadInterrupted)
+    assert uploader.pending_steps == [10]  # parked: stays local
+    keys = [o["Key"] for o in direct.list_objects_v2(Bucket=bucket, Prefix="run/").get("Contents", [])]
+    assert "run/checkpoints/step-00000010/manifest.json" not in keys and len(keys) < len(shards)
+    assert store.committed_steps() == []
+
+    emergency = make_checkpoint(tmp_path, 15)
+    m = Manifest.load(emergency)
+    m.kind = "emergency"
+    write_manifest(emergency, m)
+    uploader.submit(emergency)
+    assert uploader.wait(timeout=30)
+    assert store.committed_steps() == [15]  # uploaded although stop() is set; 10 stopped again at once
+    assert uploader.pending_steps == [10]
+    uploader.close(timeout=5)
+    proxy.close()

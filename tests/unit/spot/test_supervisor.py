@@ -119,6 +119,13 @@ def test_killed_by_a_signal_is_restarted(tmp_path):
     assert _events(out, event="restart")[0]["steps_lost"] == 1
 
 
+def test_exit_3_is_out_of_memory_and_the_same_config_is_not_rerun(tmp_path):
+    out, code, _ = _supervise(tmp_path, "--exit-code", "3")
+    assert code == 3
+    assert len(_events(out, event="launch")) == 1 and not _events(out, event="restart")
+    assert _events(out, event="give_up")[0]["reason"] == "oom"
+
+
 def test_exit_2_is_a_config_error_and_not_restarted(tmp_path):
     out, code, _ = _supervise(tmp_path, "--exit-code", "2")
     assert code == 2

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from trainer.errors import EXIT_FAILED, ConfigError, SpotTrainerError
+from trainer.errors import EXIT_FAILED, EXIT_USAGE, ConfigError, SpotTrainerError
 from trainer.run_dir import NODE_CHECK_FILE, RunDir
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class Heartbeat:
         self.run, self.enabled, self.min_interval_s = run, enabled, min_interval_s
         self.step, self.phase = 0, "setup"
         self._last = 0.0
+        self._warned = False
 
     def __call__(self, step: int | None = None, phase: str | None = None, force: bool = False) -> None:
         if not self.enabled:
@@ -56,7 +57,12 @@ class Heartbeat:
         now = time.monotonic()
         if force or changed or now - self._last >= self.min_interval_s:
             self._last = now
-            self.run.write_heartbeat(self.step, self.phase)
+            try:
+                self.run.write_heartbeat(self.step, self.phase)
+            except OSError as e:  # a full disk (which training survives) must not end the run here
+                if not self._warned:
+                    self._warned = True
+                    log.warning("cannot write the heartbeat file (%s); the supervisor may take the run for hung", e)
 
 
 def _store():
@@ -76,8 +82,10 @@ def _exit_code(e: BaseException) -> int:
 class Ranks:
     """What the ranks of one run share besides collectives: rank-0-only phases and the shared-dir check."""
 
-    def __init__(self, rank: int, world: int, timeout_s: float):
+    def __init__(self, rank: int, world: int, timeout_s: float, stop_requested: Callable[[], bool] = lambda: False):
         self.rank, self.world, self.timeout_s = rank, world, float(timeout_s)
+        self.stop_requested = stop_requested  # this process's stop flag: told to rank 0 while it works alone
+        self._stop_told = False
         self.store = _store() if world > 1 else None
         # torchrun's agent store outlives a worker restart (--max-restarts): keys of one restart must not be read
         # by the next
@@ -89,18 +97,30 @@ class Ranks:
 
     # ------------------------------------------------------------------ rank-0-only phases
 
-    def main_only(self, name: str, fn: Callable[[], int | None], heartbeat: Heartbeat | None = None) -> int:
+    def main_only(
+        self, name: str, fn: Callable[[], int | None], heartbeat: Heartbeat | None = None, beat_file: bool = True
+    ) -> int:
         """Rank 0 runs fn() (an int, or None = 0) and every rank gets its result; the others never sit in a collective.
 
-        An exception on rank 0 is raised there and, as RankZeroFailed with the same exit code, on the others.
+        An exception on rank 0 is raised there and, as RankZeroFailed with the same exit code, on the others. While
+        fn runs, a thread of rank 0 beats the store (the others' sign of life) and, with `beat_file`, the heartbeat
+        file: for phases made of calls with deadlines of their own (pulls, uploads, tokenizing); eval beats per batch
+        instead (beat_file=False), so an eval that truly hangs is still seen by the supervisor.
         """
         self._seq += 1
+        file_beat = heartbeat if beat_file else None
         if self.store is None:
-            return self._run_local(name, fn, heartbeat)
+            stop = threading.Event()
+            if file_beat is not None:
+                threading.Thread(target=self._tick, args=(None, stop, file_beat), daemon=True).start()
+            try:
+                return self._run_local(name, fn, heartbeat)
+            finally:
+                stop.set()
         done, beat = self._key(f"{name}/done"), f"{self._prefix}/beat"
         if self.rank == 0:
             stop = threading.Event()
-            ticker = threading.Thread(target=self._tick, args=(beat, stop), daemon=True, name=f"beat-{name}")
+            ticker = threading.Thread(target=self._tick, args=(beat, stop, file_beat), daemon=True, name=f"beat-{name}")
             ticker.start()
             try:
                 result = self._run_local(name, fn, heartbeat)
@@ -125,16 +145,40 @@ class Ranks:
         except Exception as e:  # the store is gone (a peer died): the collectives that follow fail on their own
             log.warning("could not publish %s to the other ranks: %s", key, e)
 
-    def _tick(self, key: str, stop: threading.Event) -> None:
+    def _tick(self, key: str | None, stop: threading.Event, heartbeat: Heartbeat | None) -> None:
         n = 0
-        while not stop.is_set():
+        while not stop.wait(BEAT_EVERY_S):
             n += 1
-            self._set(key, str(n))
-            stop.wait(BEAT_EVERY_S)
+            if key is not None:
+                self._set(key, str(n))
+            if heartbeat is not None:
+                heartbeat()
+
+    def peer_stop(self) -> bool:
+        """Rank 0, inside a phase it works in alone: another rank (maybe on another node) was told to stop."""
+        if self.store is None or self.rank != 0:
+            return False
+        try:
+            return self.store.check([f"{self._prefix}/stop"])
+        except Exception:  # the store is gone: the run is ending anyway
+            return False
 
     def _wait(self, name: str, done: str, beat: str) -> int:
+        try:
+            return self._wait_for(name, done, beat)
+        except RankZeroFailed:
+            raise
+        except Exception as e:  # the store went away with rank 0's node (its launcher exited)
+            raise RankZeroFailed(
+                f"lost contact with rank 0 during {name} ({type(e).__name__}); its output says why"
+            ) from e
+
+    def _wait_for(self, name: str, done: str, beat: str) -> int:
         last_beat, last_change = None, time.monotonic()
         while True:
+            if not self._stop_told and self.stop_requested():  # rank 0 ends its phase early (eval) when told
+                self._stop_told = True
+                self._set(f"{self._prefix}/stop", "1")
             if self.store.check([done]):
                 status, value = self.store.get(done).decode("ascii").split(" ", 1)
                 if status == "ok":
@@ -165,9 +209,18 @@ class Ranks:
         token_key = self._key("node-token")
         if self.rank == 0:
             token = os.urandom(16).hex()
-            (run.root / NODE_CHECK_FILE).write_text(token)
+            try:
+                (run.root / NODE_CHECK_FILE).write_text(token)
+            except OSError as e:
+                self.store.set(token_key, "!")
+                raise ConfigError(f"output_dir {run.root}: cannot write {NODE_CHECK_FILE} ({e.strerror or e})") from e
             self.store.set(token_key, token)
-        token = self.store.get(token_key).decode("ascii")  # waits (store timeout) for rank 0
+        try:
+            token = self.store.get(token_key).decode("ascii")  # waits (store timeout) for rank 0
+        except Exception as e:
+            raise RankZeroFailed(f"rank 0 did not publish its output-dir token ({type(e).__name__})") from e
+        if token == "!":
+            raise RankZeroFailed("rank 0 cannot write into output_dir; its output says why", EXIT_USAGE)
         seen, until = False, time.monotonic() + NODE_CHECK_WAIT_S
         while not seen and time.monotonic() < until:
             try:

@@ -58,6 +58,8 @@ class Trainer:
         self.lock: RunLock | None = None
         self.trackers: Trackers | None = None
         self._checkpoint_agreed = False  # a vote during this step asked for a checkpoint after it
+        self._stepping = False  # inside the optimizer step: weights or moments partly updated
+        self._notices_saved_at: int | None = None  # the step whose checkpoint the voted-for notices wait for
         self._notice_ids: list[str] = []  # notices this process voted a checkpoint for, remembered once it is saved
 
     # ------------------------------------------------------------------ setup
@@ -114,15 +116,23 @@ class Trainer:
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.is_main = self.acc.is_main_process
         self.device = self.acc.device
-        self.ranks = Ranks(self.rank, self.world, self.cfg.distributed.timeout_s)
+        self.ranks = Ranks(self.rank, self.world, self.cfg.distributed.timeout_s, lambda: self.stop.requested)
         self.heartbeat = Heartbeat(self.run, enabled=self.is_main)
         torch.manual_seed(self.cfg.train.seed)
 
     def _check_memory(self) -> None:
+        """Every rank checks its own GPU; if one cannot fit, every rank stops with exit 2 (none waits for it)."""
         from trainer import preflight
+        from trainer.spot.stop import agree
 
         vocab = len(model_lib.load_tokenizer(self.cfg)) if model_lib.is_builtin(self.cfg) else None
-        preflight.check_fits(self.cfg, self.device, self.world, vocab)
+        try:
+            preflight.check_fits(self.cfg, self.device, self.world, vocab)
+            failure = None
+        except ConfigError as e:
+            failure = e
+        if agree(failure is not None, False, self.acc).stop:
+            raise failure or ConfigError("another rank's GPU cannot fit this run; its output says why")
 
     def _setup_output(self) -> None:
         self.run.root.mkdir(parents=True, exist_ok=True)
@@ -218,7 +228,7 @@ class Trainer:
     def _tick(self) -> bool:
         """Inside a long rank-0-only phase (eval): beat, and say whether a stop was requested (end it now)."""
         self.heartbeat()
-        return self.stop.requested
+        return self.stop.requested or self.ranks.peer_stop()  # a stop on another node counts too
 
     def _vote(self) -> Decision:
         """Every rank's vote before a micro-batch: stop (a signal or notice seen here), checkpoint after this step
@@ -254,9 +264,15 @@ class Trainer:
                 out.clear()
                 self.say(f"eval at step {self.progress.step} interrupted: a stop was requested")
                 self.events.emit("eval_interrupted", step=self.progress.step, reason=self.stop.reason)
+            except torch.OutOfMemoryError:  # generation batches are not in plan's memory model: skip, keep training
+                out.clear()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.say(f"eval at step {self.progress.step} skipped: out of GPU memory (lower eval.max_samples)")
+                self.events.emit("eval_interrupted", step=self.progress.step, reason="out of memory")
 
         if self.data.eval or self.data.eval_prompts:
-            self.ranks.main_only("eval", run, self.heartbeat)
+            self.ranks.main_only("eval", run, self.heartbeat, beat_file=False)  # eval beats per batch itself
             self.heartbeat(phase="train")
         return out
 
@@ -337,9 +353,11 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 return None
             loss_sum += self._micro_step(batch, last=m == len(micro) - 1, n_targets=n_targets)
+        self._stepping = True  # from here the state is no longer the last completed step's (an OOM must not save it)
         grad_norm = self.acc.clip_grad_norm_(self.params, t.max_grad_norm or float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._stepping = False
         p.advance(next_pos, self.plan.global_batch, int(n_tokens))
         (loss,) = self._reduce([loss_sum])
         return StepResult(loss, lr, float(grad_norm), int(n_tokens), time.monotonic() - t0)
@@ -351,6 +369,8 @@ class Trainer:
         ctx = self.acc.no_sync(self.model) if (self.world > 1 and not last) else nullcontext()
         # under DeepSpeed the engine steps inside the last micro-batch's backward
         self.acc.sync_gradients = last
+        # under DeepSpeed the optimizer steps inside the last micro-batch's backward
+        self._stepping = last and self.acc.distributed_type == "DEEPSPEED"
         with ctx, self.acc.autocast():
             out = self.model(**batch, num_items_in_batch=max(1, int(n_targets)), use_cache=False)
             # the loss is sum / targets of the whole step; DDP averages over ranks and backward()
@@ -388,14 +408,17 @@ class Trainer:
         if cfg.eval.every_steps and p.step % cfg.eval.every_steps == 0 and not last:
             self._evaluate()
         agreed, self._checkpoint_agreed = self._checkpoint_agreed, False
-        if self.checkpointer.maybe_save(p, last=last, agreed=agreed):
-            self._remember_notices()
+        if self.checkpointer.maybe_save(p, last=last, agreed=agreed) and self._notice_ids:
+            self._notices_saved_at = p.step
+        self._remember_notices()
 
     def _remember_notices(self) -> None:
-        """The notices voted for are checkpointed: a restart seeing them again does not checkpoint again."""
-        if self._notice_ids:
+        """Once the checkpoint voted for a notice is committed, remember the notice: a restart seeing it again does not
+        checkpoint again (a kill before the commit leaves it unremembered, and the restart takes it)."""
+        step = self._notices_saved_at
+        if step is not None and self._notice_ids and self.checkpointer.committed(step):
             self.notice_memory.remember(self._notice_ids)
-            self._notice_ids = []
+            self._notice_ids, self._notices_saved_at = [], None
 
     def _finish(self, eval_before: dict) -> int:
         eval_after = self._evaluate()
@@ -410,6 +433,7 @@ class Trainer:
                 f"{eval_after['eval_loss']:.4f}{em}"
             )
         if not self.checkpointer.finish(self.progress, self.tokenizer):
+            self.checkpointer.upload_urgently(self.progress.step)  # the last step's checkpoint, before final/
             self.checkpointer.wait_uploads(self.stop.grace_left(self.cfg.preemption.grace_seconds))
             self.events.emit("preempt", step=self.progress.step, reason=self.stop.reason, stop_to_commit_s=0.0)
             self.events.emit("train_end", step=self.progress.step, status="preempted")
@@ -433,6 +457,8 @@ class Trainer:
             )
             return EXIT_PREEMPTED
         commit_s = time.monotonic() - t0
+        if self._notice_ids:  # the emergency checkpoint, committed, covers the notices voted for
+            self._notices_saved_at = step
         self._remember_notices()
         self.events.emit("preempt", step=step, reason=self.stop.reason, stop_to_commit_s=round(commit_s, 3))
         self.checkpointer.wait_uploads(self.stop.grace_left(self.cfg.preemption.grace_seconds))
@@ -456,7 +482,9 @@ class Trainer:
             torch.cuda.empty_cache()
         step = self.progress.step
         vocab = len(self.tokenizer) if model_lib.is_builtin(self.cfg) else None
-        committed = self.world == 1 and step > 0 and self.checkpointer.emergency(self.progress, rng)
+        # the weights and optimizer are the last completed step's unless the OOM hit the optimizer step itself
+        safe = self.world == 1 and step > 0 and not self._stepping
+        committed = safe and self.checkpointer.emergency(self.progress, rng)
         newest = self.checkpointer.store.committed_steps()
         if committed:
             saved = f"step {step} is checkpointed"

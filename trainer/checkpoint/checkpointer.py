@@ -222,6 +222,7 @@ class Checkpointer:
             if not out_of_space(e):
                 raise
         if agree_int(int(self.is_main and self.committed(progress.step)), self.acc):
+            self.upload_urgently(progress.step)  # committed as a periodic one: the stop must not leave it local
             return True
         if self.saved_step == progress.step and self.is_main:  # its background write failed: make room first
             self.store.prune(1, protect=self._uploading())
@@ -238,10 +239,18 @@ class Checkpointer:
             return False
         return bool(agree_int(int(self.is_main and self.committed(progress.step)), self.acc))
 
+    def upload_urgently(self, step: int) -> None:
+        """Rank 0: the committed checkpoint of `step` goes first and is never interrupted by the stop."""
+        if self.uploader is not None and self.is_main and self.committed(step):
+            self.uploader.urgent(self.store.path(step))
+
     def _wait_writer(self) -> None:
-        """The writer is idle (its error, if any, raised here); the heartbeat says so while it is still writing."""
+        """The writer is idle (its error, if any, raised here). The heartbeat says so while it writes, for at most
+        supervisor.hang_timeout: a write stuck longer (a hung mount) stops the beats, and the supervisor restarts."""
+        t0 = time.monotonic()
         while not self.writer.wait(timeout=1.0):
-            self.heartbeat(phase="checkpoint-write")
+            if time.monotonic() - t0 < self.cfg.supervisor.hang_timeout:
+                self.heartbeat(phase="checkpoint-write")
         self.heartbeat(phase="train")
 
     def committed(self, step: int) -> bool:
@@ -363,7 +372,7 @@ class Checkpointer:
             return 0
         self.wait_uploads(None)
         try:
-            self.remote.upload_dir(final, FINAL_DIR, stop=self.stop_requested)
+            self.remote.upload_dir(final, FINAL_DIR, stop=lambda: self.stop_requested() or self.ranks.peer_stop())
             self.say(f"final/ uploaded to {self.cfg.checkpoint.remote}")
         except UploadInterrupted:
             self.say("final/ upload interrupted by the stop request; the next start uploads it")

@@ -46,7 +46,7 @@ def check_meta(meta: object, where: str, max_step: int) -> None:
         raise bad("param_groups is not a list of groups of parameter names")
     scaler = meta.get("loss_scaler", {})
     if not isinstance(scaler, dict) or not all(
-        isinstance(v, (bool, int, float)) and math.isfinite(v) for v in scaler.values()
+        isinstance(v, (bool, int, float)) and _finite(v) for v in scaler.values()
     ):
         raise bad("loss_scaler is not an object of finite numbers")
     for name, e in meta.get("params", {}).items():
@@ -80,7 +80,7 @@ def check_meta(meta: object, where: str, max_step: int) -> None:
             if not (
                 isinstance(step, (int, float))
                 and not isinstance(step, bool)
-                and math.isfinite(step)
+                and _finite(step)
                 and float(step).is_integer()
                 and 0 <= step <= max_step
             ):
@@ -88,3 +88,11 @@ def check_meta(meta: object, where: str, max_step: int) -> None:
                     f"parameter {name!r}: optimizer step {str(step)[:30]} is not a step between 0 and "
                     f"{max_step} (the checkpoint's own step)"
                 )
+
+
+def _finite(v) -> bool:
+    """A finite number; a forged int too large for a float (10**400) is not (math.isfinite would raise)."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False

@@ -14,14 +14,13 @@ set of files, so 2 -> 1 or 1 -> 2 processes is a file operation, not a collectiv
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from trainer.checkpoint.optimizer_json import STEP_LIMIT, check_meta, step_limit
+from trainer.checkpoint.optimizer_json import STEP_LIMIT, _finite, check_meta, step_limit
 from trainer.errors import CheckpointError, CorruptCheckpoint
 
 FORMAT_VERSION = 1
@@ -341,7 +340,7 @@ def load_scaler_state(scaler, state: dict | None, where) -> None:
         raise CorruptCheckpoint(f"{where}: loss_scaler has keys {sorted(state)}, expected {sorted(want)}")
     for k, kind in want.items():
         v = state.get(k, 0)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v) or v < 0:
             raise CorruptCheckpoint(f"{where}: loss_scaler.{k} is {v!r}, not a finite number >= 0")
         if kind is int and v != int(v):
             raise CorruptCheckpoint(f"{where}: loss_scaler.{k} is {v!r}, not an integer")

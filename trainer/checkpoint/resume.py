@@ -114,7 +114,7 @@ def choose(
     local = store.latest_valid(quarantine=True)
     local_manifest = Manifest.load(local[1]) if local else None
     if remote is None:
-        return resumed(local[1], local_manifest, branch=False) if local else fresh()
+        return resumed(local[1], local_manifest, branch=False) if local else _fresh_unless_untrusted(store, None)
     remote_manifests = _wait_for_remote(remote, remote_wait_s, beat)
     if remote_manifests is None:
         if local:
@@ -153,7 +153,32 @@ def choose(
             ) from None
         say(f"pulled checkpoint step {step} from {remote.uri}")
         return resumed(path, remote_manifests[step], branch=False)
-    return resumed(local[1], local_manifest, branch=False) if local else fresh()
+    return resumed(local[1], local_manifest, branch=False) if local else _fresh_unless_untrusted(store, remote)
+
+
+def _fresh_unless_untrusted(store: CheckpointStore, remote: RemoteStore | None) -> Choice:
+    """Step 0, unless checkpoints exist that only the signing key refused: a wrong or rotated key must not restart
+    a run from step 0 over its work (a forgery next to good checkpoints falls back to those; this is none at all)."""
+    signer = store.signer
+    if signer is None:
+        return fresh()
+    refused = [s for s, v in store.manifests()[1].items() if v.untrusted]
+    refused_remote = list(getattr(remote, "untrusted_steps", []) if remote is not None else [])
+    if refused or refused_remote:
+        where = ", ".join(
+            x
+            for x in (
+                f"local steps {refused}" if refused else "",
+                f"remote steps {refused_remote}" if refused_remote else "",
+            )
+            if x
+        )
+        raise ConfigError(
+            f"checkpoint.sign_key_env: every checkpoint here ({where}) is unsigned or not signed with the key in "
+            f"{signer.env} (key id {signer.key_id}), so none is trusted and training would start from step 0 over "
+            f"them; set the key they were signed with, or start over with --resume never --archive-existing"
+        )
+    return fresh()
 
 
 def _newer_first(remote: dict[int, Manifest], local: Manifest | None) -> list[int]:

@@ -22,6 +22,14 @@ MIN_KEY_CHARS = 16
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
+def looks_like_a_key(name: str) -> bool:
+    """A key pasted where its variable's name goes (hex, or long, mixed case and digit-heavy): never echoed."""
+    if re.fullmatch(r"[0-9A-Fa-f]{16,}", name):
+        return True
+    mixed = any(c.islower() for c in name) and any(c.isupper() for c in name)
+    return len(name) >= 16 and mixed and sum(c.isdigit() for c in name) >= 4
+
+
 def key_id(key: bytes) -> str:
     """What a signature records about its key: enough to tell keys apart, nothing to recover it from."""
     return hashlib.sha256(key).hexdigest()[:8]
@@ -65,7 +73,7 @@ class Signer:
 
 def check_env_name(name: str | None) -> None:
     """checkpoint.sign_key_env holds the NAME of a variable; the message never repeats a value that may be the key."""
-    if name is not None and not ENV_NAME_RE.fullmatch(name):
+    if name is not None and (not ENV_NAME_RE.fullmatch(name) or looks_like_a_key(name)):
         raise ConfigError(
             "checkpoint.sign_key_env: give the NAME of an environment variable that holds the key (e.g. "
             "SPOT_TRAINER_SIGN_KEY), not the key itself; keep the key out of config files"

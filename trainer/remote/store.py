@@ -330,6 +330,7 @@ class RemoteStore:
 
     def _manifests(self, steps, deadline: float | None) -> tuple[dict[int, Manifest], list[str]]:
         out, problems = {}, []
+        self.untrusted_steps: list[int] = []  # the last listing's checkpoints refused by the signer
         for step in sorted(steps):
             try:
                 m = self.get_manifest(step, deadline)
@@ -342,6 +343,7 @@ class RemoteStore:
                 problems.append(f"{where}: not a valid manifest (says step {m.step})")
             elif untrusted:
                 problems.append(f"{where}: {untrusted}")
+                self.untrusted_steps.append(step)
             elif m is not None:
                 out[step] = m
         return out, problems

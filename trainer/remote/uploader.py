@@ -134,6 +134,14 @@ class CheckpointUploader:
             self._coalesce()
             self._cond.notify_all()
 
+    def urgent(self, ckpt_dir: Path) -> None:
+        """Queue a committed checkpoint as the one a stop must not lose (like an emergency checkpoint: first in line,
+        never interrupted by the stop): the newest step when a stop comes right after it was committed."""
+        self.submit(ckpt_dir)
+        with self._cond:
+            self._emergency.add(_step(Path(ckpt_dir)))
+            self._cond.notify_all()
+
     def sync_pending(self, local_ckpt_root: Path) -> None:
         """Queue (in the background) the local committed checkpoints of the current lineage that the remote does
         not hold with the same manifest."""

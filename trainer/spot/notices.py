@@ -152,7 +152,7 @@ class AwsMetadata:
                     "aws:rebalance",
                     None,
                     f"rebalance recommendation at {when or '?'}",
-                    id=f"aws:rebalance:{when[:64]}",
+                    id=f"aws:rebalance:{when[:64]}" if when else None,  # no time: nothing to tell two apart
                 )
         return None
 

@@ -126,14 +126,14 @@ def test_retention_and_lineage_never_count_a_forgery(tmp_path):
     assert store.committed_steps() == [8, 12] and _tree(store.path(12)) == before
 
 
-def test_choose_starts_fresh_when_nothing_is_signed_and_refuses_an_unsigned_path(tmp_path, caplog):
+def test_choose_stops_rather_than_start_over_unsigned_work_and_refuses_an_unsigned_path(tmp_path, caplog):
     store = CheckpointStore(tmp_path, SIGNER)
-    d = make_checkpoint(store.root, 4)  # unsigned (written with signing off)
-    with caplog.at_level(logging.WARNING):
-        choice = resume.choose("auto", store, None, 0, lambda m: None, lambda: None)
-    assert choice.path is None and choice.manifest is None
+    d = make_checkpoint(store.root, 4)  # unsigned (written with signing off), or signed with a rotated key
+    with caplog.at_level(logging.WARNING), pytest.raises(ConfigError, match=r"local steps \[4\].*none is trusted"):
+        resume.choose("auto", store, None, 0, lambda m: None, lambda: None)  # not step 0 over the work
     assert "skipping checkpoint" in caplog.text and "not signed" in caplog.text
     assert (d / "manifest.json").is_file()
+    assert resume.choose("auto", CheckpointStore(tmp_path / "empty", SIGNER), None, 0, print, lambda: None).path is None
     with pytest.raises(ConfigError, match=r"--resume .*step-00000004: not signed"):
         resume.choose(str(d), store, None, 0, lambda m: None, lambda: None)
     assert resume.choose("auto", CheckpointStore(tmp_path), None, 0, print, lambda: None).path == d

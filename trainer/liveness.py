@@ -44,7 +44,9 @@ class Heartbeat:
 
     def __init__(self, run: RunDir, enabled: bool, min_interval_s: float = BEAT_EVERY_S):
         self.run, self.enabled, self.min_interval_s = run, enabled, min_interval_s
-        self.step, self.phase = 0, "setup"
+        # until the run knows its step, the beats of setup keep the step the last process reached (the supervisor
+        # reads it as this attempt's progress)
+        self.step, self.phase = (run.read_heartbeat() or 0) if enabled else 0, "setup"
         self._last = 0.0
         self._warned = False
 

@@ -23,8 +23,13 @@ RUN = [*TINY, "model.method=lora", "train.max_steps=12"]
 
 
 def tree(root) -> dict:
-    """Every file under root with its size and mtime: what "nothing touched" means."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+    """Every file under root with its size and mtime: what "nothing touched" means (the heartbeat aside: a liveness
+    signal the trainer writes from its first second, not saved work)."""
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.is_file() and p.name != "heartbeat"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +106,11 @@ def test_a_manifest_with_an_unknown_field_resumes_normally(tmp_path, finished):
     out = copy_of(finished, tmp_path)
     path = out / "checkpoints" / step_dirname(12) / "manifest.json"
     m = json.loads(path.read_text())
-    m["signature"] = {"alg": "hmac-sha256", "value": "00"}
+    m["provenance"] = {"builder": "spot-trainer 9.0", "digest": "00"}  # ("signature" is a field of ours now)
     path.write_text(json.dumps(m))
     p = run_cli("train", overrides=[*RUN, "train.max_steps=14"], output_dir=out)
     assert f"resumed from {out / 'checkpoints' / step_dirname(12)}" in p.stdout, p.stdout[-2000:]
-    assert json.loads(path.read_text())["signature"]["alg"] == "hmac-sha256"  # kept as it came
+    assert json.loads(path.read_text())["provenance"]["digest"] == "00"  # kept as it came
 
 
 def test_export_refuses_a_non_empty_dir_that_is_not_its_own_export(tmp_path, finished):

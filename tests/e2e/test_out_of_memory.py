@@ -7,6 +7,7 @@ micro-batch (the GPU run in bench/ hits a real one under a memory cap).
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.harness.common import TINY, run_cli
@@ -16,6 +17,8 @@ from trainer.errors import EXIT_OOM
 from trainer.loop import Trainer, run_training
 from trainer.metrics import read_jsonl
 from trainer.run_dir import committed_steps
+
+pytestmark = pytest.mark.e2e
 
 
 def test_a_run_that_cannot_fit_is_refused_in_one_line_before_anything_is_written(tmp_path):
@@ -28,11 +31,13 @@ def test_a_run_that_cannot_fit_is_refused_in_one_line_before_anything_is_written
     assert not out.exists()  # nothing written
 
 
+@pytest.mark.slow
 def test_a_run_that_fits_is_not_refused(tmp_path):
     p = run_cli("train", overrides=[*TINY, "train.max_steps=2", "model.memory_budget_gb=4"], output_dir=tmp_path)
     assert p.returncode == 0
 
 
+@pytest.mark.slow
 def test_an_out_of_memory_error_in_a_step_commits_the_last_completed_step_and_exits_3(tmp_path, monkeypatch, capsys):
     cfg = load_config(None, [*TINY, "checkpoint.every_steps=100"], str(tmp_path))
     real = Trainer._micro_step

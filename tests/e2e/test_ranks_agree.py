@@ -194,6 +194,7 @@ def test_a_sigterm_during_eval_ends_it_and_commits_the_last_completed_step(tmp_p
     assert not [m for m in read_jsonl(out / "metrics.jsonl") if "eval_loss" in m and m["step"] == 10]
 
 
+@pytest.mark.slow
 def test_nodes_that_do_not_share_the_output_dir_stop_at_once_with_exit_2(tmp_path):
     port = free_port()
     launches = []

@@ -63,6 +63,7 @@ def test_killed_off_boundary_resumes_bitwise(tmp_path, references, method):
     assert steps == list(range(1, 13))
 
 
+@pytest.mark.slow  # keeps the -m "not slow" pass under 3 minutes
 def test_sigterm_stops_with_emergency_checkpoint_and_resumes_bitwise(tmp_path, references):
     proc = start_cli("train", overrides=TINY + METHODS["lora"], output_dir=tmp_path)
     kill_at_step(proc, tmp_path, 5, signal.SIGTERM)

@@ -68,6 +68,7 @@ def test_sigkill_and_resume_one_run_per_tracker_each_step_once(tmp_path, monkeyp
     assert sorted(steps) == STEPS, Counter(steps)
 
 
+@pytest.mark.slow  # keeps the -m "not slow" pass under 3 minutes
 def test_missing_and_failing_trackers_cost_one_warning_each(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     shim = tmp_path / "shim" / "wandb"

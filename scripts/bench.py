@@ -66,10 +66,35 @@ def build_tokenizer():
     )
 
 
+def save_random_llama(cfg, path: Path, device: str) -> int:
+    """A Llama of `cfg` made on `device` (meta, then empty), random normal(0, 0.02) weights with unit norms, saved as
+    bf16 safetensors in `path`; its parameter count. Tied embeddings stay one tensor. (scripts/card_bench.py too.)"""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    model.to_empty(device=device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # to_empty gave the tied pair two tensors
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    n_params = sum(p.numel() for p in model.parameters())
+    model.config.dtype = "bfloat16"
+    model.save_pretrained(path, max_shard_size="4GB")
+    return n_params
+
+
 def build_model(shape: str, path: Path, device: str) -> dict:
     """Random bf16 Llama of `shape` (made on `device`, never on the CPU for big shapes), saved as safetensors."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     t0 = time.time()
     cfg = LlamaConfig(
@@ -84,21 +109,7 @@ def build_model(shape: str, path: Path, device: str) -> dict:
         pad_token_id=0,
         use_cache=False,
     )
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    torch.set_default_dtype(torch.float32)
-    model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    n_params = sum(p.numel() for p in model.parameters())
-    model.config.dtype = "bfloat16"
-    model.save_pretrained(path, max_shard_size="4GB")
+    n_params = save_random_llama(cfg, path, device)
     build_tokenizer().save_pretrained(path)
     return {"params": n_params, "seconds": round(time.time() - t0, 1)}
 

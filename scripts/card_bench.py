@@ -199,8 +199,7 @@ EST_S["4090-nocap"] = 140  # with the 8B model's build
 
 def build_model(shape: str, path: Path, device: str, tiny: bool) -> dict:
     """Random-weight Llama of `shape` (made on `device`), bf16 safetensors, with a WordLevel tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     t0 = time.time()
     fields = dict(SHAPES[shape])
@@ -208,23 +207,7 @@ def build_model(shape: str, path: Path, device: str, tiny: bool) -> dict:
         kv = 4 if fields["num_key_value_heads"] == fields["num_attention_heads"] else 2
         fields.update(TINY, num_key_value_heads=kv)
     cfg = LlamaConfig(**fields, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, use_cache=False)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    torch.set_default_dtype(torch.float32)
-    model.to_empty(device=device)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight  # to_empty gave the tied pair two tensors
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    n_params = sum(p.numel() for p in model.parameters())
-    model.config.dtype = "bfloat16"
-    model.save_pretrained(path, max_shard_size="4GB")
+    n_params = bench.save_random_llama(cfg, path, device)
     bench.VOCAB = cfg.vocab_size
     bench.build_tokenizer().save_pretrained(path)
     return {"shape": shape, "params": n_params, "tied": cfg.tie_word_embeddings, "seconds": round(time.time() - t0, 1)}

@@ -1,11 +1,13 @@
 """Evaluation: loss on held-out rows, and exact-match accuracy of greedy answers to held-out prompts.
 
-Both take `tick`, called before every batch: it beats the heartbeat (an eval longer than the supervisor's
-hang_timeout is not a hang) and returns True when a stop was requested, which ends the eval at once (Interrupted).
+Both take `tick`, called before every batch (and, while generating, every half second between tokens: one batch
+of long answers can outlast hang_timeout): it beats the heartbeat (an eval longer than the supervisor's hang_timeout
+is not a hang) and returns True when a stop was requested, which ends the eval at once (Interrupted).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -74,7 +76,26 @@ def exact_match(
         model.train(was_training)
 
 
+class _TickWhileGenerating:
+    """A stopping criterion that ticks between generated tokens (at most every `every_s`) and ends the generation
+    when the tick says stop; `stopped` then tells the caller to drop the result."""
+
+    def __init__(self, tick: Tick, every_s: float = 0.5):
+        self.tick, self.every_s = tick, every_s
+        self.stopped = False
+        self._last = time.monotonic()
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        now = time.monotonic()
+        if not self.stopped and now - self._last >= self.every_s:
+            self._last = now
+            self.stopped = bool(self.tick())
+        return torch.full((input_ids.shape[0],), self.stopped, dtype=torch.bool, device=input_ids.device)
+
+
 def _exact_match(model, tokenizer, prompts, max_new_tokens, batch_size, device, tick) -> float:
+    from transformers import StoppingCriteriaList
+
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     pad = tokenizer.pad_token_id
     hits = 0
@@ -88,6 +109,7 @@ def _exact_match(model, tokenizer, prompts, max_new_tokens, batch_size, device, 
         for j, e in enumerate(enc):  # left padding for generation
             ids[j, L - len(e) :] = torch.tensor(e)
             mask[j, L - len(e) :] = 1
+        between = _TickWhileGenerating(tick) if tick is not None else None
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -96,7 +118,10 @@ def _exact_match(model, tokenizer, prompts, max_new_tokens, batch_size, device, 
             pad_token_id=pad,
             use_cache=True,
             eos_token_id=tokenizer.eos_token_id,
+            stopping_criteria=StoppingCriteriaList([between]) if between is not None else None,
         )
+        if between is not None and between.stopped:
+            raise Interrupted
         for j, p in enumerate(chunk):
             text = tokenizer.decode(out[j, L:], skip_special_tokens=True)
             hits += int(text.strip() == p["completion"].strip())

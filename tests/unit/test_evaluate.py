@@ -89,3 +89,33 @@ def test_exact_match_counts_greedy_completions_that_equal_the_reference(model, t
     score = exact_match(model, tok, wrong, max_new_tokens=6, batch_size=1, device=CPU)
     assert 0.0 <= score <= 1.0 and score == pytest.approx(1 / 3)
     assert exact_match(model, tok, [], 6, 1, CPU) is None
+
+
+def test_a_long_generation_ticks_between_tokens_and_a_stop_ends_it_mid_batch(model, tok, monkeypatch):
+    # One batch of long answers can outlast the supervisor's hang_timeout: the tick runs between tokens too.
+    from trainer import evaluate
+
+    clock = [0.0]
+    monkeypatch.setattr(evaluate.time, "monotonic", lambda: clock[0])
+    calls = []
+
+    def tick() -> bool:
+        calls.append(clock[0])
+        return len(calls) >= 4  # the 4th tick asks to stop: before-batch tick, then two between tokens, then stop
+
+    original = evaluate._TickWhileGenerating.__call__
+
+    def every_token(self, input_ids, scores, **kwargs):
+        clock[0] += 0.3  # each token "takes" 0.3 s
+        tokens.append(input_ids.shape[1])
+        return original(self, input_ids, scores, **kwargs)
+
+    tokens = []
+    monkeypatch.setattr(evaluate._TickWhileGenerating, "__call__", every_token)
+    prompts = [{"prompt": "12+30=", "completion": "42"}]
+    with pytest.raises(evaluate.Interrupted):
+        exact_match(model, tok, prompts, max_new_tokens=100, batch_size=1, device=CPU, tick=tick)
+    assert len(calls) == 4
+    assert all(b - a >= 0.5 for a, b in zip(calls[1:], calls[2:], strict=False))  # rate-limited
+    assert len(tokens) < 20  # ended long before 100 tokens
+    assert model.training

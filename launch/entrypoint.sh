@@ -38,6 +38,33 @@ install_spot_trainer() {
   rm -f "$constraints"
 }
 
+# Byte-compile what a start imports (ours, torch, transformers, ...), once per install: packages installed without
+# .pyc files (uv, PIP_NO_COMPILE, a read-only cache) would otherwise compile them again in every process's start-up,
+# the first trainer's and each restart's. Best effort: an unwritable site-packages is skipped, never an error.
+warm_bytecode() {
+  local listing
+  listing="$("$python" - 2>/dev/null <<'PY' || true
+import importlib.util
+import sys
+
+sys.path = [p for p in sys.path if p not in ("", ".")]  # the installed packages, not a same-named dir here
+for name in ("trainer", "torch", "transformers", "accelerate", "peft", "bitsandbytes", "safetensors", "tokenizers",
+             "huggingface_hub", "datasets", "liger_kernel", "boto3", "botocore", "click", "yaml", "tenacity"):
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        continue
+    if spec is not None and spec.submodule_search_locations:
+        print(list(spec.submodule_search_locations)[0])
+PY
+)"
+  [[ -n "$listing" ]] || return 0
+  local dirs
+  mapfile -t dirs <<<"$listing"
+  echo "spot-trainer: compiling bytecode of ${#dirs[@]} packages" >&2
+  "$python" -m compileall -q -j 0 "${dirs[@]}" >/dev/null 2>&1 || true
+}
+
 args=(run)
 if [[ -n "${SPOT_CONFIG:-}" ]]; then args+=("$SPOT_CONFIG"); fi
 args+=(--output-dir "${SPOT_OUTPUT_DIR:-/workspace/run}")
@@ -49,7 +76,10 @@ if [[ -n "${SPOT_SET:-}" ]]; then
 fi
 args+=("$@")
 
-if ! command -v spot-trainer >/dev/null 2>&1; then install_spot_trainer; fi
+if ! command -v spot-trainer >/dev/null 2>&1; then
+  install_spot_trainer
+  warm_bytecode
+fi
 if command -v spot-trainer >/dev/null 2>&1; then
   cmd=(spot-trainer)
 else

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import signal
@@ -184,8 +185,25 @@ def flops_per_token(shape: str, mean_sq_over_mean: float, ckpt_fraction: float) 
 # ---------------------------------------------------------------- the seed recipe (HF Trainer)
 
 
+def informed_attention(cuda: bool) -> str:
+    """The attention an informed HF user gets for padding-free rows: flash_attention_2 where the flash-attn
+    package is installed, else SDPA, for which transformers builds a per-document mask from the position ids."""
+    if cuda:
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
 def seed_main(a) -> None:
-    """One process: load once, train the variable then the fixed data with HF Trainer, write JSON."""
+    """One process: load once, train the variable then the fixed data with HF Trainer, write JSON.
+
+    a.recipe "seed": padded micro-batches (DataCollatorForSeq2Seq). "informed": the same Trainer, LoRA, 4-bit base,
+    optimizer and rows per step, padding-free (DataCollatorWithFlattening: each micro-batch one row, position ids
+    restarting per document) with Liger's kernels (use_liger_kernel, on a GPU with liger-kernel installed)."""
     import datasets
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -194,6 +212,7 @@ def seed_main(a) -> None:
         AutoTokenizer,
         BitsAndBytesConfig,
         DataCollatorForSeq2Seq,
+        DataCollatorWithFlattening,
         Trainer,
         TrainerCallback,
         TrainingArguments,
@@ -203,8 +222,17 @@ def seed_main(a) -> None:
     from trainer.data import tokenize_row
 
     cuda = not a.cpu
+    informed = a.recipe == "informed"
     tok = AutoTokenizer.from_pretrained(a.model)
     t0 = time.time()
+    setup: dict = {"recipe": a.recipe}
+    extra = {}
+    if informed:
+        setup["attn_implementation"] = extra["attn_implementation"] = informed_attention(cuda)
+        setup["liger"] = cuda and _installed("liger-kernel")
+        if not setup["liger"]:
+            print(f"informed: without Liger ({'CPU' if not cuda else 'liger-kernel not installed'})", flush=True)
+        print(f"informed: attention {setup['attn_implementation']}, padding-free rows", flush=True)
     q = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -216,7 +244,10 @@ def seed_main(a) -> None:
         quantization_config=q,
         dtype=torch.bfloat16 if cuda else torch.float32,
         device_map={"": 0} if cuda else {"": "cpu"},
+        **extra,
     )
+    # no KV cache: with one, transformers skips the per-document mask that SDPA needs for the flattened rows
+    model.config.use_cache = False
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(
         model,
@@ -229,18 +260,22 @@ def seed_main(a) -> None:
         ),
     )
     load_s = time.time() - t0
-    results = {"load_s": round(load_s, 1)}
+    results = {"load_s": round(load_s, 1), "setup": setup}
     for name in a.data.split(","):
         rows = [json.loads(x) for x in open(Path(a.data_dir) / f"{name}.jsonl")]
         rows = [tokenize_row(tok, r, "completion", 4096) for r in rows]
         ds = datasets.Dataset.from_list(rows)
-        collate = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100)
-        batches: list[tuple[int, int, float]] = []  # (real tokens, padded tokens, sum of squared lengths)
+        if informed:  # one row per micro-batch, no padding: computed tokens = real tokens
+            collate = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+        else:
+            collate = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100)
+        batches: list[tuple[int, int, float]] = []  # (real tokens, computed tokens, sum of squared lengths)
 
         def counting(features, collate=collate, batches=batches):
             lens = [len(f["input_ids"]) for f in features]
-            batches.append((sum(lens), max(lens) * len(lens), float(sum(x * x for x in lens))))
-            return collate(features)
+            batch = collate(features)
+            batches.append((sum(lens), batch["input_ids"].numel(), float(sum(x * x for x in lens))))
+            return batch
 
         ends: list[float] = []
 
@@ -268,8 +303,10 @@ def seed_main(a) -> None:
             seed=42,
             dataloader_num_workers=0,
             use_cpu=not cuda,
+            use_liger_kernel=bool(setup.get("liger")) and not results.get("liger_applied"),
         )
         trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=counting, callbacks=[Clock()])
+        results["liger_applied"] = results.get("liger_applied") or args.use_liger_kernel  # patched once, kept
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -297,7 +334,8 @@ def seed_main(a) -> None:
             res["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
         results[name] = res
         print(
-            f"seed {name}: {res['tokens_per_s']:.0f} real tokens/s, peak {res.get('peak_allocated_gib', 0):.2f} GiB",
+            f"{a.recipe} {name}: {res['tokens_per_s']:.0f} real tokens/s, "
+            f"peak {res.get('peak_allocated_gib', 0):.2f} GiB",
             flush=True,
         )
         del trainer
@@ -369,6 +407,22 @@ def spot_config(a, data: str, overrides: dict) -> dict:
     return cfg
 
 
+def recompute_fraction(shape: str, plan: str) -> float:
+    """The share of the decoder layers' forward that a checkpoint plan recomputes (for HFU), from the trainer's
+    line "gradient checkpointing on N/T layers ... (whole W, attention|mlp P)": a whole layer counts 1, an
+    attention or MLP part its share of the layer's linear weights (attention's own FLOPs left out)."""
+    n, total = (int(x) for x in re.search(r"on (\d+)/(\d+) layers", plan).groups())
+    parts = re.search(r"\(whole (\d+), (attention|mlp) (\d+)\)", plan)
+    if not parts:
+        return n / total
+    s = SHAPES[shape]
+    h, d = s["hidden_size"], s["hidden_size"] // s["num_attention_heads"]
+    attn = 2 * h * h + 2 * h * s["num_key_value_heads"] * d
+    mlp = 3 * h * s["intermediate_size"]
+    share = (attn if parts.group(2) == "attention" else mlp) / (attn + mlp)
+    return (int(parts.group(1)) + share * int(parts.group(3))) / total
+
+
 def run_spot(a, name: str, data: str, overrides: dict, stop_after: int) -> dict:
     """Train with the CLI until `stop_after` steps are logged, SIGTERM it, read metrics/events/memory."""
     import yaml
@@ -419,7 +473,7 @@ def run_spot(a, name: str, data: str, overrides: dict, stop_after: int) -> dict:
     plan = re.search(r"gradient checkpointing on (\d+)/(\d+) layers.*", text)
     res["checkpoint_plan"] = plan.group(0) if plan else None
     res["ckpt_fraction"] = (
-        int(plan.group(1)) / int(plan.group(2))
+        recompute_fraction(a.shape, plan.group(0))
         if plan
         else (1.0 if overrides.get("model.gradient_checkpointing") else 0.0)
     )
@@ -600,25 +654,39 @@ def sub(a, *args, timeout: int = 900) -> int:
     return subprocess.run([sys.executable, __file__, *args], env=env, cwd=ROOT, timeout=timeout).returncode
 
 
-def summarize(shape: str, data_info: dict, seed: dict, spots: list[dict]) -> list[dict]:
+def summarize(shape: str, data_info: dict, seed: dict, spots: list[dict], informed: dict | None = None) -> list[dict]:
+    """One row per run and data set; spot rows carry their ratios to the seed and to the informed setup."""
     rows = []
+    informed = informed or {}
     for name in ("var", "fixed"):
-        s = seed.get(name)
-        msq = (s or {}).get("mean_sq_over_mean") or data_info[name]["sum_sq"] / data_info[name]["tokens"]
-        if s:
-            f = flops_per_token(shape, msq, 1.0)
+        s, inf = seed.get(name), informed.get(name)
+        msq = (s or inf or {}).get("mean_sq_over_mean") or data_info[name]["sum_sq"] / data_info[name]["tokens"]
+        f_all = flops_per_token(shape, msq, 1.0)
+        base = s["tokens_per_s"] if s else None
+        mem = s.get("peak_allocated_gib") if s else None
+        ibase = inf["tokens_per_s"] if inf else None
+        imem = inf.get("peak_allocated_gib") if inf else None
+
+        def ratio(x, y):
+            return x / y if x and y else None
+
+        for recipe, r in (("seed", s), ("informed", inf)):
+            if not r:
+                continue
             rows.append(
                 dict(
-                    run=f"seed-{name}",
+                    run=f"{recipe}-{name}",
                     data=name,
-                    tokens_per_s=s["tokens_per_s"],
-                    peak_alloc=s.get("peak_allocated_gib"),
-                    peak_res=s.get("peak_reserved_gib"),
-                    mfu=s["tokens_per_s"] * f["model"] / PEAK_BF16,
-                    hfu=s["tokens_per_s"] * f["hardware"] / PEAK_BF16,
-                    ratio=1.0,
-                    mem_ratio=1.0,
-                    tokens_per_step=s["tokens_per_step"],
+                    tokens_per_s=r["tokens_per_s"],
+                    peak_alloc=r.get("peak_allocated_gib"),
+                    peak_res=r.get("peak_reserved_gib"),
+                    mfu=r["tokens_per_s"] * f_all["model"] / PEAK_BF16,
+                    hfu=r["tokens_per_s"] * f_all["hardware"] / PEAK_BF16,
+                    ratio=ratio(r["tokens_per_s"], base),
+                    mem_ratio=ratio(r.get("peak_allocated_gib"), mem),
+                    ratio_informed=ratio(r["tokens_per_s"], ibase),
+                    mem_ratio_informed=ratio(r.get("peak_allocated_gib"), imem),
+                    tokens_per_step=r["tokens_per_step"],
                     ckpt="all",
                 )
             )
@@ -626,8 +694,6 @@ def summarize(shape: str, data_info: dict, seed: dict, spots: list[dict]) -> lis
             if r["data"] != name or "tokens_per_s" not in r:
                 continue
             f = flops_per_token(shape, msq, r["ckpt_fraction"])
-            base = s["tokens_per_s"] if s else None
-            mem = s.get("peak_allocated_gib") if s else None
             rows.append(
                 dict(
                     run=f"spot-{r['name']}",
@@ -637,10 +703,15 @@ def summarize(shape: str, data_info: dict, seed: dict, spots: list[dict]) -> lis
                     peak_res=r.get("peak_reserved_gib"),
                     mfu=r["tokens_per_s"] * f["model"] / PEAK_BF16,
                     hfu=r["tokens_per_s"] * f["hardware"] / PEAK_BF16,
-                    ratio=r["tokens_per_s"] / base if base else None,
-                    mem_ratio=r["peak_allocated_gib"] / mem if mem and r.get("peak_allocated_gib") else None,
+                    ratio=ratio(r["tokens_per_s"], base),
+                    mem_ratio=ratio(r.get("peak_allocated_gib"), mem),
+                    ratio_informed=ratio(r["tokens_per_s"], ibase),
+                    mem_ratio_informed=ratio(r.get("peak_allocated_gib"), imem),
+                    budget_gib=r["overrides"].get("model.memory_budget_gb"),
+                    against=r.get("against"),
                     tokens_per_step=r["tokens_per_step"],
                     ckpt=f"{r['ckpt_fraction']:.2f}",
+                    checkpoint_plan=r.get("checkpoint_plan"),
                     stall_s=max(r["stall_s"]) if r["stall_s"] else None,
                     stop_to_commit_s=r.get("stop_to_commit_s"),
                     sigterm_wall_s=r.get("sigterm_to_commit_wall_s"),
@@ -650,35 +721,68 @@ def summarize(shape: str, data_info: dict, seed: dict, spots: list[dict]) -> lis
     return rows
 
 
+GOAL_INFORMED = 2.5  # issue 14: >= 2.5x the informed HF setup's real tokens/s at no more than its peak memory
+
+
+def against_informed(rows: list[dict]) -> list[dict]:
+    """The goal line of each spot run planned under the informed setup's peak: its speed and memory ratios."""
+    out = []
+    for r in rows:
+        if r.get("against") != "informed" or r.get("ratio_informed") is None:
+            continue
+        mem = r.get("mem_ratio_informed")
+        met = r["ratio_informed"] >= GOAL_INFORMED and mem is not None and mem <= 1.0
+        mem_text = "-" if mem is None else f"{mem:.2f}x"
+        out.append(
+            dict(
+                run=r["run"],
+                ratio=r["ratio_informed"],
+                mem_ratio=mem,
+                met=met,
+                text=f"{r['run']}: {r['ratio_informed']:.2f}x the informed setup at {mem_text} its peak memory "
+                f"(goal >= {GOAL_INFORMED}x at <= 1.00x): {'met' if met else 'not met'}",
+            )
+        )
+    return out
+
+
 def print_table(rows: list[dict]) -> None:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
     print(
-        f"{'run':<26}{'tok/s':>9}{'x seed':>8}{'alloc GiB':>10}{'resv GiB':>9}{'x mem':>7}{'MFU':>7}{'HFU':>7}"
-        f"{'tok/step':>9}{'ckpt':>6}{'stall s':>8}{'stop s':>7}{'term s':>7}{'exit':>5}"
+        f"{'run':<26}{'tok/s':>9}{'x seed':>8}{'x inf':>7}{'alloc GiB':>10}{'resv GiB':>9}{'x mem':>7}{'x mem inf':>10}"
+        f"{'MFU':>7}{'HFU':>7}{'tok/step':>9}{'ckpt':>6}{'stall s':>8}{'stop s':>7}{'term s':>7}{'exit':>5}"
     )
     for r in rows:
         print(
-            f"{r['run']:<26}{f(r['tokens_per_s'], '.0f'):>9}{f(r['ratio'], '.2f'):>8}"
+            f"{r['run']:<26}{f(r['tokens_per_s'], '.0f'):>9}{f(r['ratio'], '.2f'):>8}{f(r['ratio_informed'], '.2f'):>7}"
             f"{f(r['peak_alloc'], '.2f'):>10}{f(r['peak_res'], '.2f'):>9}{f(r['mem_ratio'], '.2f'):>7}"
+            f"{f(r['mem_ratio_informed'], '.2f'):>10}"
             f"{f(r['mfu'], '.1%'):>7}{f(r['hfu'], '.1%'):>7}{f(r['tokens_per_step'], '.0f'):>9}{r['ckpt']:>6}"
             f"{f(r.get('stall_s'), '.3f'):>8}{f(r.get('stop_to_commit_s'), '.2f'):>7}"
             f"{f(r.get('sigterm_wall_s'), '.2f'):>7}{str(r.get('exit', '')):>5}"
         )
 
 
-def spot_runs(a) -> list[tuple[str, str, dict]]:
-    """(name, data, config overrides) of the spot-trainer runs; memory budgets are filled in from the seed."""
+def spot_runs(a, parts: set[str]) -> list[tuple[str, str, dict, str]]:
+    """(name, data, config overrides, whose peak is the memory budget) of the spot-trainer runs: the budgets are
+    filled in from the seed's peak, or the informed setup's for the runs that are compared at its memory."""
     var = {"data.max_length": a.var_length, "train.micro_batch_size": 1, "train.grad_accum": a.var_accum}
     fixed = {"data.max_length": 1024, "train.micro_batch_size": a.fixed_micro, "train.grad_accum": 16 // a.fixed_micro}
-    runs = [("var", "var", var), ("fixed", "fixed", fixed)]
+    runs = []
+    if a.spot_at_seed:
+        runs += [("var", "var", var, "seed"), ("fixed", "fixed", fixed, "seed")]
+    if "informed" in parts:  # at the informed setup's peak, once per checkpoint_parts value
+        for cp in a.informed_ckpt_parts.split(","):
+            runs.append((f"var-inf-{cp}", "var", {**var, "model.checkpoint_parts": cp}, "informed"))
     if a.ablate:
-        runs += [
+        ablations = [
             ("var-mask-attn", "var", {**var, "model.packed_attention": "mask"}),
             ("var-no-liger", "var", {**var, "model.liger_kernels": False}),
             ("var-all-ckpt", "var", {**var, "model.checkpoint_layers": None, "model.gradient_checkpointing": True}),
         ]
+        runs += [(*run, "seed") for run in ablations]
     return runs
 
 
@@ -693,7 +797,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model dir (built if missing)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--data", default="var,fixed")
-    ap.add_argument("--parts", default="micro,seed,spot")
+    ap.add_argument("--parts", default="micro,seed,informed,spot")
     ap.add_argument("--cpu", action="store_true", help="smoke test without a GPU")
     ap.add_argument("--steps", type=int, default=8, help="seed recipe optimizer steps per data set")
     ap.add_argument("--spot-steps", type=int, default=12, help="spot-trainer steps before SIGTERM")
@@ -705,6 +809,18 @@ def main() -> None:
     ap.add_argument("--var-budget", type=float, default=None, help="GiB; default: the seed's peak")
     ap.add_argument("--fixed-budget", type=float, default=None, help="GiB; default: 0.7 x the seed's peak")
     ap.add_argument("--ablate", action="store_true", help="also spot runs with one speed feature off")
+    ap.add_argument(
+        "--informed-ckpt-parts",
+        default="layer,attention,mlp",
+        help="with the informed part: a spot run at its peak memory for each model.checkpoint_parts value",
+    )
+    ap.add_argument(
+        "--no-spot-at-seed",
+        dest="spot_at_seed",
+        action="store_false",
+        help="leave out the spot runs at the seed's memory (var, fixed)",
+    )
+    ap.add_argument("--recipe", default="seed", choices=["seed", "informed"], help="(internal) the HF recipe")
     ap.add_argument("--run-timeout", type=float, default=240)
     ap.add_argument("--result", default=None)
     a = ap.parse_args()
@@ -768,12 +884,16 @@ def main() -> None:
         )
         report["build"] = json.loads(res_file.read_text()) if rc == 0 else {"error": rc}
         print("model:", report["build"], flush=True)
-    seed = {}
-    if "seed" in parts:
+    hf: dict[str, dict] = {"seed": {}, "informed": {}}
+    for recipe in ("seed", "informed"):  # the HF Trainer recipes, one process each
+        if recipe not in parts:
+            continue
         res_file.unlink(missing_ok=True)
         rc = sub(
             a,
             "_seed",
+            "--recipe",
+            recipe,
             "--shape",
             a.shape,
             "--model",
@@ -792,30 +912,41 @@ def main() -> None:
             a.work,
             *(["--cpu"] if a.cpu else []),
         )
-        seed = json.loads(res_file.read_text()) if res_file.exists() else {"error": rc}
-        report["seed"] = seed
+        hf[recipe] = json.loads(res_file.read_text()) if res_file.exists() else {"error": rc}
+        report[recipe] = hf[recipe]
         save()
+    seed = hf["seed"]
     spots = []
     if "spot" in parts:
-        for name, data, ov in spot_runs(a):
+        for name, data, ov, against in spot_runs(a, parts):
             if data not in a.data.split(","):
                 continue
             ov = dict(ov)
-            peak = (seed.get(data) or {}).get("peak_allocated_gib")
-            budget = a.var_budget if data == "var" else a.fixed_budget
-            if budget is None and peak:
-                budget = peak if data == "var" else 0.7 * peak
+            peak = (hf[against].get(data) or {}).get("peak_allocated_gib")
+            if against == "informed":
+                # its measured peak, rounded down: "at no more than its memory" is what the plan is given
+                budget = math.floor(peak * 1000) / 1000 if peak else None
+                if budget is None and not a.cpu:
+                    print(f"spot {name}: skipped, the informed run measured no peak on {data}", flush=True)
+                    continue
+            else:
+                budget = a.var_budget if data == "var" else a.fixed_budget
+                if budget is None and peak:
+                    budget = peak if data == "var" else 0.7 * peak
+                budget = round(budget, 3) if budget else None  # GiB, like the peaks
             if budget and not a.cpu and "model.memory_budget_gb" not in ov:
-                ov["model.memory_budget_gb"] = round(budget, 3)  # GiB, like the peaks
+                ov["model.memory_budget_gb"] = budget
             r = run_spot(a, name, data, ov, a.spot_steps)
             if r["exit_code"] not in (0, 75) and not a.cpu:  # keep the comparison: retry with the plain paths
                 spots.append(r)
                 safe = {**ov, "model.liger_kernels": False, "model.packed_attention": "mask"}
                 r = run_spot(a, name + "-fallback", data, safe, a.spot_steps)
+            r["against"] = against
             spots.append(r)
             report["spot"] = spots
             save()
-    report["table"] = summarize(a.shape, report["data"], seed, spots)
+    report["table"] = summarize(a.shape, report["data"], seed, spots, hf["informed"])
+    report["against_informed"] = against_informed(report["table"])
     save()
     print()
     print(
@@ -823,6 +954,8 @@ def main() -> None:
         f"steps; MFU = model FLOPs (4N frozen + 6P LoRA + attention) / {PEAK_BF16 / 1e12:.0f} TFLOP/s"
     )
     print_table(report["table"])
+    for line in report["against_informed"]:
+        print(line["text"])
 
 
 if __name__ == "__main__":

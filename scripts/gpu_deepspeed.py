@@ -3,12 +3,20 @@ shape (uninterrupted, then SIGTERM -> emergency checkpoint -> resume, compared),
 
     python scripts/gpu_deepspeed.py --out $OUT --parts full            # on the device (about 5 minutes)
     python scripts/gpu_deepspeed.py --out $OUT --parts lora,qlora      # on the device (about 4 minutes)
+    python scripts/gpu_deepspeed.py --out $OUT --parts stall           # on the device (about 7 minutes)
     python scripts/gpu_deepspeed.py --shape tiny --cpu                 # smoke test here
+    python scripts/gpu_deepspeed.py --shape tiny --cpu --parts stall --stall-steps 12 --stall-every-minutes 0.05
 
 For each method: an uninterrupted run; the same config stopped by SIGTERM (emergency checkpoint, exit 75); the
 resumed run; then the last checkpoint's trainable weights of the two compared. `checkpoint.keep_last=1` and the
 uninterrupted run's checkpoints are deleted once its weights are read: a full fine-tuning checkpoint of the 1.5 B
 shape is about 24 GB (bf16 weights + fp32 master, exp_avg, exp_avg_sq) and the machine has a 64 GB disk.
+
+`stall`: full fine-tuning without periodic checkpoints, then the same with one every `--stall-every-minutes`:
+each checkpoint's stall (`stall_s`, the training thread inside save(), plus `copy_wait_s`, the next optimizer
+step waiting for the background copy of the state), the overhead that stall is at a 5-minute interval, and the
+step time measured with against without checkpoints (which also counts the background copy's and write's
+contention with training).
 
 Prints what it measured and writes deepspeed-<shape>.json.
 """
@@ -97,6 +105,10 @@ def run(name: str, out: Path, overrides: list[str], sigterm_at: int | None = Non
         "peak_memory_gb": max((m["memory_gb"] for m in train), default=None),
         "tokens_per_s_median": sorted(m["tokens_per_second"] for m in train)[len(train) // 2] if train else None,
         "stall_s": [e["stall_s"] for e in events if e["event"] == "checkpoint"],
+        "copy_wait_s": {e["step"]: e["copy_wait_s"] for e in events if e["event"] == "checkpoint_copy"},
+        "periodic": [e["step"] for e in events if e["event"] == "checkpoint" and e.get("kind") == "periodic"],
+        "checkpoint_stall_s": {e["step"]: e["stall_s"] for e in events if e["event"] == "checkpoint"},
+        "step_time_s": {m["step"]: m["step_time_s"] for m in train},
         "commit_s": [e.get("commit_s") for e in events if e["event"] == "checkpoint"],
         "preempt": [e for e in events if e["event"] == "preempt"],
     }
@@ -163,6 +175,47 @@ def method_runs(
     save()
 
 
+def stall_runs(
+    info: dict, work: Path, model: Path, data: str, steps: int, every_minutes: float, save, extra: tuple = ()
+) -> None:
+    """Full fine-tuning without and with periodic checkpoints: what each checkpoint stalls, and its overhead."""
+    cfg = [o for o in config(str(model), data, "full", steps) if not o.startswith("checkpoint.every_steps")]
+    cfg += list(extra)  # later --set wins
+    a, b = work / "stall-none", work / "stall-every"
+    none = info["stall_without_checkpoints"] = run(
+        "stall_without_checkpoints", a, cfg + ["checkpoint.every_steps=null"], timeout=560
+    )
+    subprocess.run(["rm", "-rf", str(a)])
+    save()
+    every = ["checkpoint.every_steps=null", f"checkpoint.every_minutes={every_minutes}"]
+    ckpt = info["stall_with_checkpoints"] = run("stall_with_checkpoints", b, cfg + every, timeout=560)
+    subprocess.run(["rm", "-rf", str(b)])
+    steps_both = sorted(set(none["step_time_s"]) & set(ckpt["step_time_s"]))
+    periodic = ckpt["periodic"]
+    per = [ckpt["checkpoint_stall_s"][s] + ckpt["copy_wait_s"].get(s, 0.0) for s in periodic]
+    out = {
+        "checkpoints": len(periodic),
+        "stall_s": [ckpt["checkpoint_stall_s"][s] for s in periodic],
+        "copy_wait_s": [ckpt["copy_wait_s"].get(s) for s in periodic],
+        "total_stall_per_checkpoint_s": [round(x, 4) for x in per],
+        "overhead_at_5_min": [round(x / 300, 5) for x in per],  # stall per checkpoint / 300 s between them
+        "step_time_median_without_s": _median([none["step_time_s"][s] for s in steps_both]),
+        "step_time_median_with_s": _median([ckpt["step_time_s"][s] for s in steps_both]),
+    }
+    if periodic and steps_both:  # the steps' time plus save()'s, with checkpoints, less the same steps without
+        extra = sum(ckpt["step_time_s"][s] - none["step_time_s"][s] for s in steps_both)
+        extra += sum(ckpt["checkpoint_stall_s"][s] for s in periodic)
+        out["measured_cost_per_checkpoint_s"] = round(extra / len(periodic), 4)
+        out["measured_overhead_at_5_min"] = round(extra / len(periodic) / 300, 5)
+    info["stall"] = out
+    print("stall:", json.dumps(out), flush=True)
+    save()
+
+
+def _median(xs: list[float]) -> float | None:
+    return sorted(xs)[len(xs) // 2] if xs else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="1b")
@@ -172,6 +225,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--parts", default="full,lora,qlora")
     ap.add_argument("--no-baseline", action="store_true", help="only the SIGTERM + resume runs (timings)")
+    ap.add_argument("--stall-steps", type=int, default=150, help="steps of each `stall` run")
+    ap.add_argument("--stall-every-minutes", type=float, default=0.75, help="checkpoint interval of the `stall` run")
     a = ap.parse_args()
     work = Path(a.work)
     subprocess.run(["rm", "-rf", str(work)])
@@ -197,6 +252,9 @@ def main() -> None:
 
     info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     for method in a.parts.split(","):
+        if method == "stall":
+            stall_runs(info, work, model, data, a.stall_steps, a.stall_every_minutes, save)
+            continue
         # full: checkpoints at 3 and 6 (about 24 GB each), SIGTERM during step 3..4; adapters: every 2 steps
         every, sigterm_at = (3, 2) if method == "full" else (2, 3)
         method_runs(info, work, model, data, method, a.steps, every, sigterm_at, save, not a.no_baseline)

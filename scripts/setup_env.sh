@@ -18,4 +18,15 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$py" -m pip install -q --disable-pip-version-check -e ".[test,trackers]" >&2
   touch "$stamp"
 fi
+# SkyPilot, for tests/unit/test_skypilot.py (it parses launch/skypilot.yaml), in a venv of its own: it needs
+# click<8.2 and uvicorn<0.36, and would downgrade ours. Users install it where they run `sky`, not on the pod.
+sky_pin="skypilot==0.14.1"
+sky_venv="${SPOT_SKY_VENV:-.venv-sky}"
+sky_stamp="$sky_venv/.installed-$sky_pin"
+if [ ! -f "$sky_stamp" ]; then
+  echo "installing $sky_pin into $sky_venv ..." >&2
+  if [ ! -x "$sky_venv/bin/python" ]; then python3 -m venv "$sky_venv" >&2; fi
+  "$sky_venv/bin/python" -m pip install -q --disable-pip-version-check "$sky_pin" >&2
+  touch "$sky_stamp"
+fi
 echo "$py"

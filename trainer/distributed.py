@@ -31,6 +31,15 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def local_world_size(world: int) -> int:
+    """Processes per node (torchrun's LOCAL_WORLD_SIZE); the whole world when it is not set."""
+    try:
+        n = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    except ValueError:
+        return world
+    return n if 1 <= n <= world and world % n == 0 else world
+
+
 def resolve_grad_accum(cfg, world_size: int) -> int:
     """Micro-batches per optimizer step on each process, from train.global_batch_size or train.grad_accum."""
     t = cfg.train
@@ -162,6 +171,7 @@ def make_accelerator(cfg, grad_accum: int):
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
+    _unwrap_without_deepspeed_import()
     world_size = world_size_from_env()
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device cuda: no CUDA GPU is visible; use train.device: auto or cpu")
@@ -207,6 +217,27 @@ def make_accelerator(cfg, grad_accum: int):
     return accelerator
 
 
+def _unwrap_without_deepspeed_import() -> None:
+    """accelerate's unwrap (Accelerator.unwrap_model, transformers' save_pretrained) imports DeepSpeed wherever it is
+    installed, to test isinstance(model, DeepSpeedEngine): 1,646 modules (mlflow and pandas, through DeepSpeed's
+    autotuner), 3.0-3.5 s of CPU on a 2-core machine, in a run without DeepSpeed. No model is a DeepSpeedEngine
+    before deepspeed is imported, so the test waits for that import (accelerate's DeepSpeed path does it) and is
+    otherwise the same."""
+    import sys
+
+    from accelerate.utils import other
+
+    available = other.is_deepspeed_available
+    if getattr(available, "imported_only", False):
+        return
+
+    def imported_and_available() -> bool:
+        return "deepspeed" in sys.modules and available()
+
+    imported_and_available.imported_only = True
+    other.is_deepspeed_available = imported_and_available
+
+
 def release(accelerator) -> None:
     """Tear down the process group so the interpreter exits cleanly; drop your model/optimizer refs first.
 
@@ -225,12 +256,14 @@ def release(accelerator) -> None:
     accelerator.end_training()  # destroys the default process group
 
 
-def agree_int(value: int, accelerator) -> int:
-    """Rank 0's `value` on every rank (one all-reduce MAX; the other ranks pass the smallest int64). No pickling."""
+def agree_int(value: int, accelerator, any_rank: int | None = None) -> int:
+    """Rank 0's `value` on every rank (one all-reduce MAX; the other ranks pass the smallest int64). No pickling.
+    With `any_rank`, the largest of every rank's own value instead."""
     import torch.distributed as dist
 
+    mine = any_rank if any_rank is not None else value if accelerator.is_main_process else -(2**62)
     if accelerator.num_processes == 1 or not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([value if accelerator.is_main_process else -(2**62)], dtype=torch.int64, device=accelerator.device)
+        return mine if any_rank is not None else value
+    t = torch.tensor([mine], dtype=torch.int64, device=accelerator.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())

@@ -84,8 +84,20 @@ def _exit_code(e: BaseException) -> int:
 class Ranks:
     """What the ranks of one run share besides collectives: rank-0-only phases and the shared-dir check."""
 
-    def __init__(self, rank: int, world: int, timeout_s: float, stop_requested: Callable[[], bool] = lambda: False):
+    def __init__(
+        self,
+        rank: int,
+        world: int,
+        timeout_s: float,
+        stop_requested: Callable[[], bool] = lambda: False,
+        local_rank: int | None = None,
+        local_world: int | None = None,
+    ):
         self.rank, self.world, self.timeout_s = rank, world, float(timeout_s)
+        # torchrun numbers ranks node by node, the same number on each: node n holds ranks n*L .. n*L+L-1
+        self.local_rank = rank if local_rank is None else local_rank
+        self.local_world = world if local_world is None else max(1, local_world)
+        self.leader = self.rank - self.local_rank  # this node's first rank: it works for the node alone
         self.stop_requested = stop_requested  # this process's stop flag: told to rank 0 while it works alone
         self._stop_told = False
         self.store = _store() if world > 1 else None
@@ -97,10 +109,28 @@ class Ranks:
     def _key(self, name: str) -> str:
         return f"{self._prefix}/{self._seq}/{name}"
 
+    def shared_key(self, name: str) -> str:
+        """A store key of this launch, the same on every rank whatever phases each has run."""
+        return f"{self._prefix}/{name}"
+
     # ------------------------------------------------------------------ rank-0-only phases
 
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == self.leader
+
+    @property
+    def leaders(self) -> list[int]:
+        """The first rank of every node."""
+        return list(range(0, self.world, self.local_world))
+
     def main_only(
-        self, name: str, fn: Callable[[], int | None], heartbeat: Heartbeat | None = None, beat_file: bool = True
+        self,
+        name: str,
+        fn: Callable[[], int | None],
+        heartbeat: Heartbeat | None = None,
+        beat_file: bool = True,
+        per_node: bool = False,
     ) -> int:
         """Rank 0 runs fn() (an int, or None = 0) and every rank gets its result; the others never sit in a collective.
 
@@ -108,9 +138,17 @@ class Ranks:
         fn runs, a thread of rank 0 beats the store (the others' sign of life) and, with `beat_file`, the heartbeat
         file: for phases made of calls with deadlines of their own (pulls, uploads, tokenizing); eval beats per batch
         instead (beat_file=False), so an eval that truly hangs is still seen by the supervisor.
+
+        per_node: the first rank of each node runs fn() for its node (its own output dir), and that node's ranks
+        get its result; then every rank waits for every node to be done (a failure on one node reaches all, and
+        none goes on into a collective while another node still works).
+
+        A waiting rank that keeps its node's heartbeat (the first rank of a node other than rank 0's, with own
+        output dirs) beats it while the worker it waits for beats the store.
         """
         self._seq += 1
         file_beat = heartbeat if beat_file else None
+        worker = self.leader if per_node else 0
         if self.store is None:
             stop = threading.Event()
             if file_beat is not None:
@@ -119,8 +157,8 @@ class Ranks:
                 return self._run_local(name, fn, heartbeat)
             finally:
                 stop.set()
-        done, beat = self._key(f"{name}/done"), f"{self._prefix}/beat"
-        if self.rank == 0:
+        done, beat = self._key(f"{name}/done/{worker}"), self._beat_key(worker)
+        if self.rank == worker:
             stop = threading.Event()
             ticker = threading.Thread(target=self._tick, args=(beat, stop, file_beat), daemon=True, name=f"beat-{name}")
             ticker.start()
@@ -132,8 +170,16 @@ class Ranks:
             finally:
                 stop.set()
             self._set(done, f"ok {result}")
-            return result
-        return self._wait(name, done, beat)
+        else:
+            result = self._wait(name, done, beat, worker, heartbeat)
+        if per_node:
+            for other in self.leaders:
+                if other != worker:
+                    self._wait(name, self._key(f"{name}/done/{other}"), self._beat_key(other), other, heartbeat)
+        return result
+
+    def _beat_key(self, worker: int) -> str:
+        return f"{self._prefix}/beat" if worker == 0 else f"{self._prefix}/beat/{worker}"
 
     def _run_local(self, name: str, fn: Callable[[], int | None], heartbeat: Heartbeat | None) -> int:
         if heartbeat is not None:
@@ -165,17 +211,17 @@ class Ranks:
         except Exception:  # the store is gone: the run is ending anyway
             return False
 
-    def _wait(self, name: str, done: str, beat: str) -> int:
+    def _wait(self, name: str, done: str, beat: str, worker: int = 0, heartbeat: Heartbeat | None = None) -> int:
         try:
-            return self._wait_for(name, done, beat)
+            return self._wait_for(name, done, beat, worker, heartbeat)
         except RankZeroFailed:
             raise
         except Exception as e:  # the store went away with rank 0's node (its launcher exited)
             raise RankZeroFailed(
-                f"lost contact with rank 0 during {name} ({type(e).__name__}); its output says why"
+                f"lost contact with rank {worker} during {name} ({type(e).__name__}); its output says why"
             ) from e
 
-    def _wait_for(self, name: str, done: str, beat: str) -> int:
+    def _wait_for(self, name: str, done: str, beat: str, worker: int = 0, heartbeat: Heartbeat | None = None) -> int:
         last_beat, last_change = None, time.monotonic()
         while True:
             if not self._stop_told and self.stop_requested():  # rank 0 ends its phase early (eval) when told
@@ -185,19 +231,89 @@ class Ranks:
                 status, value = self.store.get(done).decode("ascii").split(" ", 1)
                 if status == "ok":
                     return int(value)
-                raise RankZeroFailed(f"rank 0 stopped during {name} (exit {value}); its output says why", int(value))
+                raise RankZeroFailed(
+                    f"rank {worker} stopped during {name} (exit {value}); its output says why", int(value)
+                )
             now = time.monotonic()
             b = self.store.get(beat) if self.store.check([beat]) else None
             if b != last_beat:
                 last_beat, last_change = b, now
+                if heartbeat is not None:  # the worker is alive: so is this node, for its supervisor
+                    heartbeat(phase=name)
             elif now - last_change > self.timeout_s:
                 raise RankZeroFailed(
-                    f"rank 0 gave no sign of life for {self.timeout_s:.0f} s during {name} "
+                    f"rank {worker} gave no sign of life for {self.timeout_s:.0f} s during {name} "
                     f"(distributed.timeout_s); stopping so the run can be restarted"
                 )
             time.sleep(_POLL_S)
 
     # ------------------------------------------------------------------ the shared output dir
+
+    def check_own_dirs(self, run: RunDir) -> None:
+        """distributed.shared_output_dir=false: each node's ranks see their node's dir, and no other node's.
+
+        Every node's first rank writes a token of its own; a rank that sees another node's token shares the dir
+        with it, where the nodes' checkpoint files would collide: every rank stops with a ConfigError (exit 2).
+        """
+        if self.store is None:
+            return
+        self._seq += 1
+        if self.is_leader:
+            token = os.urandom(16).hex()
+            try:
+                (run.root / f"{NODE_CHECK_FILE}-{self.rank}").write_text(token)
+            except OSError as e:
+                self.store.set(self._key(f"node-token/{self.rank}"), "!")
+                raise ConfigError(f"output_dir {run.root}: cannot write {NODE_CHECK_FILE} ({e.strerror or e})") from e
+            self.store.set(self._key(f"node-token/{self.rank}"), token)
+        tokens = {}
+        deadline = time.monotonic() + self.timeout_s
+        for leader in self.leaders:
+            key = self._key(f"node-token/{leader}")
+            while not self.store.check([key]):
+                if time.monotonic() > deadline:
+                    raise RankZeroFailed(f"rank {leader} published no output-dir token in {self.timeout_s:.0f} s")
+                time.sleep(_POLL_S)
+            tokens[leader] = self.store.get(key).decode("ascii", "replace")
+            if tokens[leader] == "!":
+                raise RankZeroFailed(f"rank {leader} cannot write into its output_dir; its output says why", EXIT_USAGE)
+
+        def sees(leader: int) -> bool:
+            try:
+                return (run.root / f"{NODE_CHECK_FILE}-{leader}").read_text() == tokens[leader]
+            except OSError:
+                return False
+
+        own = sees(self.leader)
+        shared = [leader for leader in self.leaders if leader != self.leader and sees(leader)]
+        seen = ",".join(map(str, shared)) or "-"
+        self.store.set(self._key(f"own-check/{self.rank}"), f"{int(own)} {seen} {self.leader} {self.local_world}")
+        keys = [self._key(f"own-check/{r}") for r in range(self.world)]
+        deadline = time.monotonic() + self.timeout_s
+        while not self.store.check(keys):
+            if time.monotonic() > deadline:
+                raise RankZeroFailed(f"not every rank reported on its output dir within {self.timeout_s:.0f} s")
+            time.sleep(_POLL_S)
+        reports = [self.store.get(k).decode("ascii", "replace").split(" ") for k in keys]
+        layout = [(int(leader), int(n)) for _, _, leader, n in reports]
+        if any(leader != r - r % n or n != self.local_world for r, (leader, n) in enumerate(layout)):
+            raise ConfigError(
+                "distributed.shared_output_dir=false needs the same number of processes on every node, numbered node "
+                "by node (torchrun's LOCAL_WORLD_SIZE; accelerate launch and torchrun set it)"
+            )
+        blind = [r for r, (ok, *_) in enumerate(reports) if ok != "1"]
+        if blind:
+            raise ConfigError(
+                f"output_dir {run.root}: ranks {blind} cannot see the file their node's first rank wrote there; "
+                f"the ranks of one node need one output dir"
+            )
+        both = sorted({(r, o) for r, (_, others, *_) in enumerate(reports) if others != "-" for o in others.split(",")})
+        if both:
+            r, o = both[0]
+            raise ConfigError(
+                f"output_dir {run.root}: rank {r} sees the dir of rank {o}'s node, so the nodes share it; with a "
+                f"shared output dir set distributed.shared_output_dir=true (or give each node a dir of its own)"
+            )
 
     def check_shared_dir(self, run: RunDir) -> None:
         """Every rank sees the file rank 0 wrote into the output dir, or every rank stops with a ConfigError (exit 2).

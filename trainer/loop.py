@@ -23,14 +23,16 @@ from trainer.checkpoint.resume import guard_start_over
 from trainer.checkpoint.store import CheckpointStore
 from trainer.config.schema import Config
 from trainer.data import prepare_data
-from trainer.errors import EXIT_OK, EXIT_PREEMPTED, ConfigError
+from trainer.errors import EXIT_OK, EXIT_PREEMPTED, ConfigError, SpotTrainerError
 from trainer.liveness import Heartbeat, Ranks
 from trainer.metrics import Console, EventLog, MetricsLog
+from trainer.model_mirror import ModelMirror, config_only_in_mirror, model_config_for_load
 from trainer.run_dir import NOTICES_FILE, RunDir
 from trainer.run_lock import RunLock
 from trainer.schedule import lr_at, warmup_steps
 from trainer.spot.notices import PROVIDERS, NoticeMemory
 from trainer.spot.stop import Decision, StopSignal, agree
+from trainer.startup import StartupTimer
 from trainer.trackers import Trackers
 
 
@@ -48,6 +50,7 @@ class StepResult:
 class Trainer:
     def __init__(self, cfg: Config, resume: str = "auto", archive_existing: bool = False):
         self.cfg, self.resume, self.archive_existing = cfg, resume, archive_existing
+        self.startup = StartupTimer()  # this process's start-up phases: the `startup` event after the first step
         self.run = RunDir(cfg.output_dir)
         self.stop = StopSignal()
         self.progress = Progress()
@@ -57,6 +60,8 @@ class Trainer:
         self.acc = None
         self.lock: RunLock | None = None
         self.trackers: Trackers | None = None
+        self.mirror: ModelMirror | None = None  # model.mirror, on the rank that writes the output dir
+        self.model_cfg = cfg  # what the tokenizer and model load from (the mirror's copy on a fresh pod)
         self._checkpoint_agreed = False  # a vote during this step asked for a checkpoint after it
         self._stepping = False  # inside the optimizer step: weights or moments partly updated
         self._notices_saved_at: int | None = None  # the step whose checkpoint the voted-for notices wait for
@@ -68,16 +73,27 @@ class Trainer:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own progress line is enough; keeps logs one line per event
-        self._setup_distributed()
-        self._check_memory()  # before anything is loaded or written: a run that cannot fit says so (exit 2)
-        self._setup_output()
-        started = time.monotonic()  # checkpoint.every_minutes counts from here
-        remote = open_remote(self.cfg, self.is_main)  # first: a remote with bad credentials fails before any work
-        if self.resume == "never" and self.is_main:  # starting over is explicit: refused over committed work
-            guard_start_over(CheckpointStore(self.run.root), remote, self.archive_existing, self.say)
-        self._setup_data()
-        self._setup_model()
-        self._setup_optimizer()
+        self.startup.imports_done()
+        with self.startup.phase("device_init"):  # the Accelerator; on a GPU, CUDA's initialisation
+            self._setup_distributed()
+        with self.startup.phase("preflight"):  # before anything is loaded or written: a run that cannot fit says so
+            self._check_memory()
+        with self.startup.phase("output"):
+            self._setup_output()
+            started = time.monotonic()  # checkpoint.every_minutes counts from here
+            # first: a remote with bad credentials fails before any work (with own output dirs, every node uploads)
+            remote = self._open_remote()
+            if self.resume == "never" and self.is_main:  # starting over is explicit: refused over committed work
+                guard_start_over(CheckpointStore(self.run.root), remote, self.archive_existing, self.say)
+            self._setup_mirror(remote)
+        with self.startup.phase("data"):
+            self._setup_data()
+        with self.startup.phase("model_load"):
+            self._setup_model()
+        if self.mirror is not None and self.is_main:
+            self.mirror.start_upload()  # in the background, if the bucket has no copy yet
+        with self.startup.phase("optimizer"):
+            self._setup_optimizer()
         self.checkpointer = Checkpointer(
             self.cfg,
             self.run,
@@ -102,23 +118,60 @@ class Trainer:
             total_steps=self.total_steps,
             method=self.cfg.model.method,
         )
-        self.progress = self.checkpointer.resume(self.resume, fresh) or fresh
+        if self.cfg.model.mirror:  # the checkpoint pulled beside the base model is committed before resume() looks
+            wait = self.mirror.wait_prefetch if self.mirror is not None else lambda: None
+            self.ranks.main_only("prefetch", wait, self.heartbeat)
+        with self.startup.phase("resume"):
+            resumed = self.checkpointer.resume(self.resume, fresh)
+        self.progress = resumed or fresh
+        self.startup.resumed_from = resumed.step if resumed is not None else None
         # rank 0; after the resume, which rewound metrics.jsonl to the checkpoint: the steps a tracker lacks
         self.trackers = Trackers.open(self.cfg, self.run, self.progress.step, self.resume != "never", self.is_main)
         self.metrics.sink = self.trackers.log
         self._setup_stop()
 
     def _setup_distributed(self) -> None:
-        from trainer.distributed import make_accelerator, resolve_grad_accum, world_size_from_env
+        from trainer.distributed import local_world_size, make_accelerator, resolve_grad_accum, world_size_from_env
 
         self.grad_accum = resolve_grad_accum(self.cfg, world_size_from_env())
         self.acc = make_accelerator(self.cfg, self.grad_accum)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.is_main = self.acc.is_main_process
         self.device = self.acc.device
-        self.ranks = Ranks(self.rank, self.world, self.cfg.distributed.timeout_s, lambda: self.stop.requested)
-        self.heartbeat = Heartbeat(self.run, enabled=self.is_main)
+        self.ranks = Ranks(
+            self.rank,
+            self.world,
+            self.cfg.distributed.timeout_s,
+            lambda: self.stop.requested,
+            local_rank=self.acc.local_process_index,
+            local_world=local_world_size(self.world),
+        )
+        # own output dirs (distributed.shared_output_dir=false): each node's supervisor watches its node's files
+        self.per_node = not self.cfg.distributed.shared_output_dir and self.world > 1
+        self.writes_dir = self.is_main or (self.per_node and self.ranks.is_leader)
+        self.heartbeat = Heartbeat(self.run, enabled=self.writes_dir)
         torch.manual_seed(self.cfg.train.seed)
+
+    def _open_remote(self):
+        """The remote store (rank 0's; with own output dirs every node's first rank's). With own output dirs a
+        failure on one node stops every rank with its one line, instead of the others waiting in a collective."""
+        if not self.per_node:
+            return open_remote(self.cfg, self.writes_dir)
+        from trainer.spot.stop import agree
+
+        if self.resume not in ("auto", "never"):
+            raise ConfigError(
+                f"--resume {self.resume}: with distributed.shared_output_dir=false every node resumes from the "
+                f"bucket; use --resume auto (or pull that checkpoint into checkpoint.remote first)"
+            )
+        remote, failure = None, None
+        try:
+            remote = open_remote(self.cfg, self.writes_dir)
+        except SpotTrainerError as e:  # wrong credentials, a missing bucket: this node's one line, exit 2
+            failure = e
+        if agree(failure is not None, False, self.acc).stop:
+            raise failure or ConfigError("another node cannot use checkpoint.remote; its output says why")
+        return remote
 
     def _check_memory(self) -> None:
         """Every rank checks its own GPU; if one cannot fit, every rank stops with exit 2 (none waits for it)."""
@@ -127,7 +180,8 @@ class Trainer:
 
         vocab = len(model_lib.load_tokenizer(self.cfg)) if model_lib.is_builtin(self.cfg) else None
         try:
-            preflight.check_fits(self.cfg, self.device, self.world, vocab)
+            if not config_only_in_mirror(self.cfg, self.run):
+                preflight.check_fits(self.cfg, self.device, self.world, vocab)
             failure = None
         except ConfigError as e:
             failure = e
@@ -141,20 +195,38 @@ class Trainer:
             self.lock = RunLock(self.run.root).acquire()  # one trainer per output dir
             CheckpointStore(self.run.root).clean_stale()
 
-        self.ranks.main_only("lock", own)
+        self.ranks.main_only("lock", own, per_node=self.per_node)
         self.heartbeat(phase="setup", force=True)  # alive from here on, for the supervisor's hang_timeout
-        self.ranks.check_shared_dir(self.run)  # every node writes its ranks' files here: it must be one directory
+        if self.per_node:  # each node's dir is its own; the nodes meet in checkpoint.remote
+            self.ranks.check_own_dirs(self.run)
+        else:  # every node writes its ranks' files here: it must be one directory
+            self.ranks.check_shared_dir(self.run)
         self.metrics = MetricsLog(self.run.metrics, enabled=self.is_main)
-        self.events = EventLog(self.run.events, "trainer", enabled=self.is_main)
+        # own output dirs: every node's events (a preemption's, an OOM's) tell its own supervisor the exit reason
+        self.events = EventLog(self.run.events, "trainer", enabled=self.writes_dir)
+
+    def _setup_mirror(self, remote) -> None:
+        """model.mirror: where the base model is not on this disk, it comes from the bucket (model_mirror.py)."""
+        if not self.cfg.model.mirror:
+            return
+        if remote is not None and self.writes_dir:
+            self.mirror = ModelMirror(self.cfg, self.run, remote, self.say, prefetch=not self.per_node)
+
+        def fetch() -> None:  # the node's writer; the others wait, then load from where it put the copy
+            if self.mirror is not None:
+                self.mirror.fetch(self.resume)
+
+        self.ranks.main_only("mirror", fetch, self.heartbeat, per_node=self.per_node)
+        self.model_cfg = model_config_for_load(self.cfg, self.run)
 
     def _setup_data(self) -> None:
-        self.tokenizer = model_lib.load_tokenizer(self.cfg)
+        self.tokenizer = model_lib.load_tokenizer(self.model_cfg)
 
         def tokenize() -> None:  # rank 0 tokenizes and caches; the others then read the cache
             self.data = prepare_data(self.cfg, self.tokenizer, self.run.cache)
 
-        self.ranks.main_only("data", tokenize, self.heartbeat)
-        if not self.is_main:
+        self.ranks.main_only("data", tokenize, self.heartbeat, per_node=self.per_node)
+        if not self.writes_dir:
             self.data = prepare_data(self.cfg, self.tokenizer, self.run.cache)
         rows = self.data.train
         if self.cfg.data.packing:
@@ -173,9 +245,9 @@ class Trainer:
     def _setup_model(self) -> None:
         torch.manual_seed(self.cfg.train.seed)
         if model_lib.is_builtin(self.cfg):
-            self.ranks.main_only("model", self._materialize)
+            self.ranks.main_only("model", self._materialize, per_node=self.per_node)
         self.heartbeat(phase="model")
-        self.model = model_lib.build_model(self.cfg, self.tokenizer, self.device, self.run.root)
+        self.model = model_lib.build_model(self.model_cfg, self.tokenizer, self.device, self.run.root)
         # the same init on every rank (above), then a stream of its own for dropout on each rank
         torch.manual_seed(self.cfg.train.seed + 7919 * self.rank)
 
@@ -320,7 +392,7 @@ class Trainer:
         while p.step < self.total_steps:
             rng_at_step_start = model_state.capture_rng()  # raw copies; made JSON only if a stop needs them
             try:
-                result = self._train_step()
+                result = self.startup.first_step(self._train_step)
             except torch.OutOfMemoryError:
                 console.close()
                 return self._out_of_memory(rng_at_step_start)
@@ -328,6 +400,9 @@ class Trainer:
                 console.close()
                 return self._preempted(rng_at_step_start)
             self._after_step(result, console)
+            startup = self.startup.fields()  # once per process, after its first step
+            if startup is not None and self.is_main:
+                self.events.emit("startup", step=p.step, **startup)
         console.close()
         return self._finish(eval_before)
 
@@ -355,6 +430,7 @@ class Trainer:
             loss_sum += self._micro_step(batch, last=m == len(micro) - 1, n_targets=n_targets)
         self._stepping = True  # from here the state is no longer the last completed step's (an OOM must not save it)
         grad_norm = self.acc.clip_grad_norm_(self.params, t.max_grad_norm or float("inf"))
+        # a checkpoint's background copy of the state finishes first: the checkpointer's step pre-hook waits for it
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._stepping = False
@@ -369,7 +445,8 @@ class Trainer:
         ctx = self.acc.no_sync(self.model) if (self.world > 1 and not last) else nullcontext()
         # under DeepSpeed the engine steps inside the last micro-batch's backward
         self.acc.sync_gradients = last
-        # under DeepSpeed the optimizer steps inside the last micro-batch's backward
+        # under DeepSpeed the optimizer steps inside the last micro-batch's backward (the checkpointer's step
+        # pre-hook waits there for a checkpoint's background copy)
         self._stepping = last and self.acc.distributed_type == "DEEPSPEED"
         with ctx, self.acc.autocast():
             out = self.model(**batch, num_items_in_batch=max(1, int(n_targets)), use_cache=False)
@@ -440,6 +517,8 @@ class Trainer:
             self.say(f"stopped while uploading final/; exiting {EXIT_PREEMPTED} (preempted, resumable)")
             return EXIT_PREEMPTED
         self.checkpointer.wait_uploads(None)
+        if self.mirror is not None:
+            self.mirror.wait_upload()  # a short run still leaves the base model's copy behind
         self.events.emit("train_end", step=self.progress.step, status="done")
         return EXIT_OK
 

@@ -102,13 +102,30 @@ def materialize_builtin(cfg: Config, tokenizer, output_dir: Path) -> Path:
         model = LlamaForCausalLM(builtin_config(cfg, len(tokenizer)))
     tmp = output_dir / f".base-model.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    _save_everywhere(model, tmp)
     tokenizer.save_pretrained(tmp)
     try:
         os.replace(tmp, dest)
     except OSError:  # another rank won the race with identical content
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _save_everywhere(model, dest: Path) -> None:
+    """model.save_pretrained, also on a rank other than 0: transformers writes the weights only on torch rank 0,
+    and with own output dirs (distributed.shared_output_dir=false) the first rank of every node saves its copy."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        model.save_pretrained(dest)
+        return
+    from safetensors.torch import save_model
+
+    dest.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(dest)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(dest)
+    save_model(model, str(dest / "model.safetensors"), metadata={"format": "pt"})
 
 
 def base_model_path(cfg: Config, output_dir: Path) -> str:
@@ -215,14 +232,15 @@ def _plan_checkpointing(model, cfg: Config, device: torch.device, liger: bool, g
     n = speed.resolve_checkpoint_layers(cfg, device)
     if n is None:
         return
+    whole = None  # an explicit count checkpoints that many layers' model.checkpoint_parts
     if n == "auto":
         plan = speed.auto_checkpoint_plan(model, cfg, device, liger)
         if int(os.environ.get("RANK", "0")) == 0:
             print(plan.describe(), flush=True)
-        n = plan.layers
+        n, whole = plan.layers, plan.whole_layers
     if n < 0:
         raise ConfigError(f"model.checkpoint_layers: must be >= 0, got {n}")
-    speed.set_checkpoint_layers(model, n, gc_kwargs)
+    speed.set_checkpoint_layers(model, n, gc_kwargs, parts=cfg.model.checkpoint_parts, whole=whole)
 
 
 def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:

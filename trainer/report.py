@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from trainer.errors import ConfigError
 from trainer.metrics import read_jsonl
 from trainer.run_dir import RunDir
+from trainer.startup import PHASES
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ class Report:
     price_per_hour: float | None
     cost: float | None
     warnings: list[str] = field(default_factory=list)
+    startups: list[dict] = field(default_factory=list)  # the `startup` events, one per process start
 
     @property
     def goodput(self) -> float:
@@ -127,6 +130,7 @@ def build_report(output_dir: Path, price_per_hour: float | None = None) -> Repor
         price_per_hour=price_per_hour,
         cost=cost,
         warnings=warnings,
+        startups=[e for e in events if e.get("event") == "startup" and isinstance(e.get("phases"), dict)],
     )
 
 
@@ -207,8 +211,33 @@ def render_report(report: Report) -> str:
             f"  {'cost':<18} ${r.cost:,.2f} at ${r.price_per_hour:g}/GPU-hour x {r.world_size} GPU"
             f"{'s' if r.world_size > 1 else ''} x wall time; ${lost:,.2f} of it not training"
         )
+    lines += render_startups(r.startups)
     lines += [f"  warning: {w}" for w in r.warnings]
     return "\n".join(lines)
+
+
+def render_startups(startups: list[dict]) -> list[str]:
+    """Start-up seconds by phase, a row per process start (fresh or resumed), and their median over the starts."""
+    if not startups:
+        return []
+    columns = [*PHASES, "other", "total"]
+
+    def row(label: str, values: list[float | None]) -> str:
+        cells = "".join(f"{'-' if v is None else f'{v:.2f}':>{len(c) + 1}}" for c, v in zip(columns, values))
+        return f"    {label:<18}{cells}"
+
+    def values(e: dict) -> list[float | None]:
+        return [_num(e["phases"], name) for name in PHASES] + [_num(e, "other_s"), _num(e, "total_s")]
+
+    lines = [f"  {'start-up (s)':<20}" + "".join(f"{c:>{len(c) + 1}}" for c in columns)]
+    table = [values(e) for e in startups]
+    for e, v in zip(startups, table):
+        resumed = e.get("resumed_from")
+        lines.append(row("fresh" if resumed is None else f"resumed from {resumed}", v))
+    if len(table) > 1:
+        medians = [statistics.median(col) if (col := [x for x in c if x is not None]) else None for c in zip(*table)]
+        lines.append(row(f"median of {len(table)}", medians))
+    return lines
 
 
 def plot_report(output_dir: Path, png_path: Path) -> Path:

@@ -7,10 +7,13 @@ GPU, a supported architecture), off elsewhere. On the CPU every "auto" is off, s
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
 import torch
+
+from trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -256,12 +259,23 @@ class CheckpointPlan:
     tokens: int  # tokens per micro-batch the plan was made for
     layer_bytes_per_token: float  # trainer.plan.memory.layer_activation_bytes of the run's setup
     budget_bytes: int
+    parts: str = "layer"  # model.checkpoint_parts: what a checkpointed layer recomputes
+    whole: int | None = None  # of `layers`, how many (the first) recompute the whole layer; None: all of them
+
+    @property
+    def whole_layers(self) -> int:
+        return self.layers if self.parts == "layer" or self.whole is None else self.whole
 
     def describe(self) -> str:
+        split = (
+            ""
+            if self.parts == "layer"
+            else f" (whole {self.whole_layers}, {self.parts} {self.layers - self.whole_layers})"
+        )
         return (
             f"gradient checkpointing on {self.layers}/{self.total} layers for {self.tokens} tokens per "
             f"micro-batch ({self.layer_bytes_per_token / 1024:.0f} KiB/token/layer, budget "
-            f"{self.budget_bytes / GIB:.1f} GiB)"
+            f"{self.budget_bytes / GIB:.1f} GiB){split}"
         )
 
 
@@ -289,20 +303,27 @@ def plan_checkpointing(
     fixed_bytes: int,
     hidden: int,
     input_bytes: float = 2,
+    *,
+    parts: str = "layer",
+    part_bytes_per_token: float | None = None,
 ) -> CheckpointPlan:
-    """The fewest checkpointed layers whose activations fit `budget_bytes` after `fixed_bytes`."""
+    """The fewest checkpointed layers whose activations fit `budget_bytes` after `fixed_bytes`.
+
+    With parts attention/mlp a checkpointed layer recomputes only that part and keeps `part_bytes_per_token`;
+    when every layer so checkpointed does not fit either, the first layers are checkpointed whole, fewest first."""
     per_layer = int(per_token_layer * tokens * SAFETY)
-    # every checkpointed layer keeps its input (hidden x input_bytes per token); one layer's activations are rebuilt
-    # at a time
+    whole = tokens * hidden * input_bytes  # a layer checkpointed whole keeps its input (hidden x input_bytes)
+    part = whole if parts == "layer" else int(part_bytes_per_token * tokens * SAFETY)
+    # one layer's activations are rebuilt at a time
     room = budget_bytes - fixed_bytes - per_layer
-    best = n_layers
     for ckpt in range(n_layers + 1):
-        plain = n_layers - ckpt
-        need = plain * per_layer + ckpt * tokens * hidden * input_bytes
-        if need <= room:
-            best = ckpt
-            break
-    return CheckpointPlan(best, n_layers, tokens, per_token_layer, budget_bytes)
+        if (n_layers - ckpt) * per_layer + ckpt * part <= room:
+            return CheckpointPlan(ckpt, n_layers, tokens, per_token_layer, budget_bytes, parts, 0)
+    if parts != "layer":
+        for w in range(1, n_layers + 1):
+            if w * whole + (n_layers - w) * part <= room:
+                return CheckpointPlan(n_layers, n_layers, tokens, per_token_layer, budget_bytes, parts, w)
+    return CheckpointPlan(n_layers, n_layers, tokens, per_token_layer, budget_bytes, parts, n_layers)
 
 
 def run_setup(
@@ -334,17 +355,29 @@ def plan_checkpoint_layers(
     allocated_bytes: int,
     n_layers: int | None = None,
     budget_gb: float | None = None,
+    parts: str = "layer",
 ) -> CheckpointPlan:
     """The fewest checkpointed layers for `setup`, from the GPU's memory given as numbers (free on the device,
     reserved and allocated by this process), so it plans the same on a CPU. Per layer and everything else
     come from trainer.plan.memory, as in `spot-trainer plan`; the weights and adapters are in `allocated_bytes`."""
-    from trainer.plan.memory import checkpointed_layer_bytes, layer_activation_bytes, layer_independent_bytes
+    from trainer.plan.memory import (
+        checkpointed_layer_bytes,
+        layer_activation_bytes,
+        layer_independent_bytes,
+        part_checkpointed_layer_bytes,
+    )
 
     tokens = setup.micro_batch_size * setup.seq_len
     per_token = layer_activation_bytes(shape, setup)
     usable = free_bytes + reserved_bytes - int(0.5 * GIB)  # what this process can hold in all
     budget = usable if budget_gb is None else min(usable, int(budget_gb * GIB))
     fixed = allocated_bytes + int(layer_independent_bytes(shape, setup)) + int(0.06 * budget)
+    split = {}
+    if parts != "layer":
+        try:
+            split = dict(parts=parts, part_bytes_per_token=part_checkpointed_layer_bytes(shape, setup, parts))
+        except ValueError as e:
+            raise ConfigError(f"model.checkpoint_parts {parts}: {e}") from None
     return plan_checkpointing(
         n_layers or shape.num_layers,
         tokens,
@@ -354,6 +387,7 @@ def plan_checkpoint_layers(
         shape.hidden_size,
         # per hidden unit: an LLM.int8 layer keeps more than its input (its int8 linears' inputs), not a multiple
         input_bytes=checkpointed_layer_bytes(shape, setup) / shape.hidden_size,
+        **split,
     )
 
 
@@ -363,17 +397,54 @@ def decoder_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def set_checkpoint_layers(model, n: int, gc_kwargs: dict) -> None:
+PART_MODULES = {"attention": "self_attn", "mlp": "mlp"}  # the decoder layer's submodule of each part
+
+
+def set_checkpoint_layers(model, n: int, gc_kwargs: dict, parts: str = "layer", whole: int | None = None) -> None:
     """Checkpoint the first `n` decoder layers, keep the rest; the last layers' activations are freed first
-    in backward, so recomputing the early layers never overlaps them."""
+    in backward, so recomputing the early layers never overlaps them. With parts attention/mlp only that
+    submodule of a checkpointed layer is recomputed, except in the first `whole` layers (default: none)."""
     layers = decoder_layers(model)
-    if n > 0:
+    whole = n if parts == "layer" else min(whole or 0, n)
+    if whole > 0:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if not all(getattr(m, "_gradient_checkpointing_func", None) for m in layers):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
             model.enable_input_require_grads()
+    elif n > 0 and gc_kwargs.get("use_reentrant"):
+        model.enable_input_require_grads()  # a reentrant checkpoint passes gradients only to inputs that need them
     for idx, m in enumerate(layers):
-        m.gradient_checkpointing = idx < n
+        m.gradient_checkpointing = idx < whole
+        for part, attr in PART_MODULES.items():
+            sub = getattr(m, attr, None)
+            on = part == parts and whole <= idx < n
+            if on and sub is None:
+                raise ConfigError(
+                    f"model.checkpoint_parts {parts}: {type(m).__name__} has no {attr} submodule; use layer"
+                )
+            if on or getattr(sub, "_spot_checkpoint", None) is not None:
+                _checkpoint_submodule(sub, gc_kwargs)._spot_checkpoint = on
+
+
+def _checkpoint_submodule(module, gc_kwargs: dict):
+    """Make `module` recompute its forward in backward while its `_spot_checkpoint` is true (training with
+    grads only); the module tree and parameter names stay as they are."""
+    if getattr(module, "_spot_checkpoint", None) is not None:
+        return module
+    from torch.utils.checkpoint import checkpoint
+
+    forward = module.forward
+
+    def checkpointed(*args, **kwargs):
+        if not (module._spot_checkpoint and module.training and torch.is_grad_enabled()):
+            return forward(*args, **kwargs)
+        if not args:  # the decoder layer passes everything by keyword: the hidden states go first, positionally
+            args = (kwargs.pop("hidden_states"),)
+        return checkpoint(functools.partial(forward, **kwargs), *args, **gc_kwargs)
+
+    module.forward = checkpointed
+    module._spot_checkpoint = False
+    return module
 
 
 def auto_checkpoint_plan(model, cfg, device: torch.device, liger: bool) -> CheckpointPlan:
@@ -399,6 +470,7 @@ def auto_checkpoint_plan(model, cfg, device: torch.device, liger: bool) -> Check
         allocated_bytes=torch.cuda.memory_allocated(device),
         n_layers=len(decoder_layers(model)),
         budget_gb=cfg.model.memory_budget_gb,
+        parts=getattr(cfg.model, "checkpoint_parts", "layer"),
     )
 
 

@@ -276,11 +276,9 @@ def test_zero2_partitions_reshard_from_two_processes_to_one_and_back(tmp_path, z
 
 @pytest.mark.slow
 def test_two_machines_one_process_each_on_loopback(tmp_path):
-    # One host, so both "machines" share the output dir. Real multi-node needs the same (a shared filesystem):
-    # per-node local dirs are not supported. Only rank 0 materializes the builtin model and tokenizes into the
-    # output dir, and every rank writes its checkpoint files (rng, ZeRO partitions) into the shared
-    # checkpoints/.tmp-step-* dir, where rank 0 waits for their markers before committing; with a dir per node
-    # the other node's ranks wait for files that never come (tried: the run hangs in setup).
+    # Both "machines" share the output dir (distributed.shared_output_dir=true, the default): every rank writes its
+    # checkpoint files (rng, ZeRO partitions) into the shared checkpoints/.tmp-step-* dir and rank 0 commits.
+    # Machines with a dir each: tests/e2e/test_nodes_through_bucket.py.
     out = tmp_path / "run"
     port = free_port()
     launches = []

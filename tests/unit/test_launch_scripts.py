@@ -95,3 +95,28 @@ def test_runpod_script_turns_the_watcher_off_and_lets_the_user_override(tmp_path
         "--set",
         "preemption.grace_seconds=3",
     ]
+
+
+def test_install_step_warms_the_bytecode_of_the_packages_a_start_imports(tmp_path):
+    """warm_bytecode (run after installing) leaves a .pyc for every module of the packages it finds."""
+    pkg = tmp_path / "site" / "trainer"
+    (pkg / "sub").mkdir(parents=True)
+    for f in ("__init__.py", "loop.py", "sub/__init__.py", "sub/deep.py"):
+        (pkg / f).write_text("X = 1\n")
+    python = tmp_path / "python"  # no site-packages: only the package above is found
+    python.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+    python.chmod(0o755)
+    text = (LAUNCH / "entrypoint.sh").read_text()
+    start = text.index("warm_bytecode() {")
+    function = text[start : text.index("\n}\n", start) + 3]
+    subprocess.run(
+        ["bash", "-c", f"set -euo pipefail\npython={python}\n{function}warm_bytecode"],
+        env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")),
+        cwd=REPO,  # its own trainer/ is not the installed one
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    compiled = sorted(p.name.split(".")[0] for p in pkg.rglob("__pycache__/*.pyc"))
+    assert compiled == ["__init__", "__init__", "deep", "loop"]
+    assert "warm_bytecode" in text[text.index("install_spot_trainer\n") :]  # called in the install step

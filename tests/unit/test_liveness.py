@@ -67,7 +67,20 @@ SCRIPT = textwrap.dedent("""
         from trainer.spot.stop import agree
         votes = [agree(rank == 1 and i == 2, rank == 0 and i == 4) for i in range(6)]
         out["votes"] = [[d.stop, d.checkpoint] for d in votes]
-    if mode in ("long_phase", "rank0_fails", "vote"):
+    elif mode in ("own_dirs", "one_dir"):  # each rank plays a node of its own (one process per node)
+        from trainer.errors import ConfigError
+        from trainer.run_dir import RunDir
+        ranks = Ranks(rank, 2, timeout_s=20, local_rank=0, local_world=1)
+        name = f"node{rank}" if mode == "own_dirs" else "shared"
+        run = RunDir(os.path.join(os.environ["OUT_DIR"], name))
+        run.root.mkdir(parents=True, exist_ok=True)
+        try:
+            ranks.check_own_dirs(run)
+            out["ok"] = True
+        except ConfigError as e:
+            out["error"] = str(e)
+        out["worked"] = ranks.main_only("data", lambda: 100 + rank, per_node=True)  # every node's own phase
+    if mode in ("long_phase", "rank0_fails", "vote", "own_dirs", "one_dir"):
         dist.barrier()  # rank 0 hosts the store: it stays until the others have read it (the trainer does too)
     with open(os.path.join(os.environ["OUT_DIR"], f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
@@ -175,3 +188,16 @@ def test_accelerate_launch_gives_the_ranks_the_shutdown_timeout_the_supervisor_s
     finally:
         p.kill()
     assert 2.5 < took < 15, took  # 3 s, not the 30 s default
+
+
+def test_own_output_dirs_are_checked_own_and_a_shared_one_is_refused(tmp_path):
+    # distributed.shared_output_dir=false: every node works in its own dir; the same dir on two nodes would mix
+    # their checkpoint files, and every rank stops with the same one-line ConfigError
+    (tmp_path / "own").mkdir()
+    own = _results(tmp_path / "own", "own_dirs")
+    assert [r.get("ok") for r in own] == [True, True]
+    assert [r["worked"] for r in own] == [100, 101]  # each node's first rank ran the per-node phase for its node
+    (tmp_path / "one").mkdir()
+    one = _results(tmp_path / "one", "one_dir")
+    for r in one:
+        assert "so the nodes share it; with a shared output dir set distributed.shared_output_dir=true" in r["error"]

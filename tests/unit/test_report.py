@@ -151,3 +151,52 @@ def test_plot_is_a_png_of_the_expected_size(tmp_path):
     width, height = struct.unpack(">II", data[16:24])
     assert (width, height) == (1000, 700)
     assert len(data) > 20_000  # two panels of lines and labels, not an empty canvas
+
+
+def _startup(t, resumed_from, phases):
+    total = round(sum(phases.values()) + 0.5, 3)
+    return {
+        "time": t,
+        "event": "startup",
+        "source": "trainer",
+        "phases": phases,
+        "total_s": total,
+        "other_s": 0.5,
+        "resumed_from": resumed_from,
+    }
+
+
+def test_report_shows_start_up_by_phase_and_the_median(tmp_path):
+    out = make_run(tmp_path)
+    names = ("imports", "device_init", "data", "model_load", "optimizer", "resume", "first_step")
+    starts = [
+        _startup(T0 + 19, None, dict(zip(names, (9.0, 3.0, 2.0, 4.0, 0.5, 0.0, 1.0)))),
+        _startup(T0 + 99, 40, dict(zip(names, (7.0, 3.5, 1.0, 3.0, 0.5, 1.5, 1.0)))),
+        _startup(T0 + 144, 60, dict(zip(names, (8.0, 2.5, 1.5, 5.0, 0.5, 2.5, 1.0)))),
+    ]
+    with open(out / "events.jsonl", "a") as f:
+        f.write("".join(json.dumps(e) + "\n" for e in starts))
+    r = build_report(out)
+    assert [s["resumed_from"] for s in r.startups] == [None, 40, 60]
+    lines = render_report(r).splitlines()
+    header = next(i for i, line in enumerate(lines) if "start-up" in line)
+    assert lines[header].split()[-9:] == [*names, "other", "total"]
+    fresh, first, second, median = (line.split() for line in lines[header + 1 : header + 5])
+    assert fresh[0] == "fresh" and fresh[1:] == [
+        "9.00",
+        "3.00",
+        "2.00",
+        "4.00",
+        "0.50",
+        "0.00",
+        "1.00",
+        "0.50",
+        "20.00",
+    ]
+    assert first[:3] == ["resumed", "from", "40"] and second[:3] == ["resumed", "from", "60"]
+    assert median[:3] == ["median", "of", "3"]
+    assert median[3:] == ["8.00", "3.00", "1.50", "4.00", "0.50", "1.50", "1.00", "0.50", "20.00"]
+
+
+def test_report_without_startup_events_has_no_start_up_table(tmp_path):
+    assert "start-up" not in render_report(build_report(make_run(tmp_path)))

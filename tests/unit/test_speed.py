@@ -1,5 +1,6 @@
 """Speed features that run on the CPU too: document bounds, the varlen attention's masked path, checkpoint plans."""
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -95,3 +96,92 @@ def test_auto_settings_are_off_on_cpu():
     assert not speed.use_varlen(cfg, cpu, lambda: None)
     assert speed.upcast_kbit(cfg, cpu)
     assert speed.resolve_checkpoint_layers(cfg, cpu) is None
+
+
+def _lora_tiny():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        _tiny("sdpa"), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear")
+    ).train()
+    return model
+
+
+def _step(model, ids):
+    """Loss, and the gradients of the adapters and of the input embeddings, of one forward + backward."""
+    torch.manual_seed(1)  # the same dropout masks in every run
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    loss = model(inputs_embeds=embeds, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads, embeds.grad
+
+
+def _count_forwards(model) -> dict:
+    counts = {"self_attn": [0] * 3, "mlp": [0] * 3}
+
+    def hook(attr, idx):
+        def count(*_):
+            counts[attr][idx] += 1
+
+        return count
+
+    first = {"self_attn": "q_proj", "mlp": "gate_proj"}  # the part's first linear: a recompute may stop early
+    for idx, layer in enumerate(speed.decoder_layers(model)):
+        for attr in counts:
+            getattr(getattr(layer, attr), first[attr]).register_forward_pre_hook(hook(attr, idx))
+    return counts
+
+
+@pytest.mark.parametrize(
+    "parts,n,whole,attn_runs,mlp_runs",
+    [
+        ("layer", 2, None, [2, 2, 1], [2, 2, 1]),  # whole layers 0, 1 recompute both parts
+        ("attention", 2, None, [2, 2, 1], [1, 1, 1]),
+        ("mlp", 3, None, [1, 1, 1], [2, 2, 2]),
+        ("attention", 3, 1, [2, 2, 2], [2, 1, 1]),  # layer 0 whole, layers 1-2 attention only
+    ],
+)
+def test_checkpoint_parts_recompute_only_that_part_with_identical_results(parts, n, whole, attn_runs, mlp_runs):
+    ids = torch.randint(3, 50, (2, 10))
+    want_loss, want_grads, want_dx = _step(_lora_tiny(), ids)
+    model = _lora_tiny()
+    speed.set_checkpoint_layers(model, n, {"use_reentrant": False}, parts=parts, whole=whole)
+    counts = _count_forwards(model)
+    loss, grads, dx = _step(model, ids)
+    assert counts == {"self_attn": attn_runs, "mlp": mlp_runs}  # forward + one recompute where checkpointed
+    assert torch.equal(loss, want_loss)
+    assert grads.keys() == want_grads.keys()
+    for name, g in grads.items():
+        assert torch.allclose(g, want_grads[name], rtol=1e-5, atol=1e-7), name
+    assert torch.allclose(dx, want_dx, rtol=1e-5, atol=1e-7)
+    # eval (no grads) never recomputes, and turning the parts off again restores the plain layer
+    speed.set_checkpoint_layers(model, 0, {"use_reentrant": False}, parts=parts)
+    counts = _count_forwards(model)
+    _step(model, ids)
+    assert counts == {"self_attn": [1, 1, 1], "mlp": [1, 1, 1]}
+
+
+def test_plan_checkpointing_parts_then_whole_layers():
+    per_token, tokens, hidden = 1000, 100, 10
+    part = 400  # a layer with only its part checkpointed keeps 40% of its activations
+    per_layer = int(per_token * tokens * speed.SAFETY)
+    part_bytes = int(part * tokens * speed.SAFETY)
+    whole_bytes = tokens * hidden * 2
+
+    def plan(room_layers):
+        budget = int(per_layer + room_layers)
+        return speed.plan_checkpointing(
+            8, tokens, per_token, budget, 0, hidden, parts="attention", part_bytes_per_token=part
+        )
+
+    # room for 3 plain layers and 5 part-checkpointed ones: 5 checkpointed, none whole
+    p = plan(3 * per_layer + 5 * part_bytes)
+    assert (p.layers, p.whole_layers) == (5, 0) and "(whole 0, attention 5)" in p.describe()
+    # room for less than 8 part-checkpointed layers: every layer, the first 3 of them whole
+    p = plan(3 * whole_bytes + 5 * part_bytes)
+    assert (p.layers, p.whole_layers) == (8, 3)
+    # parts=layer plans as before: the same room checkpoints whole layers only
+    q = speed.plan_checkpointing(8, tokens, per_token, per_layer + 3 * per_layer + 5 * whole_bytes, 0, hidden)
+    assert (q.layers, q.whole_layers) == (5, 5) and "whole" not in q.describe()

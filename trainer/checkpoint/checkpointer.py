@@ -17,8 +17,10 @@ import torch
 from trainer import model as model_lib
 from trainer.checkpoint import model_state, resume, signing
 from trainer.checkpoint.final import write_final
-from trainer.checkpoint.optimizer_state import load_optimizer_state, optimizer_snapshot
+from trainer.checkpoint.manifest import Manifest, check
+from trainer.checkpoint.optimizer_state import _torch_optimizer, load_optimizer_state, optimizer_snapshot
 from trainer.checkpoint.progress import Progress
+from trainer.checkpoint.snapshot_copy import SnapshotCopy, copy_tensor
 from trainer.checkpoint.store import CheckpointStore, Snapshot, read_json, read_tensors
 from trainer.checkpoint.writer import CheckpointWriter, out_of_space
 from trainer.config.schema import Config
@@ -65,6 +67,7 @@ class Checkpointer:
         ranks: Ranks,
         stop_requested: Callable[[], bool] = lambda: False,
         started: float | None = None,
+        copy: Callable[[torch.Tensor, torch.Tensor], None] = copy_tensor,
     ):
         self.cfg, self.run, self.acc = cfg, run, acc
         self.model, self.optimizer = model, optimizer
@@ -78,7 +81,23 @@ class Checkpointer:
         self.disk_full_seen = False
         self.last_save_time = time.monotonic() if started is None else started  # every_minutes counts from here
         self.uploader = None
-        if remote is not None:
+        self.node_commit = None
+        # distributed.shared_output_dir=false: each node has a dir of its own; checkpoints commit in the bucket
+        self.per_node = not cfg.distributed.shared_output_dir and self.world > 1
+        if self.per_node:
+            from trainer.checkpoint.node_commit import NodeCommit
+
+            self.store.ranks_here = range(ranks.leader, ranks.leader + ranks.local_world)
+            self.node_commit = NodeCommit(
+                self.store,
+                remote,
+                ranks,
+                keep_last=cfg.checkpoint.keep_last,
+                remote_keep_last=cfg.checkpoint.remote_keep_last,
+                wait_s=cfg.distributed.timeout_s + cfg.checkpoint.s3.deadline_s,
+                on_event=self.events.emit,
+            )
+        elif remote is not None:
             from trainer.remote.uploader import CheckpointUploader
 
             keep = cfg.checkpoint.remote_keep_last or cfg.checkpoint.keep_last
@@ -89,7 +108,11 @@ class Checkpointer:
                 on_event=self.events.emit,
                 stop=stop_requested,  # a stop leaves periodic uploads for the next start; never an emergency's
             )
-        self.writer = CheckpointWriter(self.store, self.rank, self._on_commit, self._on_failed)
+        self.writer = CheckpointWriter(self.store, self.rank, self._on_commit, self._on_failed, self.node_commit)
+        # a periodic snapshot's tensors are copied in the background; the next optimizer step waits for the copy
+        # (a step pre-hook: under DeepSpeed the step runs inside the last micro-batch's backward, not in the loop)
+        self.copier, self._copying = SnapshotCopy(copy), None
+        self._step_hook = _torch_optimizer(optimizer).register_step_pre_hook(lambda *_: self.before_optimizer_step())
 
     # ------------------------------------------------------------------ resume
 
@@ -107,6 +130,8 @@ class Checkpointer:
                 choice = resume.choose(
                     mode, self.store, self.remote, self.cfg.checkpoint.remote_wait_s, self.say, self.heartbeat
                 )
+                if self.per_node and choice.path is not None:  # the other nodes pull it: the bucket must hold it
+                    self.remote.upload_checkpoint(choice.path)  # a no-op when it does
             except StorageWait as e:
                 self.events.emit("storage_wait", error=str(e)[:300])
                 raise
@@ -122,6 +147,10 @@ class Checkpointer:
             return choice.manifest.step if choice.manifest else -1
 
         step = self.ranks.main_only("resume", choose, self.heartbeat)
+        if self.per_node and step >= 0:  # every other node pulls the chosen step from the bucket
+            self.ranks.main_only("pull", lambda: self._pull_here(step), self.heartbeat, per_node=True)
+            if self.is_main:  # committed there: an emergency save of this step before the next one is not needed
+                self.node_commit.committed.add(step)
         path = chosen.get("path")
         progress = None
         if step < 0:
@@ -133,6 +162,29 @@ class Checkpointer:
         if self.uploader is not None:  # committed locally but not remotely (died mid-upload): upload now
             self.uploader.sync_pending(self.store.root)
         return progress
+
+    def _pull_here(self, step: int) -> None:
+        """The first rank of a node other than rank 0's: the checkpoint rank 0 chose, pulled into this node's dir
+        (files this node wrote itself are reused when their sha256 matches)."""
+        if self.rank == 0:
+            return
+        local = self.store.path(step)
+        if (local / MANIFEST_NAME).is_file():  # pulled by an earlier start: used if it is that very checkpoint, whole
+            try:
+                same = Manifest.load(local) == self.remote.get_manifest(step)
+            except CheckpointError:
+                same = False
+            if same and check(local, deep=True, signer=self.store.signer).ok:
+                return
+            moved = self.store.archive(step)  # another lineage's (or a damaged) copy: kept aside, never pulled over
+            log.warning("%s is not the checkpoint rank 0 chose; moved to %s", local, moved)
+        try:
+            self.remote.pull(step, self.store.root)
+        except StorageWait as e:
+            self.events.emit("storage_wait", error=str(e)[:300])
+            raise
+        self.store.clean_stale(pulls=True)
+        self.store.prune(self.cfg.checkpoint.keep_last, head=step)  # copies of earlier starts' pulls
 
     def _load(self, path: Path, fresh: Progress) -> Progress:
         saved = Progress.from_json(read_json(path, "trainer_state.json"), str(path / "trainer_state.json"))
@@ -182,8 +234,23 @@ class Checkpointer:
         """Save after this step if it is the last, every_steps says so, or the ranks agreed to (clock, notice)."""
         if not (last or agreed or self.due_by_steps(progress.step)):
             return False
+        if self.per_node and not last and self._node_upload_busy(progress.step):
+            return False
         self.save(progress, "final" if last else "periodic")
         return True
+
+    def _node_upload_busy(self, step: int) -> bool:
+        """Own output dirs: a node still uploading the previous checkpoint skips this one, and so does every rank
+        (one vote), instead of the training thread waiting for the bucket."""
+        busy = bool(agree_int(0, self.acc, any_rank=int(self.writer.busy)))
+        if busy and self.is_main:
+            log.warning(
+                "checkpoint at step %d skipped: a node is still uploading the previous one; the bucket takes "
+                "checkpoints slower than they come: raise checkpoint.every_steps/every_minutes",
+                step,
+            )
+            self.events.emit("checkpoint_skipped", step=step, reason="previous upload in flight")
+        return busy
 
     def save(self, progress: Progress, kind: str = "periodic", sync: bool = False, rng: tuple | None = None) -> None:
         # Decided from this run's own history, not from the disk: rank 0 commits in the background, so ranks
@@ -203,12 +270,33 @@ class Checkpointer:
                 progress.step,
                 waited,
             )
-        snap = self._snapshot(progress, kind, rng, copy=not sync)
+        snap = self._snapshot(progress, kind, rng, copy=False)  # references; a synchronous write uses them as they are
+        if not sync:  # copied in the background; handed to the writer once done (before_optimizer_step)
+            self.copier.start(snap.tensors)
         snap.extra["stall_s"] = round(time.monotonic() - t0, 4)
         if waited > 0.05:
             snap.extra["waited_for_previous_s"] = round(waited, 3)
-        (self.writer.write_now if sync else self.writer.submit)(snap)
+        if sync:
+            self.writer.write_now(snap)
+        else:
+            self._copying = snap
         self.last_save_time = time.monotonic()
+
+    def before_optimizer_step(self) -> None:
+        """Right before every optimizer step (its pre-hook, on every rank): the running snapshot copy is finished
+        first, since the step changes what it copies; the snapshot then goes to the writer. No collective."""
+        snap, self._copying = self._copying, None
+        if snap is None:
+            return
+        waited = self.copier.wait()
+        snap.tensors = self.copier.copied
+        snap.extra["copy_wait_s"] = round(waited, 4)  # the stall this checkpoint added to the next step
+        snap.extra["copy_s"] = round(self.copier.copy_s, 4)
+        if self.is_main:
+            self.events.emit(
+                "checkpoint_copy", step=snap.step, copy_wait_s=snap.extra["copy_wait_s"], copy_s=snap.extra["copy_s"]
+            )
+        self.writer.submit(snap)
 
     def emergency(self, progress: Progress, rng: tuple) -> bool:
         """Commit the state at the last completed step now; True only when its manifest is on the disk.
@@ -247,6 +335,7 @@ class Checkpointer:
     def _wait_writer(self) -> None:
         """The writer is idle (its error, if any, raised here). The heartbeat says so while it writes, for at most
         supervisor.hang_timeout: a write stuck longer (a hung mount) stops the beats, and the supervisor restarts."""
+        self.before_optimizer_step()  # a snapshot still being copied is written too
         t0 = time.monotonic()
         while not self.writer.wait(timeout=1.0):
             if time.monotonic() - t0 < self.cfg.supervisor.hang_timeout:
@@ -254,7 +343,10 @@ class Checkpointer:
         self.heartbeat(phase="train")
 
     def committed(self, step: int) -> bool:
-        """Rank 0: the checkpoint of `step` is committed on the disk (its manifest exists)."""
+        """Rank 0: the checkpoint of `step` is committed on the disk (its manifest exists), or with own output dirs
+        in the bucket."""
+        if self.node_commit is not None:
+            return step in self.node_commit.committed
         return (self.store.path(step) / MANIFEST_NAME).is_file()
 
     def _snapshot(self, progress: Progress, kind: str, rng: tuple | None, copy: bool) -> Snapshot:
@@ -290,6 +382,7 @@ class Checkpointer:
             step=snap.step,
             kind=snap.kind,
             stall_s=stall,
+            copy_wait_s=snap.extra.get("copy_wait_s"),  # what the next optimizer step waited for the background copy
             commit_s=round(seconds, 3),
             run_id=snap.lineage.run_id,
             seq=snap.lineage.seq,
@@ -387,6 +480,7 @@ class Checkpointer:
         return 0
 
     def close(self) -> None:
+        self._step_hook.remove()
         self.writer.close()
         if self.uploader is not None:
             self.uploader.close()

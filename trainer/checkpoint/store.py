@@ -80,6 +80,7 @@ class CheckpointStore:
     def __init__(self, output_dir: str | os.PathLike, signer: Signer | None = None):
         self.root = Path(output_dir) / CHECKPOINTS_DIR
         self.signer = signer
+        self.ranks_here: range | None = None  # own output dirs: the ranks whose files land here (else all)
 
     def path(self, step: int) -> Path:
         return self.root / step_dirname(step)
@@ -297,9 +298,9 @@ class CheckpointStore:
         """Rank 0, after a failed write: wait (bounded) until every rank is done or failed, then free the space."""
         tmp = self.tmp_path(snap.step)
         deadline = time.monotonic() + timeout
+        ranks = self.ranks_here if self.ranks_here is not None else range(snap.world_size)
         while time.monotonic() < deadline and not all(
-            (tmp / f".rank-{r:05d}.done").exists() or (tmp / f".rank-{r:05d}.failed").exists()
-            for r in range(snap.world_size)
+            (tmp / f".rank-{r:05d}.done").exists() or (tmp / f".rank-{r:05d}.failed").exists() for r in ranks
         ):
             time.sleep(0.05)
         shutil.rmtree(tmp, ignore_errors=True)

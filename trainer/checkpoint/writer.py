@@ -36,8 +36,10 @@ class CheckpointWriter:
         rank: int,
         on_commit: Callable[[Snapshot, Path, float], None],
         on_failed: Callable[[Snapshot, BaseException], None] | None = None,
+        node_commit=None,
     ):
         self.store, self.rank, self.on_commit, self.on_failed = store, rank, on_commit, on_failed
+        self.node_commit = node_commit  # own output dirs: the commit happens in the bucket (node_commit.py)
         self._q: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
@@ -60,6 +62,16 @@ class CheckpointWriter:
 
     def _write(self, snap: Snapshot) -> None:
         t0 = time.monotonic()
+        if self.node_commit is not None:
+            try:
+                self.store.write_rank_files(snap)
+            except BaseException:
+                self.node_commit.failed(snap)
+                raise
+            path = self.node_commit(snap)
+            if path is not None:
+                self.on_commit(snap, path, time.monotonic() - t0)
+            return
         self.store.write_rank_files(snap)
         if self.rank == 0:
             path = self.store.commit(snap)
@@ -67,7 +79,8 @@ class CheckpointWriter:
 
     def _failed(self, snap: Snapshot, err: BaseException) -> None:
         try:
-            if self.rank == 0:
+            cleans = self.node_commit.ranks.is_leader if self.node_commit is not None else self.rank == 0
+            if cleans:  # the rank that owns this dir's temp dirs
                 self.store.abandon(snap)
             self.on_failed(snap, err)
         except BaseException as e:
@@ -79,6 +92,11 @@ class CheckpointWriter:
             if isinstance(err, SpotTrainerError):  # e.g. a StorageError from handing it to the uploader
                 raise err
             raise CheckpointError(f"writing a checkpoint failed: {err}") from err
+
+    @property
+    def busy(self) -> bool:
+        """A submitted snapshot is still being written (or, with own output dirs, uploaded and committed)."""
+        return self._q.unfinished_tasks > 0
 
     def submit(self, snap: Snapshot) -> None:
         self._raise()

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import shutil
 import time
+from typing import TYPE_CHECKING
 
 import click
 
 from trainer.checkpoint import lineage, signing
 from trainer.checkpoint.manifest import check, verify
-from trainer.checkpoint.store import CheckpointStore
 from trainer.cli.options import config_options, run_cli
 from trainer.config.loader import load_config
 from trainer.errors import CheckpointError, ConfigError
 from trainer.run_dir import ARCHIVED_DIR, LEGACY_RUN
+
+if TYPE_CHECKING:
+    from trainer.checkpoint.store import CheckpointStore
 
 
 def _cfg(config, overrides, output_dir):
@@ -22,6 +25,8 @@ def _cfg(config, overrides, output_dir):
 
 def _store(cfg) -> CheckpointStore:
     """The output dir's checkpoints; with checkpoint.sign_key_env, only signed ones count (ConfigError if unset)."""
+    from trainer.checkpoint.store import CheckpointStore  # here: it imports torch, which `run` and `--help` need not
+
     return CheckpointStore(cfg.output_dir, signing.from_config(cfg.checkpoint))
 
 

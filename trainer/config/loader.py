@@ -261,6 +261,21 @@ def _positive(cfg_value, key: str, allow_zero: bool = False):
         raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {cfg_value}")
 
 
+def _check_machines(s) -> None:
+    _positive(s.num_machines, "supervisor.num_machines")
+    if not 0 <= s.machine_rank < s.num_machines:
+        raise ConfigError(
+            f"supervisor.machine_rank: must be in [0, {s.num_machines}) for supervisor.num_machines="
+            f"{s.num_machines}, got {s.machine_rank}"
+        )
+    if s.num_machines > 1 and not (s.main_process_ip or "").strip():
+        raise ConfigError(
+            "supervisor.main_process_ip: required when supervisor.num_machines > 1 (the address of machine_rank 0)"
+        )
+    if not 1 <= s.main_process_port <= 65535:
+        raise ConfigError(f"supervisor.main_process_port: must be in [1, 65535], got {s.main_process_port}")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     t = cfg.train
@@ -287,12 +302,20 @@ def validate(cfg: Config) -> None:
     reject_credentials(remote, "checkpoint.remote")
     reject_credentials(cfg.checkpoint.s3.endpoint_url, "checkpoint.s3.endpoint_url")
     check_env_name(cfg.checkpoint.sign_key_env)  # the variable is read when a command needs the key
+    if cfg.model.mirror and remote is None:
+        raise ConfigError("model.mirror: needs checkpoint.remote (s3://... or file://...), where the copy is kept")
+    if not cfg.distributed.shared_output_dir and remote is None:
+        raise ConfigError(
+            "distributed.shared_output_dir=false: set checkpoint.remote (s3://... or file://...); without a shared "
+            "output dir the nodes commit their checkpoints there"
+        )
     if remote is not None and not (remote.startswith("s3://") or remote.startswith("file://")):
         raise ConfigError(f"checkpoint.remote: {remote!r} must start with s3:// or file://")
     if remote is not None and remote.startswith("s3://") and len(remote) <= 5:
         raise ConfigError("checkpoint.remote: give a bucket, e.g. s3://my-bucket/runs/exp1")
     if cfg.supervisor.num_processes != "auto":
         _positive(cfg.supervisor.num_processes, "supervisor.num_processes")
+    _check_machines(cfg.supervisor)
     _positive(cfg.supervisor.hang_timeout, "supervisor.hang_timeout")
     _positive(cfg.distributed.timeout_s, "distributed.timeout_s")
     check_logging(cfg.logging)

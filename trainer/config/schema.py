@@ -38,7 +38,11 @@ class ModelConfig:
     packed_attention: Literal["auto", "varlen", "mask"] = "auto"  # data.packing: flash per document, or a mask
     kbit_bf16_frozen: bool | Literal["auto"] = "auto"  # qlora: keep norms/embeddings/lm_head bf16, not fp32
     checkpoint_layers: int | Literal["auto"] | None = "auto"  # layers to checkpoint; auto: fewest that fit
+    # what a checkpointed layer recomputes: all of it, or only its attention or its MLP (auto then checkpoints
+    # whole layers only when every layer with that part checkpointed does not fit)
+    checkpoint_parts: Literal["layer", "attention", "mlp"] = "layer"
     memory_budget_gb: float | None = None  # GiB that checkpoint_layers=auto may plan for; None: all free
+    mirror: bool = False  # keep a copy of the base model in checkpoint.remote; a fresh pod pulls it from there
 
 
 @dataclass
@@ -157,8 +161,14 @@ class SupervisorConfig:
     hang_timeout: float = 900.0  # seconds without a heartbeat before the run is killed and restarted
     backoff_initial_s: float = 2.0
     backoff_max_s: float = 120.0
-    num_processes: int | Literal["auto"] = 1  # "auto": one per visible GPU
+    num_processes: int | Literal["auto"] = 1  # per machine; "auto": one per visible GPU
     accelerate_config: str | None = None  # launch/<x>.yaml; None: a plain process (or auto multi-GPU)
+    # several machines (SkyPilot num_nodes > 1): each runs `spot-trainer run` with its own machine_rank;
+    # accelerate gets num_processes x num_machines processes in all
+    num_machines: int = 1
+    machine_rank: int = 0  # 0 on the main machine, 1..num_machines-1 on the others
+    main_process_ip: str | None = None  # the address of machine_rank 0, reachable from every machine
+    main_process_port: int = 29500  # a port open between the machines (used when num_machines > 1)
 
 
 @dataclass
@@ -167,6 +177,9 @@ class DistributedConfig:
     # seconds a collective may wait for a peer, and the others for a silent rank 0, before the run stops to be
     # restarted (rank-0-only phases such as a pull are not bounded by it while rank 0 is alive)
     timeout_s: float = 600.0
+    # false: each node has an output dir of its own (SkyPilot, plain cloud VMs): every node uploads its ranks'
+    # checkpoint files to checkpoint.remote and rank 0 commits the manifest there; a restart pulls from it
+    shared_output_dir: bool = True
 
 
 Tracker = Literal["tensorboard", "wandb", "mlflow"]

@@ -39,6 +39,18 @@ def layer_activation_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
     allocated bytes after the forward, 4 minus 2 layers of an 8B-shaped Llama, 4096 tokens): LoRA and QLoRA,
     with and without Liger and dropout, bf16-frozen and fp32-upcast QLoRA, within 0.4% of this count.
     """
+    return sum(layer_region_bytes(shape, setup).values())
+
+
+# where each linear's input comes from -> the part of the layer that saves it
+_REGION_OF = {"attn_in": "attention", "attn_out": "attention", "mlp_in": "mlp", "mlp_act": "mlp"}
+CHECKPOINT_PARTS = ("layer", "attention", "mlp")  # model.checkpoint_parts; attention/mlp: that submodule only
+
+
+def layer_region_bytes(shape: ModelShape, setup: TrainingSetup) -> dict[str, float]:
+    """layer_activation_bytes by the part of the layer that saves it: "norms" (both RMSNorms), "attention"
+    (self_attn from its normed input on: q/k/v/o, the attention kernel, their adapters), "mlp" (the MLP and its
+    adapters) and "int8" (LLM.int8's outlier columns); the terms are the ones in layer_activation_bytes' doc."""
     s, b, h, inter = setup.seq_len, setup.compute_bytes, shape.hidden_size, shape.intermediate_size
     rb = setup.residual_bytes
     ad, kvd = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
@@ -46,15 +58,17 @@ def layer_activation_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
     eager = setup.attention == "eager"
     kv_width = ad if (setup.repeat_kv or eager) else kvd
     norm = rb * h + 4 if setup.liger else 4 * h + 4 + (rb * h if full else 0)
-    total = 2 * norm
-    total += b * (2 * ad + 2 * kv_width) + 4 * shape.num_heads
+    region = {"norms": 2.0 * norm, "attention": 0.0, "mlp": 0.0, "int8": 0.0}
+    region["attention"] += b * (2 * ad + 2 * kv_width) + 4 * shape.num_heads
     if eager:
-        total += (4 + b) * shape.num_heads * s + (b * ad if full else 0)
+        region["attention"] += (4 + b) * shape.num_heads * s + (b * ad if full else 0)
     # bitsandbytes casts a 4-bit linear's output back to its input's dtype: fp32 residual -> fp32 MLP tensors
     mb = rb if setup.method == "qlora" else b
-    total += (2 if setup.liger else 3) * mb * inter
+    region["mlp"] += (2 if setup.liger else 3) * mb * inter
     if full:
-        return total + 2 * b * h + b * inter
+        region["attention"] += b * h
+        region["mlp"] += b * h + b * inter
+        return region
 
     width = {_input_of(lin, shape): lin.in_features for lin in shape.layer_linears}
 
@@ -64,24 +78,43 @@ def layer_activation_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
     kept = set()  # inputs held for the k-bit linears' backward
     if setup.method == "qlora" and (setup.kbit_keeps_input or setup.int8):
         kept = set(width) - {"attn_out"}  # out: saved by SDPA
-        total += sum(input_bytes(source) * width[source] for source in kept)
+        for source in kept:
+            region[_REGION_OF[source]] += input_bytes(source) * width[source]
     if setup.int8:
-        total += int8.outlier_bytes(shape, setup, lambda lin: input_bytes(_input_of(lin, shape)))
+        region["int8"] += int8.outlier_bytes(shape, setup, lambda lin: input_bytes(_input_of(lin, shape)))
     ab = b if setup.amp else setup.adapter_bytes  # what lora_A saves: autocast re-casts its input to bf16
     shared_inputs = set()
     for lin in target_linears(shape, setup.lora_targets):
         n, source = lin.in_features, _input_of(lin, shape)
+        own = 0
         if setup.lora_dropout > 0:
-            total += setup.dropout_mask_bytes * n + ab * n
+            own += setup.dropout_mask_bytes * n + ab * n
         elif setup.amp and setup.method == "qlora" and input_bytes(source) == b:
             shared_inputs.add(source)  # peft's 4-bit LoRA layer skips its fp32 cast under autocast: x itself
         elif setup.amp or input_bytes(source) != setup.adapter_bytes:
-            total += ab * n  # a cast of its own per adapter
+            own += ab * n  # a cast of its own per adapter
         else:
             shared_inputs.add(source)
-        total += ab * setup.lora_r
+        region[_REGION_OF[source]] += own + ab * setup.lora_r
     shared_inputs -= kept | {"attn_out"}  # out: saved by SDPA
-    return total + sum(input_bytes(source) * width[source] for source in shared_inputs)
+    for source in shared_inputs:
+        region[_REGION_OF[source]] += input_bytes(source) * width[source]
+    return region
+
+
+def part_checkpointed_layer_bytes(shape: ModelShape, setup: TrainingSetup, part: str) -> float:
+    """Per token, what a decoder layer keeps when only its `part` ("attention": self_attn, "mlp": the MLP) is
+    checkpointed: the rest of the layer as saved without checkpointing, plus the part's input (its normed input,
+    which the checkpoint holds for the recompute); "layer" is checkpointed_layer_bytes."""
+    if part == "layer":
+        return checkpointed_layer_bytes(shape, setup)
+    if part not in CHECKPOINT_PARTS:
+        raise ValueError(f"checkpoint part {part!r}: one of {', '.join(CHECKPOINT_PARTS)}")
+    if setup.int8:  # bitsandbytes holds the int8 linears' inputs on the node, out of a checkpoint's reach
+        raise ValueError("checkpointing part of a layer is not modelled for an LLM.int8 base; use layer")
+    region = layer_region_bytes(shape, setup)
+    source = "attn_in" if part == "attention" else "mlp_in"
+    return sum(region.values()) - region[part] + _input_bytes(source, setup) * shape.hidden_size
 
 
 def _input_bytes(source: str, setup: TrainingSetup) -> int:

@@ -151,13 +151,16 @@ def autocast_copy_bytes(shape: ModelShape, setup: TrainingSetup, trainable: int)
 
 # the activation terms (trainer/plan/activations.py), here with the rest of the model for its callers
 from trainer.plan.activations import (  # noqa: E402, F401
+    CHECKPOINT_PARTS,
     backward_working_bytes,
     checkpointed_layer_bytes,
     head_activation_bytes,
     layer_activation_bytes,
+    layer_region_bytes,
     liger_loss_chunk,
     logits_dtype_bytes,
     logits_working_bytes,
+    part_checkpointed_layer_bytes,
     saved_activation_bytes,
 )
 

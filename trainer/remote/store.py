@@ -188,6 +188,84 @@ class RemoteStore:
             raw = None
         return self._upload(local_dir, remote_rel.strip("/"), files, raw, deadline, None, stop)
 
+    def upload_listed(
+        self,
+        local_dir: Path,
+        remote_rel: str,
+        files: list[FileEntry],
+        manifest_raw: bytes,
+        deadline: float | None = None,
+    ) -> UploadResult:
+        """Upload the listed files of local_dir under remote_rel, then `manifest_raw` as its manifest.json (for a dir
+        whose manifest is not in it, e.g. the base model mirror: model_mirror.py)."""
+        return self._upload(Path(local_dir), remote_rel.strip("/"), files, manifest_raw, deadline, None)
+
+    # ---------------------------------------------------------------- one checkpoint from several nodes
+
+    def clear_step(self, step: int, run_id: str | None, deadline: float | None = None) -> bool:
+        """Before the nodes upload their files of `step` (distributed.shared_output_dir=false): a checkpoint of
+        another lineage committed there is set aside first (archived, or moved to corrupt/), so no file of a
+        committed checkpoint is ever replaced under its manifest. True if this run's own checkpoint of `step` is
+        committed there already (a save of a step it resumed from): then nothing is to be uploaded."""
+        rel = ckpt_rel(step)
+        ours = Manifest(step=step, files=[], run_id=run_id)
+
+        def attempt(b: Budget) -> bool:
+            raw = self.calls.call(self.objects.read, manifest_rel(rel), deadline=b.at)
+            if raw is None:
+                return False
+            try:
+                there = Manifest.from_json(raw.decode("utf-8", "replace"), where=f"{self.uri}/{manifest_rel(rel)}")
+            except (CorruptCheckpoint, UnsupportedCheckpoint):
+                there = None
+            trusted = there is not None and (self.signer is None or not self.signer.problem(there))
+            if trusted and run_id is not None and there.run_id == run_id:
+                return True  # never uncommitted to be written again: it stays as it is
+            self._make_room(step, raw, ours, b)
+            return False
+
+        return self.calls.retry(f"clearing {rel}", attempt, deadline)
+
+    def upload_files(
+        self, local_dir: Path, step: int, files: list[FileEntry], deadline: float | None = None
+    ) -> UploadResult:
+        """One node's files of `step`, without a manifest: they count only once rank 0 commits the checkpoint."""
+        result = self._upload(Path(local_dir), ckpt_rel(step), files, None, deadline, None)
+        result.step = step
+        return result
+
+    def commit_manifest(self, manifest: Manifest, deadline: float | None = None) -> None:
+        """Rank 0 (own output dirs): every file the manifest lists is in the bucket at its size, then the manifest is
+        written, last. A file missing or of another size is a CheckpointError: nothing is committed."""
+        if self.signer is not None:
+            self.signer.sign(manifest)
+        rel = ckpt_rel(manifest.step)
+        raw = manifest.to_json().encode()
+
+        def attempt(b: Budget) -> None:
+            if self.calls.call(self.objects.read, manifest_rel(rel), deadline=b.at) not in (None, raw):
+                raise CheckpointError(
+                    f"{self.uri}/{rel}: another writer committed this step meanwhile (two runs on one prefix?); "
+                    f"step {manifest.step} not committed over it"
+                )
+            present = self.calls.call(self.objects.list, f"{rel}/", deadline=b.at)
+            b.allow(manifest.total_bytes)  # file:// hashes what is there
+            wrong = [
+                f.path
+                for f in manifest.files
+                if present.get(f"{rel}/{f.path}") != f.size
+                or self.calls.call(self.objects.sha256, f"{rel}/{f.path}", deadline=self.calls.sized(f.size, b))
+                != f.sha256
+            ]
+            if wrong:
+                raise CheckpointError(
+                    f"{self.uri}/{rel}: {len(wrong)} files missing or not as uploaded ({', '.join(wrong[:3])}); "
+                    f"step {manifest.step} not committed"
+                )
+            self.calls.call(self.objects.write, manifest_rel(rel), raw, sha256_bytes(raw), deadline=b.at)
+
+        self.calls.retry(f"commit of {rel}", attempt, deadline)
+
     # ---------------------------------------------------------------- retention and moving aside
 
     def delete_checkpoint(self, step: int, deadline: float | None = None) -> None:

@@ -81,23 +81,31 @@ def visible_gpus() -> int:
 
 
 def child_command(cfg: Config, config_source: str | None, overrides: list[str], output_dir: str) -> list[str]:
-    """`python -m trainer train ...` for one process, `accelerate launch ... -m trainer train ...` for several."""
+    """`python -m trainer train ...` for one process, `accelerate launch ... -m trainer train ...` for several
+    (supervisor.num_processes per machine, on supervisor.num_machines machines)."""
     train = ["train", *([config_source] if config_source else [])]
     for item in overrides:
         train += ["--set", item]
     train += ["--output-dir", str(output_dir), "--resume", "auto"]
-    n = cfg.supervisor.num_processes
+    s = cfg.supervisor
+    n = s.num_processes  # per machine
     if n == "auto":
         n = max(1, visible_gpus())
-    if n == 1 and not cfg.supervisor.accelerate_config:
+    if n == 1 and s.num_machines == 1 and not s.accelerate_config:
         return [sys.executable, "-m", "trainer", *train]
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
-    if cfg.supervisor.accelerate_config:
-        launch += ["--config_file", cfg.supervisor.accelerate_config]
-    elif n > 1:
+    if s.accelerate_config:
+        launch += ["--config_file", s.accelerate_config]
+    else:
         # Without a config file accelerate would start one process on CPU and warn on GPU: say it all.
-        launch += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    return [*launch, "--num_processes", str(n), "-m", "trainer", *train]
+        launch += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if s.num_machines > 1:  # on the command line they win over a config file's values
+        launch += ["--num_machines", str(s.num_machines), "--machine_rank", str(s.machine_rank)]
+        launch += ["--main_process_ip", str(s.main_process_ip), "--main_process_port", str(s.main_process_port)]
+    elif not s.accelerate_config:
+        launch += ["--num_machines", "1"]
+    # accelerate's --num_processes is the total over all machines
+    return [*launch, "--num_processes", str(n * s.num_machines), "-m", "trainer", *train]
 
 
 # ---------------------------------------------------------------- the supervisor

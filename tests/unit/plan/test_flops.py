@@ -59,3 +59,38 @@ def test_params_only_count_is_the_classic_6n_4n():
     assert flops.params_flops(1e9, "full", False) == 6e9
     assert flops.params_flops(1e9, "lora", False) == 4e9
     assert flops.params_flops(1e9, "qlora", True) == 6e9
+
+
+def test_bench_ratios_to_the_seed_and_the_informed_setup(bench):
+    """The informed part's rows: spot's speed and memory against both HF recipes, and the goal line per run."""
+    data = {name: {"tokens": 1000, "sum_sq": 250000.0} for name in ("var", "fixed")}  # as write_data reports
+    hf = {"tokens_per_step": 5000, "mean_sq_over_mean": 250.0}
+    seed = {"var": {**hf, "tokens_per_s": 1500.0, "peak_allocated_gib": 24.0}}
+    informed = {"var": {**hf, "tokens_per_s": 4000.0, "peak_allocated_gib": 12.0}}
+    spot = dict(data="var", overrides={"model.memory_budget_gb": 12.0}, tokens_per_step=5100, stall_s=[], exit_code=75)
+    spots = [
+        {**spot, "name": "fast", "tokens_per_s": 10400.0, "peak_allocated_gib": 11.4, "ckpt_fraction": 0.8},
+        {**spot, "name": "big", "tokens_per_s": 12000.0, "peak_allocated_gib": 12.6, "ckpt_fraction": 0.5},
+        {**spot, "name": "slow", "tokens_per_s": 9000.0, "peak_allocated_gib": 11.0, "ckpt_fraction": 1.0},
+    ]
+    for r in spots:
+        r["against"] = "informed"
+    rows = bench.summarize("8b", data, seed, spots, informed)
+    by = {r["run"]: r for r in rows}
+    assert list(by) == ["seed-var", "informed-var", "spot-fast", "spot-big", "spot-slow"]
+    assert by["informed-var"]["ratio"] == pytest.approx(4000 / 1500) and by["informed-var"]["ratio_informed"] == 1.0
+    assert by["spot-fast"]["ratio"] == pytest.approx(10400 / 1500)
+    assert by["spot-fast"]["ratio_informed"] == pytest.approx(2.6)
+    assert by["spot-fast"]["mem_ratio_informed"] == pytest.approx(0.95)
+    goal = {g["run"]: g["met"] for g in bench.against_informed(rows)}
+    assert goal == {"spot-fast": True, "spot-big": False, "spot-slow": False}  # 2.6x at 0.95; 3.0x at 1.05; 2.25x
+
+
+def test_bench_recompute_fraction_of_part_checkpointing(bench):
+    line = "gradient checkpointing on 32/32 layers for 5120 tokens per micro-batch (140 KiB/token/layer, budget 9 GiB)"
+    assert bench.recompute_fraction("8b", line) == 1.0
+    s = bench.SHAPES["8b"]
+    attn = 2 * 4096 * 4096 + 2 * 4096 * 1024
+    share = attn / (attn + 3 * 4096 * s["intermediate_size"])
+    assert bench.recompute_fraction("8b", line + " (whole 4, attention 28)") == pytest.approx((4 + 28 * share) / 32)
+    assert bench.recompute_fraction("8b", line + " (whole 0, mlp 32)") == pytest.approx(1 - share)

@@ -236,3 +236,39 @@ def test_speed_knowledge_lives_in_the_memory_model():
     fused = memory.logits_working_bytes(shape, replace(setup, liger=True))
     assert fused < memory.logits_working_bytes(shape, setup) / 10
     assert memory.head_activation_bytes(shape, replace(setup, liger=True)) < 4 * shape.vocab_size
+
+
+@pytest.mark.parametrize("parts", ["attention", "mlp"])
+def test_part_checkpointing_plans_with_the_memory_models_part_bytes(parts, llama3_dir):
+    """model.checkpoint_parts: auto plans with part_checkpointed_layer_bytes and, under the same budget, checkpoints
+    more layers (each keeping more) than whole-layer checkpointing; an 8B QLoRA packed row of 5120 tokens."""
+    cfg = _config(*CONFIGS[0], llama3_dir)
+    shape, setup = speed.run_setup(cfg, model_config(cfg), **_gpu_choices(cfg))
+    setup = replace(setup, seq_len=5120, micro_batch_size=1)
+    seen = {}
+    real = speed.plan_checkpointing
+
+    def spy(*args, **kw):
+        seen.update(kw)
+        return real(*args, **kw)
+
+    kw = dict(free_bytes=12 * GIB, reserved_bytes=0, allocated_bytes=6 * GIB)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(speed, "plan_checkpointing", spy)
+        cp = speed.plan_checkpoint_layers(shape, setup, parts=parts, **kw)
+    assert seen["parts"] == parts
+    assert seen["part_bytes_per_token"] == memory.part_checkpointed_layer_bytes(shape, setup, parts)
+    whole = speed.plan_checkpoint_layers(shape, setup, **kw)
+    assert 0 < whole.layers < 32 and cp.layers > whole.layers and cp.parts == parts
+    assert f"(whole {cp.whole_layers}, {parts} {cp.layers - cp.whole_layers})" in cp.describe()
+
+
+def test_part_checkpointing_of_an_int8_base_is_a_config_error(tmp_path):
+    from trainer.errors import ConfigError
+
+    shape = memory.shape_from_config(LlamaConfig(**{k: v for k, v in LLAMA3_8B.items() if k != "architectures"}))
+    setup = memory.TrainingSetup(method="qlora", quant_bits=8, lora_targets=("q_proj", "v_proj"))
+    with pytest.raises(ConfigError, match="checkpoint_parts attention.*LLM.int8"):
+        speed.plan_checkpoint_layers(
+            shape, setup, free_bytes=12 * GIB, reserved_bytes=0, allocated_bytes=6 * GIB, parts="attention"
+        )

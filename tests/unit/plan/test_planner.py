@@ -404,3 +404,39 @@ def test_t4_auto_dtype_plans_fp32_at_its_fp32_rate():
     assert t4.setup.compute_bytes == 4 and "8.1 TFLOP/s" in t4.throughput.source
     fp16 = make_plan(load_config(None, ["train.max_steps=10", "model.dtype=fp16"]), gpu="t4")
     assert fp16.setup.compute_bytes == 2 and "65 TFLOP/s" in fp16.throughput.source
+
+
+@pytest.mark.parametrize(
+    "method,dropout,part",
+    [
+        ("lora", 0.05, "attention"),
+        ("lora", 0.05, "mlp"),
+        ("lora", 0.0, "attention"),
+        ("lora", 0.0, "mlp"),
+        ("full", 0.0, "attention"),
+        ("full", 0.0, "mlp"),
+    ],
+)
+def test_part_checkpoint_formula_matches_what_autograd_saves(method, dropout, part):
+    """model.checkpoint_parts attention/mlp: what each layer then keeps, against the tensors autograd saves (the
+    reentrant checkpoint saves its input where the hooks see it; the trainer's non-reentrant one holds the same)."""
+    from trainer import speed
+    from trainer.plan.memory import checkpointed_layer_bytes, head_activation_bytes, part_checkpointed_layer_bytes
+
+    model = tiny_model(method, torch.float32, dropout)
+    speed.set_checkpoint_layers(model, TINY["num_hidden_layers"], {"use_reentrant": True}, parts=part)
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 24))
+    measured = measured_saved_bytes(model, tokens)
+    shape = shape_from_config(LlamaConfig(**TINY))
+    setup = cpu_setup(method, 4, lora_dropout=dropout)
+    per_layer = part_checkpointed_layer_bytes(shape, setup, part)
+    predicted = 2 * 24 * (shape.num_layers * per_layer + head_activation_bytes(shape, setup))
+    assert abs(predicted - measured) / measured < 0.03, (predicted, measured)
+    # and it is neither the plain layer nor the whole-layer checkpoint
+    assert checkpointed_layer_bytes(shape, setup) < per_layer < sum(memory_regions(shape, setup).values())
+
+
+def memory_regions(shape, setup):
+    from trainer.plan.memory import layer_region_bytes
+
+    return layer_region_bytes(shape, setup)

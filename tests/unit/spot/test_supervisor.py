@@ -14,6 +14,7 @@ import pytest
 from tests.harness.common import REPO
 from trainer.checkpoint.manifest import build_manifest, write_manifest
 from trainer.config.loader import load_config
+from trainer.errors import ConfigError
 from trainer.metrics import read_jsonl
 from trainer.spot.supervisor import Supervisor, child_command, newest_checkpoint_step, read_heartbeat
 
@@ -305,6 +306,52 @@ def test_child_command_one_process_and_accelerate(tmp_path):
     )
     cmd = child_command(cfg, None, [], "/w/run")
     assert cmd[3:5] == ["--config_file", "launch/ddp.yaml"] and "--multi_gpu" not in cmd
+
+
+def _flag(cmd, name):
+    """The value after `name` among the launcher's own flags (before `-m trainer`)."""
+    launcher = cmd[: cmd.index("trainer", 3)]
+    return launcher[launcher.index(name) + 1]
+
+
+def test_child_command_several_machines_passes_the_rendezvous_and_the_total(tmp_path):
+    machines = ["supervisor.num_machines=2", "supervisor.machine_rank=1", "supervisor.main_process_ip=10.0.0.5"]
+    cfg = load_config(
+        None, ["supervisor.num_processes=4", "supervisor.main_process_port=29511", *machines], str(tmp_path)
+    )
+    cmd = child_command(cfg, None, [], "/w/run")
+    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"] and "--multi_gpu" in cmd
+    assert _flag(cmd, "--num_machines") == "2" and _flag(cmd, "--machine_rank") == "1"
+    assert _flag(cmd, "--main_process_ip") == "10.0.0.5" and _flag(cmd, "--main_process_port") == "29511"
+    assert _flag(cmd, "--num_processes") == "8"  # 4 per machine x 2 machines: accelerate wants the total
+    assert cmd.count("--num_machines") == 1
+    assert cmd[cmd.index("-m", 3) :] == ["-m", "trainer", "train", "--output-dir", "/w/run", "--resume", "auto"]
+    # one GPU per machine is still a distributed launch, and a config file's values give way to these
+    cfg = load_config(None, [*machines, "supervisor.accelerate_config=launch/multi_node.yaml"], str(tmp_path))
+    cmd = child_command(cfg, None, [], "/w/run")
+    assert cmd[3:5] == ["--config_file", "launch/multi_node.yaml"]
+    assert _flag(cmd, "--num_processes") == "2" and _flag(cmd, "--machine_rank") == "1"
+    cfg = load_config(None, machines, str(tmp_path))
+    assert child_command(cfg, None, [], "/w/run")[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    # one machine never names a port: several runs on one machine must not collide on 29500
+    cfg = load_config(None, ["supervisor.num_processes=2"], str(tmp_path))
+    assert "--main_process_port" not in child_command(cfg, None, [], "/w/run")
+
+
+@pytest.mark.parametrize(
+    "items, key",
+    [
+        (["supervisor.num_machines=2"], "supervisor.main_process_ip"),
+        (["supervisor.num_machines=2", "supervisor.machine_rank=2", "supervisor.main_process_ip=h"], "machine_rank"),
+        (["supervisor.machine_rank=-1"], "supervisor.machine_rank"),
+        (["supervisor.num_machines=0"], "supervisor.num_machines"),
+        (["supervisor.main_process_port=70000"], "supervisor.main_process_port"),
+    ],
+)
+def test_bad_machine_settings_are_one_line_naming_the_key(tmp_path, items, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, items, str(tmp_path))
+    assert key in str(err.value) and "\n" not in str(err.value)
 
 
 def test_newest_checkpoint_needs_a_manifest(tmp_path):

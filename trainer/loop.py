@@ -88,6 +88,7 @@ class Trainer:
             self._setup_mirror(remote)
         with self.startup.phase("data"):
             self._setup_data()
+            self._check_same_run()
         with self.startup.phase("model_load"):
             self._setup_model()
         if self.mirror is not None and self.is_main:
@@ -218,6 +219,27 @@ class Trainer:
 
         self.ranks.main_only("mirror", fetch, self.heartbeat, per_node=self.per_node)
         self.model_cfg = model_config_for_load(self.cfg, self.run)
+
+    def _check_same_run(self) -> None:
+        """Every rank has the same config and the same data (with own output dirs each node reads its own files): one
+        all-reduce of a fingerprint, or every rank stops with one line instead of training apart or hanging at the
+        end on a different step count."""
+        if self.world == 1:
+            return
+        import hashlib
+        import json
+
+        from trainer.distributed import agree_int
+
+        same = {k: v for k, v in self.cfg.to_dict().items() if k not in ("output_dir", "supervisor")}
+        tokens = sum(len(r["input_ids"]) for r in self.rows)
+        text = json.dumps([same, len(self.rows), tokens, self.total_steps], sort_keys=True, default=str)
+        mine = int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
+        if agree_int(0, self.acc, any_rank=mine) != agree_int(0, self.acc, any_rank=-mine) * -1:
+            raise ConfigError(
+                f"the ranks disagree on the config or the data ({len(self.rows)} rows, {self.total_steps} steps "
+                f"here): give every node the same config, data.path and model"
+            )
 
     def _setup_data(self) -> None:
         self.tokenizer = model_lib.load_tokenizer(self.model_cfg)

@@ -220,14 +220,17 @@ def render_startups(startups: list[dict]) -> list[str]:
     """Start-up seconds by phase, a row per process start (fresh or resumed), and their median over the starts."""
     if not startups:
         return []
-    columns = [*PHASES, "other", "total"]
+    # phases of this version, as far as some start recorded them (older versions had fewer), then any others
+    seen = {k for e in startups for k in (e.get("phases") or {})}
+    names = [p for p in PHASES if p in seen] + sorted(seen - set(PHASES))
+    columns = [*names, "other", "total"]
 
     def row(label: str, values: list[float | None]) -> str:
         cells = "".join(f"{'-' if v is None else f'{v:.2f}':>{len(c) + 1}}" for c, v in zip(columns, values))
         return f"    {label:<18}{cells}"
 
     def values(e: dict) -> list[float | None]:
-        return [_num(e["phases"], name) for name in PHASES] + [_num(e, "other_s"), _num(e, "total_s")]
+        return [_num(e.get("phases") or {}, name) for name in names] + [_num(e, "other_s"), _num(e, "total_s")]
 
     lines = [f"  {'start-up (s)':<20}" + "".join(f"{c:>{len(c) + 1}}" for c in columns)]
     table = [values(e) for e in startups]

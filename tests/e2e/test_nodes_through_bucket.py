@@ -123,3 +123,29 @@ def test_two_machines_killed_resume_on_one_machine(tmp_path, s3_server, aws_env,
     assert store.committed_steps()[-1] == STEPS
     assert store.get_manifest(STEPS).world_size == 1
     assert_bitwise_equal(trainable_weights(alone, STEPS), trainable_weights(reference, STEPS))
+
+
+def test_machines_with_different_data_stop_with_one_line(tmp_path):
+    # each node reads its own files; a node with other data would train apart (or hang at the end on another step
+    # count): every rank stops with the same one-line ConfigError, exit 2
+    port, out, launches = free_port(), tmp_path / "run", []
+    try:
+        for rank, rows in ((0, 256), (1, 320)):
+            flags = ["--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1"]
+            cmd = accelerate_cli(
+                "train",
+                launch_config="multi_node",
+                num_processes=2,
+                launch_args=[*flags, "--main_process_port", str(port)],
+                overrides=[*GLOBAL, f"data.builtin.num_train={rows}"],
+                output_dir=out,
+            )
+            launches.append(Launch(cmd, tmp_path / f"machine{rank}.log"))
+        codes = [launch.wait(240) for launch in launches]
+    finally:
+        for launch in launches:
+            launch.close()
+    text = "".join(launch.output() for launch in launches)
+    assert all(c != 0 for c in codes), codes
+    assert text.count("the ranks disagree on the config or the data") >= 2, text[-3000:]
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").glob("step-*"))

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from tests.harness.common import TINY, run_cli
 from trainer.metrics import read_jsonl
 from trainer.report import build_report, render_report
 from trainer.run_dir import RunDir
 from trainer.startup import PHASES
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # two real runs (~30 s idle); the quick pass stays under 3 minutes
 
 
 def _startups(out):

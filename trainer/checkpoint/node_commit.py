@@ -125,26 +125,7 @@ class NodeCommit:
 
     def _node_files(self, snap: Snapshot, tmp: Path) -> list[FileEntry]:
         """Wait for this node's ranks' done markers; the node's files, hashed while they were written."""
-        deadline = time.monotonic() + self.wait_s
-        markers = [tmp / f".rank-{r:05d}.done" for r in self.here]
-        while not all(m.exists() for m in markers):
-            for r in self.here:
-                failed = tmp / f".rank-{r:05d}.failed"
-                if failed.exists():
-                    raise CheckpointError(
-                        f"rank {r} could not write its files for step {snap.step}: "
-                        f"{failed.read_text(errors='replace').strip()}"
-                    )
-            if time.monotonic() > deadline:
-                raise CheckpointError(f"{tmp}: not every rank of this node wrote its files within {self.wait_s:.0f} s")
-            time.sleep(0.005)
-        known: dict[str, tuple[int, str]] = {}
-        for m in markers:
-            try:
-                known.update({k: tuple(v) for k, v in json.loads(m.read_text()).get("files", {}).items()})
-            except (OSError, ValueError, AttributeError):
-                pass
-            m.unlink()
+        known = self.store.wait_for_ranks(snap, self.here, self.wait_s)
         return build_manifest(tmp, snap.step, known=known).files
 
     def _wait_ready(self, snap: Snapshot) -> str:

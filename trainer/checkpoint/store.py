@@ -241,13 +241,14 @@ class CheckpointStore:
         write_file(marker, json.dumps({"pid": os.getpid(), "files": written}).encode())
         return tmp
 
-    def commit(self, snap: Snapshot, timeout: float = 600.0) -> Path:
-        """Rank 0: wait for every rank's marker, write the manifest last, rename into place."""
+    def wait_for_ranks(self, snap: Snapshot, ranks: range, timeout: float) -> dict[str, tuple[int, str]]:
+        """Until each of `ranks` dropped its done marker for `snap` (a `.failed` one, or `timeout`: CheckpointError);
+        the markers are consumed and their files' (size, sha256), hashed while written, returned."""
         tmp = self.tmp_path(snap.step)
         deadline = time.monotonic() + timeout
-        markers = [tmp / f".rank-{r:05d}.done" for r in range(snap.world_size)]
+        markers = [tmp / f".rank-{r:05d}.done" for r in ranks]
         while not all(m.exists() for m in markers):
-            for r in range(snap.world_size):
+            for r in ranks:
                 failed = tmp / f".rank-{r:05d}.failed"
                 if failed.exists():
                     raise CheckpointError(
@@ -264,6 +265,12 @@ class CheckpointStore:
             except (OSError, ValueError, AttributeError):
                 pass
             m.unlink()
+        return known
+
+    def commit(self, snap: Snapshot, timeout: float = 600.0) -> Path:
+        """Rank 0: wait for every rank's marker, write the manifest last, rename into place."""
+        tmp = self.tmp_path(snap.step)
+        known = self.wait_for_ranks(snap, range(snap.world_size), timeout)
         lin = snap.lineage
         manifest = build_manifest(
             tmp,

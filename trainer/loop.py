@@ -85,6 +85,7 @@ class Trainer:
             remote = self._open_remote()
             if self.resume == "never" and self.is_main:  # starting over is explicit: refused over committed work
                 guard_start_over(CheckpointStore(self.run.root), remote, self.archive_existing, self.say)
+        with self.startup.phase("mirror"):
             self._setup_mirror(remote)
         with self.startup.phase("data"):
             self._setup_data()

@@ -17,7 +17,8 @@ PHASES = (
     "imports",
     "device_init",
     "preflight",  # the memory pre-flight check (on a GPU the first CUDA call: the CUDA context)
-    "output",  # the run lock, the output-dir check, the remote's access check, the base-model mirror
+    "output",  # the run lock, the output-dir check, the remote's access check
+    "mirror",  # model.mirror: the base model's copy pulled from the remote (a fresh pod)
     "data",
     "model_load",
     "optimizer",

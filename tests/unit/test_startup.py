@@ -29,6 +29,7 @@ def test_phases_are_recorded_and_sum_to_the_total():
         "device_init": 0.5,
         "preflight": 0.375,
         "output": 0.125,
+        "mirror": 0.25,
         "data": 1.125,
         "model_load": 4.0,
         "optimizer": 0.25,

@@ -1,9 +1,13 @@
 """The experiment trackers, one class each over accelerate's tracker classes: start (new or reattached), log, close.
 
-`start(saved, step)` returns what to keep in trackers.json and the last step the tracker already holds, so the
-caller sends each step exactly once: TensorBoard drops what a killed process logged after the checkpoint
+`start(saved, step, key)` returns what to keep in trackers.json and the last step the tracker already holds, so
+the caller sends each step exactly once: TensorBoard drops what a killed process logged after the checkpoint
 (`purge_step`); W&B and MLflow keep everything, so what they hold is asked of them (the W&B server, the offline
 files of the run, MLflow's metric history) and the steps they lack are sent again from metrics.jsonl.
+
+`key` is this output dir's tracker key, kept in trackers.json before any tracker starts: a process killed after a
+tracker created its run but before its id was saved leaves a run that the restart finds by it (the W&B run id is
+the key; an MLflow run carries it as a tag), so a restart never opens a second run.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import uuid
 import zlib
 from pathlib import Path
 from typing import Protocol
@@ -20,12 +23,13 @@ from trainer.config.schema import Config
 from trainer.run_dir import MLRUNS_DIR, TENSORBOARD_DIR, RunDir
 
 DEFAULT_PROJECT = "spot-trainer"
+KEY_TAG = "spot_trainer.key"
 
 
 class Backend(Protocol):
     name: str
 
-    def start(self, saved: dict | None, step: int) -> tuple[dict, int]:
+    def start(self, saved: dict | None, step: int, key: str) -> tuple[dict, int]:
         """Open a new tracker run (`saved` None) or reattach to it; (what to keep, last step it holds or -1)."""
 
     def log_config(self, config: dict) -> None: ...
@@ -46,7 +50,7 @@ class TensorBoard:
     def __init__(self, cfg: Config, run: RunDir):
         self.cfg, self.run, self.tracker = cfg, run, None
 
-    def start(self, saved: dict | None, step: int) -> tuple[dict, int]:
+    def start(self, saved: dict | None, step: int, key: str) -> tuple[dict, int]:
         from accelerate.tracking import TensorBoardTracker
 
         # event files are flushed at every log, so a reattached run holds every step up to its checkpoint; the
@@ -77,22 +81,20 @@ class WandB:
     def __init__(self, cfg: Config, run: RunDir):
         self.cfg, self.run, self.tracker = cfg, run, None
 
-    def start(self, saved: dict | None, step: int) -> tuple[dict, int]:
+    def start(self, saved: dict | None, step: int, key: str) -> tuple[dict, int]:
         import wandb  # noqa: F401  (missing: the caller warns and goes on without it)
         from accelerate.tracking import WandBTracker
 
         lg = self.cfg.logging
         project, name = _names(self.cfg, self.run)
-        run_id = saved["run_id"] if saved else uuid.uuid4().hex[:16]
+        run_id = saved["run_id"] if saved else key  # a run a killed process created under the key is the same run
         kw = dict(lg.init_kwargs.get("wandb", {}))
         if "WANDB_DIR" not in os.environ:
             kw.setdefault("dir", str(self.run.root))  # wandb/ (offline runs, logs) inside the output dir
         self.tracker = WandBTracker(project, id=run_id, resume="allow", name=name, tags=lg.tags or None, **kw)
         self.tracker.start()
         wb = self.tracker.run
-        if saved is None:
-            return {"run_id": run_id}, -1
-        held = wb.step - 1  # online: the server's next step after a resume
+        held = wb.step - 1  # online: the server's next step after a resume (0 for a new run)
         if wb.offline:  # resuming is not possible offline: each process writes a file of its own
             current = Path(wb.settings.sync_file).resolve()
             files = Path(wb.settings.sync_dir).parent.glob(f"offline-run-*/run-{run_id}.wandb")
@@ -114,9 +116,9 @@ class MLflow:
     blocking = True  # every call is a request to the tracking server: run on a thread of its own
 
     def __init__(self, cfg: Config, run: RunDir):
-        self.cfg, self.run, self.tracker = cfg, run, None
+        self.cfg, self.run, self.tracker, self.found = cfg, run, None, False
 
-    def start(self, saved: dict | None, step: int) -> tuple[dict, int]:
+    def start(self, saved: dict | None, step: int, key: str) -> tuple[dict, int]:
         import mlflow
         from accelerate.tracking import MLflowTracker
 
@@ -128,8 +130,9 @@ class MLflow:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri(uri)
         project, name = _names(self.cfg, self.run)
-        run_id = saved["run_id"] if saved else None
-        tags = {t: "true" for t in lg.tags} or None
+        run_id = saved["run_id"] if saved else self._run_with_key(mlflow, project, key)
+        self.found = run_id is not None
+        tags = {**{t: "true" for t in lg.tags}, KEY_TAG: key}
         self.tracker = MLflowTracker(experiment_name=project, run_id=run_id, tags=tags, run_name=name, **kw)
         self.tracker.start()
         if run_id is None:
@@ -137,8 +140,20 @@ class MLflow:
         history = mlflow.MlflowClient().get_metric_history(run_id, "loss")
         return {"run_id": run_id}, max([-1] + [m.step for m in history])
 
+    @staticmethod
+    def _run_with_key(mlflow, project: str, key: str) -> str | None:
+        """The run a killed process of this output dir created before it could save the run's id, if any."""
+        experiment = mlflow.get_experiment_by_name(project)
+        if experiment is None:
+            return None
+        runs = mlflow.MlflowClient().search_runs(
+            [experiment.experiment_id], f"tags.`{KEY_TAG}` = '{key}'", max_results=2
+        )
+        return runs[0].info.run_id if len(runs) == 1 else None
+
     def log_config(self, config: dict) -> None:
-        self.tracker.store_init_configuration(_flatten(config))
+        if not self.found:  # a found run has them (MLflow refuses a parameter logged twice with another value)
+            self.tracker.store_init_configuration(_flatten(config))
 
     def log(self, values: dict, step: int) -> None:
         self.tracker.log(values, step=step)

@@ -14,6 +14,7 @@ import logging
 import queue
 import re
 import threading
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +35,7 @@ _OWN_KWARGS = {
     "tensorboard": {"purge_step", "log_dir", "logdir"},
 }
 _SKIP = {"step", "time"}
+KEY = "key"  # trackers.json: this output dir's tracker key (tracker_backends)
 
 
 def check_logging(lg) -> None:
@@ -72,13 +74,14 @@ class TrackerRun:
         config: dict,
         marker: dict,
         save: Callable[[str, dict], None],
+        key: str,
     ):
-        self.backend, self.name, self.saved, self.step = backend, backend.name, saved, step
+        self.backend, self.name, self.saved, self.step, self.key = backend, backend.name, saved, step, key
         self.history, self.config, self.marker, self.save = history, config, marker, save
         self.held = -1  # the last step the tracker holds, known once started
 
     def start(self) -> None:
-        state, self.held = self.backend.start(self.saved, self.step)
+        state, self.held = self.backend.start(self.saved, self.step, self.key)
         self.save(self.name, state)
         if self.saved is None:
             self.backend.log_config(self.config)
@@ -180,11 +183,15 @@ class Trackers:
         if self.state:  # a process of this run opened its trackers before: a restart
             self.state["restarts"] = int(self.state.get("restarts", 0)) + 1
             marker = {"restarts": self.state["restarts"]}
+        key = self.state.get(KEY)
+        if not (isinstance(key, str) and re.fullmatch(r"[0-9a-f]{16}", key)):
+            key = uuid.uuid4().hex[:16]
+        self._save(KEY, key)  # before any tracker starts: a run created under it is found again after a kill
         history = [r for r in read_jsonl(run.metrics) if isinstance(r.get("step"), int) and r["step"] <= step]
         for name in names:
             saved = self.state.get(name)
             saved = saved if isinstance(saved, dict) else None
-            tracker = TrackerRun(BACKENDS[name](cfg, run), saved, step, history, cfg.to_dict(), marker, self._save)
+            tracker = TrackerRun(BACKENDS[name](cfg, run), saved, step, history, cfg.to_dict(), marker, self._save, key)
             if getattr(tracker.backend, "blocking", False):
                 self.runs.append(Background(tracker))
                 continue
@@ -231,7 +238,7 @@ class Trackers:
             " (pip install 'spot-trainer[trackers]')" if missing else "",
         )
 
-    def _save(self, name: str, state: dict) -> None:
+    def _save(self, name: str, state) -> None:
         with self.lock:
             self.state[name] = state
             replace_file(self.path, (json.dumps(self.state, indent=1, sort_keys=True) + "\n").encode())

@@ -143,6 +143,28 @@ def test_mlflow_one_run_each_step_once(tmp_path, mlflow_store, held_by_killed):
     assert client.get_run(run.info.run_id).data.params["train.lr"] == "0.0002"  # the config, logged once
 
 
+def forget(run_dir, tracker):
+    """trackers.json as a process left it when killed after `tracker` created its run but before it saved its id."""
+    path = run_dir / "trackers.json"
+    state = json.loads(path.read_text())
+    del state[tracker]
+    path.write_text(json.dumps(state))
+
+
+def test_mlflow_killed_before_its_run_id_was_saved_is_still_one_run(tmp_path, mlflow_store):
+    cfg = config(tmp_path / "run", ["mlflow"], project="exp")
+    process(cfg, 0, range(1, 8)).close()
+    forget(tmp_path / "run", "mlflow")
+    process(cfg, 4, range(5, 11)).close()
+    client, runs = mlflow_runs(mlflow_store)
+    (run,) = runs  # found by the output dir's key, not a second run
+    assert json.loads((tmp_path / "run" / "trackers.json").read_text())["mlflow"]["run_id"] == run.info.run_id
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(steps) == list(range(1, 11)), Counter(steps)
+    process(config(tmp_path / "other", ["mlflow"], project="exp"), 0, range(1, 3)).close()
+    assert len(mlflow_runs(mlflow_store)[1]) == 2  # another output dir (another key) is another run
+
+
 # ---------------------------------------------------------------- W&B (offline)
 
 
@@ -162,8 +184,12 @@ def wandb_files(wandb_dir, run_id):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kept_by_killed", [7, 0], ids=["file-holds-past-checkpoint", "file-lost"])
-def test_wandb_offline_same_run_each_step_once(tmp_path, wandb_offline, kept_by_killed):
+@pytest.mark.parametrize(
+    "kept_by_killed, id_saved",
+    [(7, True), (0, True), (7, False)],
+    ids=["file-holds-past-checkpoint", "file-lost", "killed-before-the-id-was-saved"],
+)
+def test_wandb_offline_same_run_each_step_once(tmp_path, wandb_offline, kept_by_killed, id_saved):
     import wandb
 
     from trainer.tracker_backends import wandb_history, wandb_history_steps
@@ -176,6 +202,8 @@ def test_wandb_offline_same_run_each_step_once(tmp_path, wandb_offline, kept_by_
     assert wandb_history_steps(first) == list(range(1, 8))
     if not kept_by_killed:  # SIGKILL before W&B flushed its file (it does every 15 s): the header only
         first.write_bytes(first.read_bytes()[:7])
+    if not id_saved:
+        forget(tmp_path / "run", "wandb")
     process(cfg, 4, range(5, 11)).close()
     wandb.teardown()
     assert json.loads((tmp_path / "run" / "trackers.json").read_text())["wandb"]["run_id"] == run_id
@@ -256,7 +284,7 @@ class SlowServer:
         self.delay, self.hang, self.logged, self.closed = delay, hang, [], False
         self.in_log = threading.Event()
 
-    def start(self, saved, step):
+    def start(self, saved, step, key):
         time.sleep(self.delay)
         return {"run_id": "r1"}, -1
 
@@ -293,7 +321,7 @@ def test_a_hung_tracker_server_falls_behind_and_is_dropped(tmp_path):
 
     hang = threading.Event()
     server = SlowServer(None, None, delay=0, hang=hang)
-    bg = Background(TrackerRun(server, None, 0, [], {}, {}, lambda name, state: None), limit=3)
+    bg = Background(TrackerRun(server, None, 0, [], {}, {}, lambda name, state: None, "0" * 16), limit=3)
     bg.log({"loss": 1.0}, 1)
     assert server.in_log.wait(5)  # the request of step 1 never returns
     with pytest.raises(_Failed) as e:

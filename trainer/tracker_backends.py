@@ -130,9 +130,10 @@ class MLflow:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri(uri)
         project, name = _names(self.cfg, self.run)
-        run_id = saved["run_id"] if saved else self._run_with_key(mlflow, project, key)
+        tags = {t: "true" for t in lg.tags}
+        run_id = saved["run_id"] if saved else self._run_with_key(mlflow, project, key, tags)
         self.found = run_id is not None
-        tags = {**{t: "true" for t in lg.tags}, KEY_TAG: key}
+        tags = {**tags, KEY_TAG: key}  # on the run; the experiment (made above) holds the user's tags only
         self.tracker = MLflowTracker(experiment_name=project, run_id=run_id, tags=tags, run_name=name, **kw)
         self.tracker.start()
         if run_id is None:
@@ -141,14 +142,19 @@ class MLflow:
         return {"run_id": run_id}, max([-1] + [m.step for m in history])
 
     @staticmethod
-    def _run_with_key(mlflow, project: str, key: str) -> str | None:
-        """The run a killed process of this output dir created before it could save the run's id, if any."""
-        experiment = mlflow.get_experiment_by_name(project)
-        if experiment is None:
+    def _run_with_key(mlflow, project: str, key: str, tags: dict) -> str | None:
+        """The run a killed process of this output dir created before it could save the run's id, if any; makes
+        the experiment if there is none."""
+        try:
+            experiment = mlflow.get_experiment_by_name(project)
+            if experiment is None:
+                mlflow.create_experiment(project, tags=tags or None)
+                return None
+            runs = mlflow.MlflowClient().search_runs(
+                [experiment.experiment_id], f"tags.`{KEY_TAG}` = '{key}'", max_results=2
+            )
+        except Exception:  # noqa: BLE001 (a file store with a run a kill left half-written: a new run, as before)
             return None
-        runs = mlflow.MlflowClient().search_runs(
-            [experiment.experiment_id], f"tags.`{KEY_TAG}` = '{key}'", max_results=2
-        )
         return runs[0].info.run_id if len(runs) == 1 else None
 
     def log_config(self, config: dict) -> None:

@@ -98,5 +98,32 @@ def test_second_prepare_data_reuses_the_tokenization_cache(tmp_path, tok, monkey
         raise AssertionError("tokenized again instead of reading the cache")
 
     monkeypatch.setattr(data, "tokenize_row", no_tokenizing)
+    monkeypatch.setattr(data, "load_rows", no_tokenizing)  # a hit reads only the cache: no rows, no `datasets`
     second = prepare_data(cfg, tok, cache)
     assert (second.train, second.eval, second.eval_prompts) == (first.train, first.eval, first.eval_prompts)
+
+
+def test_the_tokenization_cache_follows_the_seed_the_file_and_the_tokenizer(tmp_path, tok):
+    rows = [{"prompt": f"say {w}", "completion": w} for w in ("ab", "cd", "ef", "gh", "ij", "kl", "mn", "op")]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    base = [f"data.path={path}", "data.format=completion", "data.eval_split=0.25"]
+    cache = tmp_path / "cache"
+
+    def evals(*overrides):
+        got = prepare_data(load_config(None, base + list(overrides)), tok, cache)
+        return sorted(p["completion"] for p in got.eval_prompts)
+
+    first = evals()
+    for seed in range(1, 20):  # another seed splits off other eval rows: never the cached split of seed 0
+        other = evals(f"train.seed={seed}")
+        if other != first:
+            break
+    assert other != first
+    assert evals(f"train.seed={seed}") == other and evals() == first  # each from its own cache entry
+    n = len(list(cache.glob("tokenized-*.json")))
+    write_jsonl(path, rows[:4])  # the file changed: tokenized again
+    assert len(prepare_data(load_config(None, base), tok, cache).train) == 3
+    assert len(list(cache.glob("tokenized-*.json"))) == n + 1
+    tok.add_tokens(["<new>"])  # another tokenizer: another key
+    prepare_data(load_config(None, base), tok, cache)
+    assert len(list(cache.glob("tokenized-*.json"))) == n + 2

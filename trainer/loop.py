@@ -270,7 +270,12 @@ class Trainer:
         if model_lib.is_builtin(self.cfg):
             self.ranks.main_only("model", self._materialize, per_node=self.per_node)
         self.heartbeat(phase="model")
-        self.model = model_lib.build_model(self.model_cfg, self.tokenizer, self.device, self.run.root)
+        stage = (
+            self.mirror.stage_4bit
+            if self.mirror is not None and self.is_main and self.mirror.wants_4bit_copy()
+            else None
+        )
+        self.model = model_lib.build_model(self.model_cfg, self.tokenizer, self.device, self.run.root, stage)
         # the same init on every rank (above), then a stream of its own for dropout on each rank
         torch.manual_seed(self.cfg.train.seed + 7919 * self.rank)
 

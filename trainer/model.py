@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -132,6 +133,14 @@ def base_model_path(cfg: Config, output_dir: Path) -> str:
     return str(RunDir(output_dir).base_model) if is_builtin(cfg) else cfg.model.name_or_path
 
 
+def is_quantized_dir(path: Path) -> bool:
+    """A model dir whose config.json says its weights are stored quantized (a model.mirror_4bit copy)."""
+    try:
+        return "quantization_config" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def _quant_config(cfg: Config, device: torch.device):
     from transformers import BitsAndBytesConfig
 
@@ -173,8 +182,9 @@ def load_base_model(cfg: Config, path: str, device: torch.device, quantized: boo
         raise ConfigError(f"model.name_or_path {path}: cannot load ({str(e).splitlines()[0]})") from None
 
 
-def build_model(cfg: Config, tokenizer, device: torch.device, output_dir: Path):
-    """The model to train: full, LoRA or QLoRA, with gradient checkpointing if asked."""
+def build_model(cfg: Config, tokenizer, device: torch.device, output_dir: Path, after_load=None):
+    """The model to train: full, LoRA or QLoRA, with gradient checkpointing if asked. `after_load(model)` sees the
+    base model as loaded, before anything changes it (model.mirror_4bit saves the quantized copy there)."""
     m = cfg.model
     if is_builtin(cfg):
         materialize_builtin(cfg, tokenizer, output_dir)
@@ -182,7 +192,14 @@ def build_model(cfg: Config, tokenizer, device: torch.device, output_dir: Path):
     dtype = resolve_dtype(m.dtype, device)
     # full fine-tuning keeps fp32 master weights (autocast does the bf16 math); adapters train on a bf16 base
     load_dtype = torch.float32 if m.method == "full" else dtype
+    if m.method != "qlora" and is_quantized_dir(Path(path)):
+        raise ConfigError(
+            f"model.name_or_path {path}: holds 4-bit weights (a model.mirror_4bit copy); model.method {m.method} "
+            f"needs the original weights: use model.method=qlora, or another output dir"
+        )
     model = load_base_model(cfg, path, device, quantized=m.method == "qlora", dtype=load_dtype)
+    if after_load is not None:
+        after_load(model)
     model.config.use_cache = False
     gc_kwargs = {"use_reentrant": False}
     liger = speed.use_liger(cfg, device) and speed.apply_liger(model)

@@ -11,6 +11,13 @@ line and the run goes on the normal way: hub, local dir or built-in init; nothin
 newest remote checkpoint is pulled at the same time in another thread. If the mirror does not exist yet, the model
 is loaded as usual and uploaded in the background; a failure there is one warning.
 
+`model.mirror_4bit` (QLoRA, 4-bit): the mirror holds the base model as bitsandbytes serializes it once quantized
+(uint8 weights with their quantization state, the rest in the load dtype: about a third of the bytes of bf16), under
+a fingerprint of its own that also names the quantization settings and the bitsandbytes version. The first pod
+saves that copy right after loading (before LoRA touches the model; `.base-model-4bit/`, removed once uploaded) and
+uploads it in the background; a fresh pod downloads it and loads it without quantizing again, to the same weights
+bit for bit.
+
 Only safetensors, JSON and text (tokenizer) files are mirrored or accepted from the bucket: nothing is unpickled,
 no code is fetched (a model that needs trust_remote_code is not mirrored).
 """
@@ -44,6 +51,7 @@ log = logging.getLogger(__name__)
 MIRROR_ROOT = "base-model"
 KIND = "base-model"
 PULL_DIR = ".base-model-pull"  # a partial download; kept across restarts, files that verify are not fetched again
+STAGE_4BIT = ".base-model-4bit"  # model.mirror_4bit: the quantized copy saved for the upload
 ALLOWED_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja")  # no pickles (.bin/.pt), no code (.py)
 
 
@@ -53,9 +61,24 @@ def fingerprint(cfg: Config) -> str:
     if model_lib.is_builtin(cfg):  # its random init is a function of its shape and the seed
         ident["builtin"] = dataclasses.asdict(cfg.model.builtin)
         ident["seed"] = cfg.train.seed
+    suffix = ""
+    if cfg.model.mirror_4bit:  # another copy: the quantized weights, tied to how they were quantized
+        q = cfg.quant
+        ident["4bit"] = [q.quant_type, q.double_quant, q.compute_dtype, cfg.model.dtype, _bnb_version()]
+        suffix = f"-{q.quant_type}"
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", cfg.model.name_or_path).strip("-.")[-48:] or "model"
-    return f"{slug}-{digest}"
+    return f"{slug}-{digest}{suffix}"
+
+
+def _bnb_version() -> str:
+    """bitsandbytes' major.minor (its quantization could change between them), without importing it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return ".".join(version("bitsandbytes").split(".")[:2])
+    except PackageNotFoundError:
+        return "none"
 
 
 def mirror_rel(cfg: Config) -> str:
@@ -244,14 +267,49 @@ class ModelMirror:
 
     # ---------------------------------------------------------------- first pod: upload
 
+    def wants_4bit_copy(self) -> bool:
+        """model.mirror_4bit on the first pod: the bucket has no 4-bit copy yet, so one is saved after the load."""
+        if not self.cfg.model.mirror_4bit or self.fetched or self.cfg.model.trust_remote_code:
+            return False
+        try:
+            return self._read_manifest() is None
+        except (SpotTrainerError, OSError) as e:  # refused or unreachable: start_upload says so, or not at all
+            log.info("base model mirror %s: no 4-bit copy saved (%s)", self.where, one_line(e))
+            return False
+
+    def stage_4bit(self, model) -> None:
+        """Save the just-loaded (quantized, not yet LoRA-wrapped) base model with its tokenizer files for the upload;
+        a failure costs one warning and no mirror."""
+        stage, src = self.run.root / STAGE_4BIT, local_model_dir(self.cfg, self.run)
+        tmp = self.run.root / f"{STAGE_4BIT}.tmp-{os.getpid()}"
+        try:
+            if src is None:
+                raise CheckpointError(f"{self.cfg.model.name_or_path}: its files are not on this disk")
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)  # safetensors: uint8 weights and their quantization state
+            for f in src.rglob("*"):  # the tokenizer and generation files, not the original weights or config
+                rel = f.relative_to(src).as_posix()
+                if f.is_file() and accepted(rel) and not _is_weights_or_config(rel) and not (tmp / rel).exists():
+                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(f, tmp / rel)
+            shutil.rmtree(stage, ignore_errors=True)
+            os.replace(tmp, stage)
+        except Exception as e:  # noqa: BLE001 (the run goes on without a mirror)
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.warning("base model mirror %s: the 4-bit copy was not saved (%s)", self.where, one_line(e))
+
     def start_upload(self) -> None:
         """In the background, upload the model's files as the mirror unless it is there already (one warning if
-        that fails; training never waits for it)."""
+        that fails; training never waits for it). With model.mirror_4bit: the copy stage_4bit() saved."""
         if self.fetched or self.cfg.model.trust_remote_code:
             if self.cfg.model.trust_remote_code:
                 log.warning("model.mirror: a model that needs trust_remote_code is not mirrored (its code would be)")
             return
-        src = local_model_dir(self.cfg, self.run)
+        if self.cfg.model.mirror_4bit:
+            stage = self.run.root / STAGE_4BIT
+            src = stage if (stage / "config.json").is_file() else None
+        else:
+            src = local_model_dir(self.cfg, self.run)
         if src is None:
             return
         self._upload = threading.Thread(target=self._upload_quietly, args=(src,), name="mirror-upload", daemon=True)
@@ -270,11 +328,18 @@ class ModelMirror:
                 log.warning("base model mirror not used and left as it is (%s); delete it to upload it again", e)
                 return
             self.publish(src)
+            if src.name == STAGE_4BIT:  # a local copy made for the upload; the bucket holds it now
+                shutil.rmtree(src, ignore_errors=True)
         except Exception as e:  # the run goes on without a mirror
             log.warning("base model mirror %s not uploaded (%s)", self.where, one_line(e))
 
     def publish(self, src: Path) -> Manifest:
         """Upload src's model files under the mirror's prefix, the signed manifest last."""
+        if (
+            model_lib.is_quantized_dir(src) != self.cfg.model.mirror_4bit
+        ):  # e.g. a fresh pod's 4-bit copy, mirror_4bit off
+            what = "quantized" if model_lib.is_quantized_dir(src) else "not quantized"
+            raise CheckpointError(f"{src}: its weights are {what}; not the copy model.mirror_4bit asks for")
         m = build_manifest(src, 0, kind=KIND, extra={"fingerprint": fingerprint(self.cfg)})
         skipped = [f.path for f in m.files if not accepted(f.path)]
         m.files = [f for f in m.files if accepted(f.path)]
@@ -288,6 +353,11 @@ class ModelMirror:
         mb = result.bytes_uploaded / 1e6
         log.info("base model mirrored to %s (%.1f MB in %.1f s)", self.where, mb, result.seconds)
         return m
+
+
+def _is_weights_or_config(rel: str) -> bool:
+    name = PurePosixPath(rel).name
+    return name == "config.json" or name.endswith((".safetensors", ".safetensors.index.json"))
 
 
 def _have(p: Path, f) -> bool:

@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.e2e.test_remote_training import s3_overrides
-from tests.harness.common import TINY, run_cli
+from tests.harness.common import TINY, assert_bitwise_equal, run_cli, trainable_weights
 from trainer import model as model_lib
 from trainer.config.loader import load_config
 from trainer.model_mirror import mirror_rel
@@ -161,3 +162,47 @@ def test_cold_start_mirror_on_vs_off(tmp_path, s3_server, aws_env, offline):
         f"\ncold start to the first resumed step (tiny model, SeaweedFS): mirror off {timings['false']:.2f} s, "
         f"mirror on {timings['true']:.2f} s"
     )
+
+
+QLORA = ["model.method=qlora", "train.optimizer=paged_adamw_8bit", "lora.r=64"]  # as tests/e2e/test_resume_exact.py
+
+
+def test_a_4bit_mirror_is_a_third_of_the_bytes_and_a_fresh_pod_trains_bitwise_the_same(
+    tmp_path, s3_server, aws_env, offline
+):
+    bucket = s3_server.bucket()
+    model_dir = make_model_dir(tmp_path / "models" / "tiny-llama")
+    from safetensors.torch import load, load_file
+
+    original = load_file(str(model_dir / "model.safetensors"))
+    base = TINY + QLORA + [f"model.name_or_path={model_dir}"]
+    # the reference: 8 steps, then a restart to 12, loading (and quantizing) the original weights both times
+    run_cli("train", overrides=base + ["train.max_steps=8"], output_dir=tmp_path / "ref")
+    run_cli("train", overrides=base, output_dir=tmp_path / "ref")
+
+    mirror_on = base + s3_overrides(s3_server, bucket) + ["model.mirror=true", "model.mirror_4bit=true"]
+    run_cli("train", overrides=mirror_on + ["train.max_steps=8"], output_dir=tmp_path / "pod1")
+    assert not (tmp_path / "pod1" / ".base-model-4bit").exists()  # the local copy for the upload, gone once up
+    remote = objects(s3_server, bucket, mirror_prefix(mirror_on, "runs/exp"))
+    manifest = json.loads(remote.pop("manifest.json"))
+    assert manifest["kind"] == "base-model" and "quantization_config" in json.loads(remote["config.json"])
+    # every linear layer's weights stored as 4-bit (two a byte, with their quantization state): for an 8B model that
+    # is ~5.7 GB of 16 GB in bf16 (the embeddings and the head stay in the load dtype)
+    copy = load(remote["model.safetensors"])
+    linear = [k for k in original if k.endswith("_proj.weight")]
+    assert linear and all(copy[k].dtype == torch.uint8 and 2 * copy[k].numel() == original[k].numel() for k in linear)
+    assert all(f"{k}.absmax" in copy for k in linear)
+    tokenizer = {p.name for p in model_dir.iterdir() if p.name.startswith("tokenizer")}
+    assert tokenizer and tokenizer <= set(remote)
+    # the plain mirror is another copy: not made, and a 4-bit copy is never published under its name
+    assert not objects(
+        s3_server, bucket, mirror_prefix(base + s3_overrides(s3_server, bucket) + ["model.mirror=true"], "runs/exp")
+    )
+
+    shutil.rmtree(tmp_path / "pod1")
+    shutil.rmtree(model_dir)  # a fresh pod: no model dir, the hub unreachable
+    out = tmp_path / "pod2"
+    text = output("train", overrides=mirror_on, output_dir=out)
+    assert "base model from the mirror" in text and "pulled checkpoint step 8" in text, text
+    assert events(out, "train_start")[0]["step"] == 8
+    assert_bitwise_equal(trainable_weights(out, 12), trainable_weights(tmp_path / "ref", 12))

@@ -25,6 +25,29 @@ def test_mirror_needs_a_remote():
 
 
 def test_fingerprint_tells_base_models_apart(tmp_path):
+    plain = cfg_for("org/model", tmp_path)
+    four = load_config(
+        None,
+        [
+            f"checkpoint.remote=file://{tmp_path}",
+            "model.name_or_path=org/model",
+            "model.mirror=true",
+            "model.mirror_4bit=true",
+            "model.method=qlora",
+        ],
+    )
+    fp4 = load_config(
+        None,
+        [
+            f"checkpoint.remote=file://{tmp_path}",
+            "model.name_or_path=org/model",
+            "model.mirror=true",
+            "model.mirror_4bit=true",
+            "model.method=qlora",
+            "quant.quant_type=fp4",
+        ],
+    )
+    assert len({fingerprint(plain), fingerprint(four), fingerprint(fp4)}) == 3 and fingerprint(four).endswith("-nf4")
     builtin = load_config(None, [])
     assert fingerprint(builtin) == fingerprint(load_config(None, []))
     assert fingerprint(builtin) != fingerprint(load_config(None, ["train.seed=1"]))  # another random init
@@ -86,3 +109,22 @@ def test_round_trip_and_refusals(tmp_path, caplog):
         assert not ModelMirror(cfg, pod4, remote, print, prefetch=False).fetch("auto")
     assert "model.safetensors: sha256 does not match" in caplog.text and not pod4.base_model.exists()
     assert (mirrored / "model.safetensors").read_bytes() == b"W" * 1000
+
+
+def test_a_4bit_copy_is_refused_for_another_method_and_mirror_4bit_needs_qlora(tmp_path):
+    import torch
+
+    from trainer import model as model_lib
+
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "llama", "quantization_config": {"load_in_4bit": True}})
+    )
+    cfg = load_config(None, [f"model.name_or_path={tmp_path}", "model.method=lora"])
+    with pytest.raises(ConfigError, match="holds 4-bit weights") as e:
+        model_lib.build_model(cfg, None, torch.device("cpu"), tmp_path / "out")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="model.mirror_4bit: mirrors 4-bit QLoRA weights"):
+        load_config(None, ["checkpoint.remote=file:///tmp/x", "model.mirror=true", "model.mirror_4bit=true"])
+    load_config(
+        None, ["checkpoint.remote=file:///tmp/x", "model.mirror=true", "model.mirror_4bit=true", "model.method=qlora"]
+    )

@@ -304,6 +304,11 @@ def validate(cfg: Config) -> None:
     check_env_name(cfg.checkpoint.sign_key_env)  # the variable is read when a command needs the key
     if cfg.model.mirror and remote is None:
         raise ConfigError("model.mirror: needs checkpoint.remote (s3://... or file://...), where the copy is kept")
+    if cfg.model.mirror_4bit and not (cfg.model.mirror and cfg.model.method == "qlora" and cfg.quant.bits == 4):
+        raise ConfigError(
+            "model.mirror_4bit: mirrors 4-bit QLoRA weights; set model.mirror=true, model.method=qlora and "
+            f"quant.bits=4 (now mirror={cfg.model.mirror}, method={cfg.model.method}, bits={cfg.quant.bits})"
+        )
     if not cfg.distributed.shared_output_dir and remote is None:
         raise ConfigError(
             "distributed.shared_output_dir=false: set checkpoint.remote (s3://... or file://...); without a shared "

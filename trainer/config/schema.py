@@ -43,6 +43,9 @@ class ModelConfig:
     checkpoint_parts: Literal["layer", "attention", "mlp"] = "layer"
     memory_budget_gb: float | None = None  # GiB that checkpoint_layers=auto may plan for; None: all free
     mirror: bool = False  # keep a copy of the base model in checkpoint.remote; a fresh pod pulls it from there
+    # QLoRA (4-bit): the mirror holds the weights as bitsandbytes serializes them once quantized (about a third of
+    # the bytes of bf16), and a fresh pod loads them without quantizing again; bitwise the same weights
+    mirror_4bit: bool = False
 
 
 @dataclass

@@ -13,4 +13,6 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/spot-trainer/t
 # a build killed half way leaves torch's build lock behind, and every later build waits on it forever; a build takes
 # 1-2 minutes, so a lock older than 10 minutes is such a leftover
 if [ -d "$TORCH_EXTENSIONS_DIR" ]; then find "$TORCH_EXTENSIONS_DIR" -maxdepth 2 -name lock -mmin +10 -delete; fi
-exec "$py" -m pytest -m "not gpu and not bench" "$@"
+# two workers (pytest-xdist): most tests wait on processes, signals and timeouts, so two keep both cores busy;
+# SPOT_TEST_WORKERS=0 runs them one at a time
+exec "$py" -m pytest -m "not gpu and not bench" -n "${SPOT_TEST_WORKERS:-2}" --dist worksteal "$@"

@@ -64,3 +64,20 @@ def remote(request, tmp_path):
         remote.s3_config = None
     remote.kind = request.param
     return remote
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest first (DeepSpeed, chaos, slow end-to-end, end-to-end, then the rest; file order within each), so
+    that with several workers (scripts/test.sh runs two) no long test starts last while the others sit idle."""
+
+    def rank(item) -> int:
+        marks = {m.name for m in item.iter_markers()}
+        if "deepspeed" in marks:
+            return 0  # also the first to build CPU Adam, while the other worker goes on
+        if "chaos" in item.nodeid.split("/"):
+            return 1
+        if "e2e" in marks:
+            return 2 if "slow" in marks else 3
+        return 4
+
+    items.sort(key=rank)  # stable

@@ -17,6 +17,10 @@ from the log. 8B QLoRA on a GPU (bitsandbytes):
 CPU smoke test (LoRA, fp32, tiny shape):
 
     python scripts/bench_cold_start.py --shape tiny --cpu
+
+`--mirror-4bit` mirrors the quantized weights instead (model.mirror_4bit, QLoRA; with --cpu QLoRA on the CPU):
+
+    python scripts/bench_cold_start.py --shape 8b --work /data/cold --mirror-4bit
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ def overrides(a, model_dir: Path, data: Path, mirror: bool, max_steps: int, remo
     common = [
         f"model.name_or_path={model_dir}",
         f"model.mirror={str(mirror).lower()}",
+        f"model.mirror_4bit={str(mirror and a.mirror_4bit).lower()}",
         f"data.path={data}",
         "data.format=completion",
         "data.eval_split=null",
@@ -61,6 +66,8 @@ def overrides(a, model_dir: Path, data: Path, mirror: bool, max_steps: int, remo
         f"checkpoint.remote=file://{remote}",
         "preemption.watch=none",
     ]
+    if a.cpu and a.mirror_4bit:
+        return common + ["model.method=qlora", "train.device=cpu"]
     if a.cpu:
         return common + ["model.method=lora", "model.dtype=fp32", "train.device=cpu"]
     return common + ["model.method=qlora", "model.gradient_checkpointing=true"]
@@ -109,6 +116,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--model", default=None, help="a model dir built before (bench.build_model); default: build one")
     ap.add_argument("--result", default=None, help="write the numbers as JSON here")
+    ap.add_argument("--mirror-4bit", action="store_true", help="model.mirror_4bit: the mirror holds 4-bit weights")
     a = ap.parse_args()
     work = Path(a.work).resolve()
     remotes = Path(a.remote or work / "remote").resolve()  # one copy of the seeded remote per fresh pod
@@ -135,7 +143,9 @@ def main() -> None:
     train(a, work / "seed", overrides(a, model_dir, data, True, 2, remotes / "seed"), env)
     for name in ("off", "on"):  # each fresh pod finds the remote as the first pod left it
         shutil.copytree(remotes / "seed", remotes / name)
+    mirror_bytes = dir_bytes(remotes / "seed" / "base-model")
     results = {"shape": a.shape, "cpu": a.cpu, "remote": f"file://{remotes}", "model_bytes": model_bytes}
+    results.update(mirror_4bit=a.mirror_4bit, mirror_bytes=mirror_bytes)
 
     off, _ = train(a, work / "fresh-off", overrides(a, model_dir, data, False, 3, remotes / "off"), env)
     results["mirror_off_s"] = round(off, 2)
@@ -154,7 +164,8 @@ def main() -> None:
     print(
         f"empty disk to first resumed step ({a.shape}, {'LoRA CPU' if a.cpu else 'QLoRA GPU'}, file://{remotes}): "
         f"mirror off {off:.1f} s (model already on disk: add its download, {model_bytes / 1e9:.2f} GB), "
-        f"mirror on {on:.1f} s (model + checkpoint from the remote, in parallel)",
+        f"mirror on {on:.1f} s (model + checkpoint from the remote, in parallel; the mirror "
+        f"{'4-bit' if a.mirror_4bit else 'as on disk'}, {mirror_bytes / 1e9:.2f} GB)",
         flush=True,
     )
     if a.result:

@@ -30,4 +30,11 @@ if [ "$(left)" -gt 150 ]; then
     --stall-every-minutes 0.2 > "$R/deepspeed-stall.log" 2>&1
   echo "stall rc=$?"; tail -8 "$R/deepspeed-stall.log"
 fi
+echo "== cold start, 8B QLoRA, 4-bit mirror ($(left) s left)"
+if [ "$(left)" -gt 200 ] && [ -d "$work/model-8b" ]; then
+  # the 4-bit mirror is ~5.7 GB: three copies of the seeded remote and the download fit the 64 GB disk
+  timeout $(( $(left) - 5 )) python scripts/bench_cold_start.py --shape 8b --model "$work/model-8b" \
+    --work /tmp/cold --mirror-4bit --result "$R/cold-start-8b-4bit.json" > "$R/cold-start-8b-4bit.log" 2>&1
+  echo "cold rc=$?"; tail -3 "$R/cold-start-8b-4bit.log"; rm -rf /tmp/cold
+fi
 echo "done, $(left) s left"

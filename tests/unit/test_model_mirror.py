@@ -26,27 +26,9 @@ def test_mirror_needs_a_remote():
 
 def test_fingerprint_tells_base_models_apart(tmp_path):
     plain = cfg_for("org/model", tmp_path)
-    four = load_config(
-        None,
-        [
-            f"checkpoint.remote=file://{tmp_path}",
-            "model.name_or_path=org/model",
-            "model.mirror=true",
-            "model.mirror_4bit=true",
-            "model.method=qlora",
-        ],
-    )
-    fp4 = load_config(
-        None,
-        [
-            f"checkpoint.remote=file://{tmp_path}",
-            "model.name_or_path=org/model",
-            "model.mirror=true",
-            "model.mirror_4bit=true",
-            "model.method=qlora",
-            "quant.quant_type=fp4",
-        ],
-    )
+    four_bit = [f"checkpoint.remote=file://{tmp_path}", "model.name_or_path=org/model", "model.mirror=true"]
+    four_bit += ["model.mirror_4bit=true", "model.method=qlora"]
+    four, fp4 = load_config(None, four_bit), load_config(None, four_bit + ["quant.quant_type=fp4"])
     assert len({fingerprint(plain), fingerprint(four), fingerprint(fp4)}) == 3 and fingerprint(four).endswith("-nf4")
     builtin = load_config(None, [])
     assert fingerprint(builtin) == fingerprint(load_config(None, []))

@@ -164,18 +164,25 @@ CACHE_VERSION = 2  # of the tokenized-data cache's key and contents (a new versi
 
 
 def _source_stamp(path: str) -> list | None:
-    """What changes when a data source's bytes change (size and mtime of each file), or None for a source that
-    must be loaded to be known (a hub dataset name)."""
+    """What changes when a data source's bytes change (each file's size, mtime, ctime and inode: a copy that keeps
+    the mtime still gets a new ctime), or None for a source that must be loaded to be known (a hub dataset name,
+    or a path this process cannot stat: loading it then says why in one line)."""
     if path == "builtin:tasks":
         return []  # generated from data.builtin, which the key holds
     p = Path(path)
-    if p.is_file():
-        st = p.stat()
-        return [st.st_size, st.st_mtime_ns]
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file())
-        return [[str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    try:
+        if p.is_file():
+            return _stat(p)
+        if p.is_dir():
+            return [[str(f.relative_to(p)), *_stat(f)] for f in sorted(p.rglob("*")) if f.is_file()]
+    except OSError:
+        return None
     return None
+
+
+def _stat(p: Path) -> list[int]:
+    st = p.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def _tokenizer_stamp(tokenizer) -> str:
@@ -201,7 +208,8 @@ def _cache_key(cfg: Config, tokenizer, rows: tuple[list[dict], list[dict]] | Non
     if any(s is None for s in stamps):
         if rows is None:
             return None
-        stamps = [len(rows[0]), len(rows[1])]
+        counts = ["rows", len(rows[0]), len(rows[1])]  # stands in only for what has no stamp
+        stamps = [counts if s is None else s for s in stamps]
     fields = [d.path, d.format, d.max_length, str(d.eval_split), d.split, d.builtin.__dict__]
     fields += [cfg.train.seed, cfg.eval.max_samples, stamps, _tokenizer_stamp(tokenizer), CACHE_VERSION]
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]

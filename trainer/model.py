@@ -134,11 +134,12 @@ def base_model_path(cfg: Config, output_dir: Path) -> str:
 
 
 def is_quantized_dir(path: Path) -> bool:
-    """A model dir whose config.json says its weights are stored quantized (a model.mirror_4bit copy)."""
+    """A model dir whose config.json says bitsandbytes stored its weights quantized (a model.mirror_4bit copy)."""
     try:
-        return "quantization_config" in json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
+        q = json.loads((path / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
         return False
+    return isinstance(q, dict) and q.get("quant_method") == "bitsandbytes"
 
 
 def _quant_config(cfg: Config, device: torch.device):

@@ -52,6 +52,7 @@ MIRROR_ROOT = "base-model"
 KIND = "base-model"
 PULL_DIR = ".base-model-pull"  # a partial download; kept across restarts, files that verify are not fetched again
 STAGE_4BIT = ".base-model-4bit"  # model.mirror_4bit: the quantized copy saved for the upload
+STAGE_MARGIN = 4 << 30  # free bytes left after that copy (checkpoints still fit)
 ALLOWED_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja")  # no pickles (.bin/.pt), no code (.py)
 
 
@@ -64,21 +65,35 @@ def fingerprint(cfg: Config) -> str:
     suffix = ""
     if cfg.model.mirror_4bit:  # another copy: the quantized weights, tied to how they were quantized
         q = cfg.quant
-        ident["4bit"] = [q.quant_type, q.double_quant, q.compute_dtype, cfg.model.dtype, _bnb_version()]
+        ident["4bit"] = [q.quant_type, q.double_quant, *_resolved_dtypes(cfg), _version("bitsandbytes")]
+        ident["4bit"].append(_version("transformers"))  # the copy's format is what its loader reads
         suffix = f"-{q.quant_type}"
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", cfg.model.name_or_path).strip("-.")[-48:] or "model"
     return f"{slug}-{digest}{suffix}"
 
 
-def _bnb_version() -> str:
-    """bitsandbytes' major.minor (its quantization could change between them), without importing it."""
+def _version(package: str) -> str:
+    """A package's major.minor (its quantization or its format could change between them), without importing it."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return ".".join(version("bitsandbytes").split(".")[:2])
+        return ".".join(version(package).split(".")[:2])
     except PackageNotFoundError:
         return "none"
+
+
+def _resolved_dtypes(cfg: Config) -> list[str]:
+    """model.dtype and quant.compute_dtype as this machine resolves them ("auto": bf16 on a GPU that has it, fp32
+    on a CPU): a copy saved on one kind of machine keeps its dtypes, so another kind gets a copy of its own."""
+    import torch
+
+    kind = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(kind)
+    return [
+        str(model_lib.resolve_dtype(cfg.model.dtype, device)),
+        str(model_lib.resolve_dtype(cfg.quant.compute_dtype, device)),
+    ]
 
 
 def mirror_rel(cfg: Config) -> str:
@@ -156,6 +171,7 @@ class ModelMirror:
         self._prefetch: threading.Thread | None = None
         self._upload: threading.Thread | None = None
         self.fetched = False
+        self._staged = False  # stage_4bit saved the 4-bit copy in this process
         self._raw = b""  # the mirror's manifest.json as read, written into the local copy last
 
     # ---------------------------------------------------------------- fresh pod: download
@@ -255,6 +271,9 @@ class ModelMirror:
             if p.stat().st_size != f.size or got != f.sha256:
                 p.unlink()  # a bad copy is not kept; the bucket's object is left as it is
                 raise CheckpointError(f"{self.where}/{f.path}: sha256 does not match the mirror's manifest; refused")
+        problem = self._weights_problem(work)
+        if problem:  # the bucket is not trusted: what the config.json says is checked too
+            raise CheckpointError(f"{self.where}/config.json: {problem}; refused")
         write_file(work / MANIFEST_NAME, self._raw)  # last: the copy counts only when complete
         fsync_dir(work)
         dest = self.run.base_model
@@ -265,26 +284,54 @@ class ModelMirror:
         self.say(f"base model from the mirror {self.where} ({m.total_bytes / 1e6:.1f} MB, sha256 verified)")
         return True
 
+    def _weights_problem(self, copy: Path) -> str | None:
+        """A downloaded copy whose weights are not what model.mirror_4bit says (quantized by bitsandbytes, 4-bit,
+        with this config's quant_type and double_quant; or not quantized at all)."""
+        try:
+            q = json.loads((copy / "config.json").read_text()).get("quantization_config")
+        except (OSError, ValueError, AttributeError):
+            return "not a JSON object"
+        if not self.cfg.model.mirror_4bit:
+            return None if q is None else "the weights are stored quantized, not as the base model's"
+        want = self.cfg.quant
+        if not (
+            isinstance(q, dict)
+            and q.get("quant_method") == "bitsandbytes"
+            and q.get("load_in_4bit") is True
+            and q.get("bnb_4bit_quant_type") == want.quant_type
+            and q.get("bnb_4bit_use_double_quant") == want.double_quant
+        ):
+            return f"not 4-bit bitsandbytes weights with quant_type {want.quant_type}, double_quant {want.double_quant}"
+        return None
+
     # ---------------------------------------------------------------- first pod: upload
 
     def wants_4bit_copy(self) -> bool:
-        """model.mirror_4bit on the first pod: the bucket has no 4-bit copy yet, so one is saved after the load."""
+        """model.mirror_4bit on the first pod: the bucket has no 4-bit copy yet, so one is saved after the load.
+        Advisory: never raises. A copy left on disk by an earlier process (killed before its upload, or made with
+        other settings) is removed first: only what this process saves is uploaded."""
+        for leftover in (self.run.root / STAGE_4BIT, self.run.root / f"{STAGE_4BIT}.tmp"):
+            shutil.rmtree(leftover, ignore_errors=True)
         if not self.cfg.model.mirror_4bit or self.fetched or self.cfg.model.trust_remote_code:
             return False
         try:
             return self._read_manifest() is None
-        except (SpotTrainerError, OSError) as e:  # refused or unreachable: start_upload says so, or not at all
+        except Exception as e:  # noqa: BLE001 (refused or unreachable: no copy is saved, nothing else changes)
             log.info("base model mirror %s: no 4-bit copy saved (%s)", self.where, one_line(e))
             return False
 
     def stage_4bit(self, model) -> None:
         """Save the just-loaded (quantized, not yet LoRA-wrapped) base model with its tokenizer files for the upload;
-        a failure costs one warning and no mirror."""
+        a failure costs one warning and no mirror. Only with room for it and a margin left (the emergency
+        checkpoint must still fit)."""
         stage, src = self.run.root / STAGE_4BIT, local_model_dir(self.cfg, self.run)
-        tmp = self.run.root / f"{STAGE_4BIT}.tmp-{os.getpid()}"
+        tmp = self.run.root / f"{STAGE_4BIT}.tmp"  # rank 0 holds the run lock: one writer
         try:
             if src is None:
                 raise CheckpointError(f"{self.cfg.model.name_or_path}: its files are not on this disk")
+            need, free = model.get_memory_footprint(), shutil.disk_usage(self.run.root).free
+            if free < need + STAGE_MARGIN:
+                raise CheckpointError(f"needs {need / 1e9:.1f} GB and {free / 1e9:.1f} GB are free in {self.run.root}")
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp)  # safetensors: uint8 weights and their quantization state
             for f in src.rglob("*"):  # the tokenizer and generation files, not the original weights or config
@@ -292,8 +339,8 @@ class ModelMirror:
                 if f.is_file() and accepted(rel) and not _is_weights_or_config(rel) and not (tmp / rel).exists():
                     (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(f, tmp / rel)
-            shutil.rmtree(stage, ignore_errors=True)
             os.replace(tmp, stage)
+            self._staged = True
         except Exception as e:  # noqa: BLE001 (the run goes on without a mirror)
             shutil.rmtree(tmp, ignore_errors=True)
             log.warning("base model mirror %s: the 4-bit copy was not saved (%s)", self.where, one_line(e))
@@ -306,8 +353,7 @@ class ModelMirror:
                 log.warning("model.mirror: a model that needs trust_remote_code is not mirrored (its code would be)")
             return
         if self.cfg.model.mirror_4bit:
-            stage = self.run.root / STAGE_4BIT
-            src = stage if (stage / "config.json").is_file() else None
+            src = self.run.root / STAGE_4BIT if self._staged else None
         else:
             src = local_model_dir(self.cfg, self.run)
         if src is None:
@@ -328,10 +374,11 @@ class ModelMirror:
                 log.warning("base model mirror not used and left as it is (%s); delete it to upload it again", e)
                 return
             self.publish(src)
-            if src.name == STAGE_4BIT:  # a local copy made for the upload; the bucket holds it now
-                shutil.rmtree(src, ignore_errors=True)
         except Exception as e:  # the run goes on without a mirror
             log.warning("base model mirror %s not uploaded (%s)", self.where, one_line(e))
+        finally:
+            if src.name == STAGE_4BIT:  # a local copy made for the upload only: uploaded or not, not kept
+                shutil.rmtree(src, ignore_errors=True)
 
     def publish(self, src: Path) -> Manifest:
         """Upload src's model files under the mirror's prefix, the signed manifest last."""

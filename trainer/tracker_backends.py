@@ -131,24 +131,27 @@ class MLflow:
         mlflow.set_tracking_uri(uri)
         project, name = _names(self.cfg, self.run)
         tags = {t: "true" for t in lg.tags}
-        run_id = saved["run_id"] if saved else self._run_with_key(mlflow, project, key, tags)
+        experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", project)  # as accelerate's MLflowTracker reads it
+        found = self._run_with_key(mlflow, experiment, key, tags, kw.get("logging_dir")) if not saved else None
+        run_id = saved["run_id"] if saved else found
         self.found = run_id is not None
         tags = {**tags, KEY_TAG: key}  # on the run; the experiment (made above) holds the user's tags only
         self.tracker = MLflowTracker(experiment_name=project, run_id=run_id, tags=tags, run_name=name, **kw)
         self.tracker.start()
-        if run_id is None:
+        if run_id is None:  # MLFLOW_TAGS in the environment replaces the tags given: the key goes on after
+            mlflow.set_tag(KEY_TAG, key)
             return {"run_id": self.tracker.active_run.info.run_id}, -1
         history = mlflow.MlflowClient().get_metric_history(run_id, "loss")
         return {"run_id": run_id}, max([-1] + [m.step for m in history])
 
     @staticmethod
-    def _run_with_key(mlflow, project: str, key: str, tags: dict) -> str | None:
+    def _run_with_key(mlflow, project: str, key: str, tags: dict, artifacts: str | None) -> str | None:
         """The run a killed process of this output dir created before it could save the run's id, if any; makes
         the experiment if there is none."""
         try:
             experiment = mlflow.get_experiment_by_name(project)
             if experiment is None:
-                mlflow.create_experiment(project, tags=tags or None)
+                mlflow.create_experiment(project, artifact_location=artifacts, tags=tags or None)
                 return None
             runs = mlflow.MlflowClient().search_runs(
                 [experiment.experiment_id], f"tags.`{KEY_TAG}` = '{key}'", max_results=2

@@ -99,7 +99,9 @@ def test_a_4bit_copy_is_refused_for_another_method_and_mirror_4bit_needs_qlora(t
     from trainer import model as model_lib
 
     (tmp_path / "config.json").write_text(
-        json.dumps({"model_type": "llama", "quantization_config": {"load_in_4bit": True}})
+        json.dumps(
+            {"model_type": "llama", "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}
+        )
     )
     cfg = load_config(None, [f"model.name_or_path={tmp_path}", "model.method=lora"])
     with pytest.raises(ConfigError, match="holds 4-bit weights") as e:
@@ -110,3 +112,21 @@ def test_a_4bit_copy_is_refused_for_another_method_and_mirror_4bit_needs_qlora(t
     load_config(
         None, ["checkpoint.remote=file:///tmp/x", "model.mirror=true", "model.mirror_4bit=true", "model.method=qlora"]
     )
+
+
+def test_a_4bit_copy_left_by_a_killed_process_is_never_uploaded(tmp_path):
+    remote_dir = tmp_path / "remote"
+    remote_dir.mkdir()
+    src = model_dir(tmp_path / "models" / "m")
+    over = [f"model.name_or_path={src}", "model.mirror=true", f"checkpoint.remote=file://{remote_dir}"]
+    cfg = load_config(None, over + ["model.mirror_4bit=true", "model.method=qlora"])
+    run = RunDir(tmp_path / "pod")
+    for leftover in (".base-model-4bit", ".base-model-4bit.tmp"):  # saved with other settings, or half saved
+        (run.root / leftover).mkdir(parents=True)
+        (run.root / leftover / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "x"}}))
+    mirror = ModelMirror(cfg, run, open_store(f"file://{remote_dir}", cfg.checkpoint.s3, None), print)
+    assert mirror.wants_4bit_copy()  # the bucket has none: this process would save one after the load
+    assert not (run.root / ".base-model-4bit").exists() and not (run.root / ".base-model-4bit.tmp").exists()
+    mirror.start_upload()  # this process saved nothing (the save failed, say): nothing goes up
+    mirror.wait_upload()
+    assert not any(remote_dir.rglob("*"))

@@ -151,7 +151,10 @@ def forget(run_dir, tracker):
     path.write_text(json.dumps(state))
 
 
-def test_mlflow_killed_before_its_run_id_was_saved_is_still_one_run(tmp_path, mlflow_store):
+@pytest.mark.parametrize("env", [{}, {"MLFLOW_TAGS": '{"team": "x"}', "MLFLOW_EXPERIMENT_NAME": "other"}])
+def test_mlflow_killed_before_its_run_id_was_saved_is_still_one_run(tmp_path, mlflow_store, monkeypatch, env):
+    for k, v in env.items():  # accelerate's MLflowTracker reads these over what it is given
+        monkeypatch.setenv(k, v)
     cfg = config(tmp_path / "run", ["mlflow"], project="exp")
     process(cfg, 0, range(1, 8)).close()
     forget(tmp_path / "run", "mlflow")

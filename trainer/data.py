@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.config.schema import Config, DataConfig
+from trainer.durable import replace_file
 from trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -250,9 +250,8 @@ def prepare_data(cfg: Config, tokenizer, cache_dir: Path | None) -> TokenizedDat
     train = [r for r in train if any(x != IGNORE for x in r["labels"][1:])]
     if not train:
         raise ConfigError(f"data.path {cfg.data.path}: no row has a response within data.max_length={L}")
-    if cached is not None:
+    if cached is not None:  # atomic (a cache: no fsync)
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"train": train, "eval": evals, "eval_prompts": eval_prompts}))
-        tmp.replace(cached)
+        blob = {"train": train, "eval": evals, "eval_prompts": eval_prompts}
+        replace_file(cached, json.dumps(blob).encode(), fsync=False)
     return TokenizedData(train, evals, eval_prompts)

@@ -382,10 +382,9 @@ class ModelMirror:
 
     def publish(self, src: Path) -> Manifest:
         """Upload src's model files under the mirror's prefix, the signed manifest last."""
-        if (
-            model_lib.is_quantized_dir(src) != self.cfg.model.mirror_4bit
-        ):  # e.g. a fresh pod's 4-bit copy, mirror_4bit off
-            what = "quantized" if model_lib.is_quantized_dir(src) else "not quantized"
+        quantized = model_lib.is_quantized_dir(src)
+        if quantized != self.cfg.model.mirror_4bit:  # e.g. a fresh pod's 4-bit copy, mirror_4bit off
+            what = "quantized" if quantized else "not quantized"
             raise CheckpointError(f"{src}: its weights are {what}; not the copy model.mirror_4bit asks for")
         m = build_manifest(src, 0, kind=KIND, extra={"fingerprint": fingerprint(self.cfg)})
         skipped = [f.path for f in m.files if not accepted(f.path)]
